@@ -1,0 +1,135 @@
+//! Command-line definitions of the `coordinator` binary.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kormlm_proto::train_args::TrainArgs;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "kormlm coordinator: assigns ranks, devices and data shards to workers and tracks jobs",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a job's status (the newest job unless --job is given).
+    Status(StatusArgs),
+    /// Follow a job's progress live until it ends.
+    Watch(StatusArgs),
+    /// List all jobs.
+    List(ListArgs),
+    /// Stop a job: workers finish the current step and exit (--force: at once).
+    Kill(KillArgs),
+    /// Continue a killed or failed job from its latest checkpoint.
+    Resume(ResumeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when a GPU is visible, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// DeepSpeed config (ds_config.json). With it, the coordinator starts a job; without it, it
+    /// only serves the jobs already in --state-dir.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on. Port 0 picks a free port (written to STATE_DIR/coordinator.addr).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Where jobs, workers, events and logs are kept.
+    #[arg(long = "state-dir", visible_alias = "state_dir", default_value = "./kormlm-state")]
+    pub state_dir: PathBuf,
+    /// Number of ranks; without a spawn flag the coordinator waits for this many
+    /// `worker --rank K --coordinator URL` processes.
+    #[arg(long = "world_size", visible_alias = "world-size")]
+    pub world_size: Option<u32>,
+    /// Start N local CPU workers (use with --device cpu).
+    #[arg(long = "num_workers", visible_alias = "num-workers")]
+    pub num_workers: Option<u32>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Exit when the job has ended: status 0 if it succeeded, 1 otherwise.
+    #[arg(long = "exit-when-done", visible_alias = "exit_when_done")]
+    pub exit_when_done: bool,
+    /// Restart a failed job from its latest checkpoint up to this many times.
+    #[arg(long = "max_restarts", visible_alias = "max-restarts", default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Heartbeat interval asked of workers, in milliseconds.
+    #[arg(long = "heartbeat-ms", default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is marked LOST, in milliseconds.
+    #[arg(long = "worker-timeout-ms", default_value_t = 5000)]
+    pub worker_timeout_ms: u64,
+    /// Shared secret that workers and mutating calls must present. Required when --listen is
+    /// not a loopback address.
+    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The worker binary to start (default: `worker` next to this binary).
+    #[arg(long = "worker-bin")]
+    pub worker_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Coordinator address.
+    #[arg(long, env = "KORMLM_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Shared secret for mutating calls.
+    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Job id (e.g. job-1); default: the newest job.
+    #[arg(long)]
+    pub job: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    #[arg(long)]
+    pub job: String,
+    /// SIGTERM then SIGKILL instead of a clean stop after the current step.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    #[arg(long)]
+    pub job: String,
+    /// Resume with a different number of ranks (re-partitions the optimizer state).
+    #[arg(long = "world_size", visible_alias = "world-size")]
+    pub world_size: Option<u32>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}

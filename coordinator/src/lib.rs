@@ -1,0 +1,16 @@
+//! kormlm coordinator: the gRPC job service, worker registration and rendezvous, local worker
+//! launching and the sled-backed job state.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod job_service;
+pub mod launcher;
+pub mod run;
+pub mod server;
+pub mod state;
+pub mod status_view;
+pub mod store;
+pub mod worker_service;
+
+pub use error::{CoordinatorError, Result};

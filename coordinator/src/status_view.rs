@@ -1,0 +1,215 @@
+//! How a job status is shown: the `--json` form (snake_case fields, states as names) and the
+//! human table.
+
+use kormlm_proto::v1::{CheckpointRef, JobState, JobStatus, TaskKind, WorkerInfo, WorkerState};
+use serde_json::{json, Value};
+
+fn job_state(status: &JobStatus) -> &'static str {
+    JobState::try_from(status.state)
+        .unwrap_or(JobState::Unspecified)
+        .as_str_name()
+}
+
+fn worker_state(worker: &WorkerInfo) -> &'static str {
+    match WorkerState::try_from(worker.state).unwrap_or(WorkerState::Unspecified) {
+        WorkerState::Unspecified => "UNSPECIFIED",
+        WorkerState::Alive => "ALIVE",
+        WorkerState::Lost => "LOST",
+        WorkerState::Exited => "EXITED",
+        WorkerState::WorkerFailed => "FAILED",
+    }
+}
+
+fn checkpoint(c: &Option<CheckpointRef>) -> Value {
+    match c {
+        None => Value::Null,
+        Some(c) => json!({
+            "tag": c.tag,
+            "path": c.path,
+            "global_step": c.global_step,
+            "world_size": c.world_size,
+            "val_loss": c.val_loss,
+            "created_unix_ms": c.created_unix_ms,
+        }),
+    }
+}
+
+/// The machine-readable status (`coordinator status --json`).
+pub fn to_json(status: &JobStatus) -> Value {
+    let progress = status.progress.unwrap_or_default();
+    let early = status.early_stop.clone().unwrap_or_default();
+    let batch = status.batch.unwrap_or_default();
+    let task = TaskKind::try_from(status.task).unwrap_or(TaskKind::Unspecified);
+    let workers: Vec<Value> = status.workers.iter().map(worker_json).collect();
+    json!({
+        "job_id": status.job_id,
+        "state": job_state(status),
+        "task": match task { TaskKind::Augment => "AUGMENT", _ => "TRAIN" },
+        "message": status.message,
+        "world_size": status.world_size,
+        "train_batch_size": batch.train_batch_size,
+        "train_micro_batch_size_per_gpu": batch.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+        "epoch": progress.epoch,
+        "global_step": progress.global_step,
+        "total_steps": progress.total_steps,
+        "samples_in_epoch": progress.samples_in_epoch,
+        "train_loss": progress.train_loss,
+        "val_loss": progress.val_loss,
+        "val_accuracy": progress.val_accuracy,
+        "learning_rate": progress.learning_rate,
+        "samples_per_s": progress.samples_per_s,
+        "tokens_per_s": progress.tokens_per_s,
+        "loss_scale": progress.loss_scale,
+        "skipped_steps": progress.skipped_steps,
+        "best_val_loss": early.best_val_loss,
+        "stop_count": early.stop_count,
+        "max_stop_number": early.max_stop_number,
+        "early_stopped": early.early_stopped,
+        "val_loss_history": early.val_loss_history,
+        "latest_checkpoint": checkpoint(&status.latest_checkpoint),
+        "best_checkpoint": checkpoint(&status.best_checkpoint),
+        "restarts": status.restarts,
+        "max_restarts": status.max_restarts,
+        "created_unix_ms": status.created_unix_ms,
+        "started_unix_ms": status.started_unix_ms,
+        "ended_unix_ms": status.ended_unix_ms,
+        "output_dir": status.output_dir,
+        "workers": workers,
+    })
+}
+
+fn worker_json(w: &WorkerInfo) -> Value {
+    json!({
+    "rank": w.rank,
+    "local_rank": w.local_rank,
+    "host": w.host,
+    "pid": w.pid,
+    "devices": w.devices,
+    "state": worker_state(w),
+    "last_heartbeat_ms": w.last_heartbeat_ms,
+    "optimizer_state_bytes": w.optimizer_state_bytes,
+    "incarnation": w.incarnation,
+    "reason": w.reason,
+    })
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
+}
+
+/// The human-readable status (`coordinator status`).
+pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
+    let progress = status.progress.unwrap_or_default();
+    let early = status.early_stop.clone().unwrap_or_default();
+    let mut out = String::new();
+    out.push_str(&format!("job         {}  {}\n", status.job_id, job_state(status)));
+    if !status.message.is_empty() {
+        out.push_str(&format!("message     {}\n", status.message));
+    }
+    out.push_str(&format!(
+        "progress    epoch {}  step {}/{}  train_loss {}  val_loss {}  {:.1} samples/s\n",
+        progress.epoch,
+        progress.global_step,
+        progress.total_steps,
+        opt(progress.train_loss),
+        opt(progress.val_loss),
+        progress.samples_per_s
+    ));
+    out.push_str(&format!(
+        "early stop  best_val_loss {}  stop_count {}/{}{}\n",
+        opt(early.best_val_loss),
+        early.stop_count,
+        early.max_stop_number,
+        if early.early_stopped { "  (early stopped)" } else { "" }
+    ));
+    if let Some(c) = &status.latest_checkpoint {
+        out.push_str(&format!("checkpoint  latest {} ({})\n", c.tag, c.path));
+    }
+    if let Some(c) = &status.best_checkpoint {
+        out.push_str(&format!("checkpoint  best   {} ({})\n", c.tag, c.path));
+    }
+    out.push_str(&format!(
+        "{:>4}  {:<8}  {:<16}  {:>8}  {:<10}  {:>12}  {:>14}\n",
+        "rank", "state", "host", "pid", "devices", "heartbeat", "optim bytes"
+    ));
+    for w in &status.workers {
+        let age = if w.last_heartbeat_ms > 0 {
+            format!("{:.1}s ago", (now_ms - w.last_heartbeat_ms).max(0) as f64 / 1000.0)
+        } else {
+            "-".into()
+        };
+        out.push_str(&format!(
+            "{:>4}  {:<8}  {:<16}  {:>8}  {:<10}  {:>12}  {:>14}{}\n",
+            w.rank,
+            worker_state(w),
+            w.host,
+            w.pid,
+            w.devices.join(","),
+            age,
+            w.optimizer_state_bytes,
+            if w.reason.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", w.reason)
+            }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let status = JobStatus {
+            job_id: "job-3".into(),
+            state: JobState::Running as i32,
+            workers: vec![WorkerInfo {
+                rank: 1,
+                state: WorkerState::Lost as i32,
+                pid: 9,
+                devices: vec!["cpu".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = to_json(&status);
+        for key in [
+            "job_id",
+            "state",
+            "epoch",
+            "global_step",
+            "total_steps",
+            "train_loss",
+            "val_loss",
+            "best_val_loss",
+            "stop_count",
+            "max_stop_number",
+            "early_stopped",
+            "latest_checkpoint",
+            "best_checkpoint",
+            "samples_per_s",
+            "workers",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["state"], "RUNNING");
+        let w = &v["workers"][0];
+        for key in [
+            "rank",
+            "host",
+            "pid",
+            "devices",
+            "state",
+            "last_heartbeat_ms",
+            "optimizer_state_bytes",
+        ] {
+            assert!(w.get(key).is_some(), "missing workers[].{key}");
+        }
+        assert_eq!(w["state"], "LOST");
+        assert!(to_table(&status, 0).contains("LOST"));
+    }
+}

@@ -1,0 +1,919 @@
+//! The DeepSpeed configuration (`ds_config.json`): parsing with precise errors, DeepSpeed's
+//! batch-size inference and assertion, and the resolved form that the coordinator hands to
+//! workers (workers never read the config file themselves).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// A problem with a DeepSpeed config. Every variant names where the problem is.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("cannot read DeepSpeed config {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{source_name}: malformed JSON at line {line}, column {column}: {message}")]
+    Json {
+        source_name: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{source_name}: key `{key}`: {message}")]
+    Key {
+        source_name: String,
+        key: String,
+        message: String,
+    },
+    #[error("{source_name}: {message}")]
+    Batch { source_name: String, message: String },
+}
+
+/// `true`, `false` or `"auto"` (the Hugging Face integration's placeholder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Toggle {
+    On,
+    #[default]
+    Off,
+    /// Decided by the device: enabled on CUDA, disabled on CPU.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OptimizerKind {
+    AdamW,
+    /// DeepSpeed `Adam`; with `adam_w_mode` (the default) it is AdamW.
+    Adam {
+        adam_w_mode: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmupType {
+    Log,
+    Linear,
+}
+
+/// The DeepSpeed learning-rate schedules kormlm implements (`runtime/lr_schedules.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SchedulerConfig {
+    WarmupLR {
+        warmup_min_lr: f64,
+        /// `None`: the optimizer's lr.
+        warmup_max_lr: Option<f64>,
+        warmup_num_steps: u64,
+        warmup_type: WarmupType,
+    },
+    WarmupDecayLR {
+        warmup_min_lr: f64,
+        warmup_max_lr: Option<f64>,
+        warmup_num_steps: u64,
+        warmup_type: WarmupType,
+        total_num_steps: u64,
+    },
+    WarmupCosineLR {
+        total_num_steps: u64,
+        warmup_min_ratio: f64,
+        warmup_num_steps: u64,
+        cos_min_ratio: f64,
+        warmup_type: WarmupType,
+    },
+}
+
+/// `fp16` section; scale = 2^initial_scale_power when `loss_scale` is 0 (dynamic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fp16Config {
+    pub enabled: Toggle,
+    pub loss_scale: f64,
+    pub initial_scale_power: u32,
+    pub loss_scale_window: u64,
+    pub hysteresis: u32,
+    pub consecutive_hysteresis: bool,
+    pub min_loss_scale: f64,
+}
+
+impl Default for Fp16Config {
+    fn default() -> Self {
+        Self {
+            enabled: Toggle::Off,
+            loss_scale: 0.0,
+            initial_scale_power: 16,
+            loss_scale_window: 1000,
+            hysteresis: 2,
+            consecutive_hysteresis: false,
+            min_loss_scale: 1.0,
+        }
+    }
+}
+
+/// `zero_optimization` section (stages 0, 1 and 2 are supported).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZeroConfig {
+    pub stage: u32,
+    pub reduce_scatter: bool,
+    pub reduce_bucket_size: u64,
+    pub allgather_partitions: bool,
+    pub allgather_bucket_size: u64,
+    pub overlap_comm: bool,
+    pub contiguous_gradients: bool,
+    /// Legacy `cpu_offload` / `offload_optimizer.device == "cpu"`.
+    pub offload_optimizer: bool,
+}
+
+impl Default for ZeroConfig {
+    fn default() -> Self {
+        Self {
+            stage: 0,
+            reduce_scatter: true,
+            reduce_bucket_size: 500_000_000,
+            allgather_partitions: true,
+            allgather_bucket_size: 500_000_000,
+            overlap_comm: false,
+            contiguous_gradients: true,
+            offload_optimizer: false,
+        }
+    }
+}
+
+/// The batch-size triple after DeepSpeed's inference for one world size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub train_batch_size: u32,
+    pub train_micro_batch_size_per_gpu: u32,
+    pub gradient_accumulation_steps: u32,
+}
+
+/// A parsed DeepSpeed config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DsConfig {
+    pub train_batch_size: Option<u32>,
+    pub train_micro_batch_size_per_gpu: Option<u32>,
+    pub gradient_accumulation_steps: Option<u32>,
+    /// `None`: AdamW from the training flags (`--learning_rate --weight_decay --eps`).
+    pub optimizer: Option<OptimizerConfig>,
+    /// `None`: constant lr, or `--scheduler_name linear` from the training flags.
+    pub scheduler: Option<SchedulerConfig>,
+    pub fp16: Fp16Config,
+    pub bf16: Toggle,
+    /// 0 disables clipping (the DeepSpeed default when the original project ran).
+    pub gradient_clipping: f64,
+    pub zero: ZeroConfig,
+    pub steps_per_print: u64,
+}
+
+/// A config resolved for one world size: what a worker receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedConfig {
+    pub world_size: u32,
+    pub batch: Batch,
+    pub config: DsConfig,
+}
+
+/// A parsed config together with the warnings parsing produced (unknown keys, ignored settings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub config: DsConfig,
+    pub warnings: Vec<String>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "bfloat16",
+    "gradient_clipping",
+    "zero_optimization",
+    "steps_per_print",
+];
+
+/// Keys DeepSpeed knows that kormlm accepts but does not act on.
+const IGNORED_KEYS: &[&str] = &[
+    "wall_clock_breakdown",
+    "dump_state",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "communication_data_type",
+    "zero_allow_untested_optimizer",
+    "sparse_gradients",
+    "memory_breakdown",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comms_logger",
+    "flops_profiler",
+    "checkpoint",
+];
+
+impl DsConfig {
+    /// Reads and parses a config file.
+    pub fn from_file(path: &Path) -> Result<Parsed, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses config text; `source_name` (usually the file path) prefixes every message.
+    pub fn parse(text: &str, source_name: &str) -> Result<Parsed, ConfigError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Json {
+            source_name: source_name.to_string(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        let mut reader = Reader {
+            source_name,
+            warnings: Vec::new(),
+        };
+        let root = reader.object(&value, "")?;
+        let config = reader.config(root)?;
+        Ok(Parsed {
+            config,
+            warnings: reader.warnings,
+        })
+    }
+
+    /// DeepSpeed's `_set_batch_related_parameters` followed by `_batch_assertion`, ported
+    /// exactly (integer division included, so inference can still fail the assertion).
+    pub fn resolve_batch(&self, world_size: u32, source_name: &str) -> Result<Batch, ConfigError> {
+        let fail = |message: String| ConfigError::Batch {
+            source_name: source_name.to_string(),
+            message,
+        };
+        if world_size == 0 {
+            return Err(fail("world size must be at least 1".into()));
+        }
+        let world = u64::from(world_size);
+        let (train, micro, acc) = (
+            self.train_batch_size.map(u64::from),
+            self.train_micro_batch_size_per_gpu.map(u64::from),
+            self.gradient_accumulation_steps.map(u64::from),
+        );
+        let (train, micro, acc) = match (train, micro, acc) {
+            (Some(t), Some(m), Some(a)) => (t, m, a),
+            (Some(t), Some(m), None) => (t, m, t.checked_div(m).unwrap_or(0) / world),
+            (Some(t), None, Some(a)) => (t, (t / world).checked_div(a).unwrap_or(0), a),
+            (None, Some(m), Some(a)) => (m * a * world, m, a),
+            (Some(t), None, None) => (t, t / world, 1),
+            (None, Some(m), None) => (m * world, m, 1),
+            (None, None, _) => {
+                return Err(fail(
+                    "Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided".into(),
+                ))
+            }
+        };
+        if train == 0 {
+            return Err(fail(format!("Train batch size: {train} has to be greater than 0")));
+        }
+        if micro == 0 {
+            return Err(fail(format!(
+                "Micro batch size per gpu: {micro} has to be greater than 0 \
+                 (train_batch_size {train}, world size {world})"
+            )));
+        }
+        if acc == 0 {
+            return Err(fail(format!(
+                "Gradient accumulation steps: {acc} has to be greater than 0 \
+                 (train_batch_size {train}, micro batch {micro}, world size {world})"
+            )));
+        }
+        if train != micro * acc * world {
+            return Err(fail(format!(
+                "Check batch related parameters. train_batch_size is not equal to \
+                 micro_batch_per_gpu * gradient_acc_step * world_size {train} != {micro} * {acc} * {world}"
+            )));
+        }
+        let to_u32 = |v: u64| u32::try_from(v).map_err(|_| fail(format!("batch size {v} is too large")));
+        Ok(Batch {
+            train_batch_size: to_u32(train)?,
+            train_micro_batch_size_per_gpu: to_u32(micro)?,
+            gradient_accumulation_steps: to_u32(acc)?,
+        })
+    }
+
+    /// Resolves the config for `world_size` ranks.
+    pub fn resolve(&self, world_size: u32, source_name: &str) -> Result<ResolvedConfig, ConfigError> {
+        let batch = self.resolve_batch(world_size, source_name)?;
+        Ok(ResolvedConfig {
+            world_size,
+            batch,
+            config: self.clone(),
+        })
+    }
+}
+
+impl ResolvedConfig {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a resolved config always serialises")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError::Json {
+            source_name: "resolved config from the coordinator".into(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Walks the JSON tree with typed accessors that name the offending key.
+struct Reader<'a> {
+    source_name: &'a str,
+    warnings: Vec<String>,
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            source_name: self.source_name.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn object<'v>(&self, value: &'v Value, key: &str) -> Result<&'v Map<String, Value>, ConfigError> {
+        value.as_object().ok_or_else(|| {
+            let what = if key.is_empty() { "<root>" } else { key };
+            self.err(what, format!("expected a JSON object, got {}", kind_of(value)))
+        })
+    }
+
+    fn warn_unknown(&mut self, map: &Map<String, Value>, prefix: &str, known: &[&str]) {
+        for key in map.keys() {
+            if !known.contains(&key.as_str()) {
+                let full = join(prefix, key);
+                self.warnings.push(format!(
+                    "{}: unknown key `{full}` ignored (known here: {})",
+                    self.source_name,
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+
+    fn number(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, ConfigError> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(other) => Err(self.err(&join(prefix, key), format!("expected a number, got {}", kind_of(other)))),
+        }
+    }
+
+    fn non_negative(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, ConfigError> {
+        let value = self.number(map, prefix, key)?;
+        if let Some(v) = value {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(self.err(&join(prefix, key), format!("expected a number >= 0, got {v}")));
+            }
+        }
+        Ok(value)
+    }
+
+    /// Non-negative integers; DeepSpeed configs often write them as `2e8`.
+    fn integer(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.number(map, prefix, key)? {
+            None => Ok(None),
+            Some(v) if v >= 0.0 && v.fract() == 0.0 && v <= u64::MAX as f64 => Ok(Some(v as u64)),
+            Some(v) => Err(self.err(&join(prefix, key), format!("expected a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn batch_value(&self, map: &Map<String, Value>, key: &str) -> Result<Option<u32>, ConfigError> {
+        match self.integer(map, "", key)? {
+            None => Ok(None),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| self.err(key, format!("{v} is too large"))),
+        }
+    }
+
+    fn boolean(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<bool>, ConfigError> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.err(
+                &join(prefix, key),
+                format!("expected true or false, got {}", kind_of(other)),
+            )),
+        }
+    }
+
+    fn toggle(&self, map: &Map<String, Value>, prefix: &str) -> Result<Toggle, ConfigError> {
+        match map.get("enabled") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(Toggle::Off),
+            Some(Value::Bool(true)) => Ok(Toggle::On),
+            Some(Value::String(s)) if s == "auto" => Ok(Toggle::Auto),
+            Some(other) => Err(self.err(
+                &join(prefix, "enabled"),
+                format!("expected true, false or \"auto\", got {}", value_text(other)),
+            )),
+        }
+    }
+
+    fn config(&mut self, root: &Map<String, Value>) -> Result<DsConfig, ConfigError> {
+        let known: Vec<&str> = TOP_LEVEL_KEYS.iter().chain(IGNORED_KEYS).copied().collect();
+        self.warn_unknown(root, "", &known);
+        for key in IGNORED_KEYS {
+            if root.contains_key(*key) {
+                self.warnings.push(format!(
+                    "{}: key `{key}` is accepted but has no effect in kormlm",
+                    self.source_name
+                ));
+            }
+        }
+        let fp16 = self.fp16(root)?;
+        let bf16 = match root.get("bf16").or_else(|| root.get("bfloat16")) {
+            None | Some(Value::Null) => Toggle::Off,
+            Some(v) => {
+                let key = if root.contains_key("bf16") { "bf16" } else { "bfloat16" };
+                let section = self.object(v, key)?;
+                self.warn_unknown(section, key, &["enabled"]);
+                self.toggle(section, key)?
+            }
+        };
+        if fp16.enabled == Toggle::On && bf16 == Toggle::On {
+            return Err(self.err("bf16.enabled", "bf16 cannot be combined with fp16.enabled = true"));
+        }
+        Ok(DsConfig {
+            train_batch_size: self.batch_value(root, "train_batch_size")?,
+            train_micro_batch_size_per_gpu: self.batch_value(root, "train_micro_batch_size_per_gpu")?,
+            gradient_accumulation_steps: self.batch_value(root, "gradient_accumulation_steps")?,
+            optimizer: self.optimizer(root)?,
+            scheduler: self.scheduler(root)?,
+            fp16,
+            bf16,
+            gradient_clipping: self.non_negative(root, "", "gradient_clipping")?.unwrap_or(0.0),
+            zero: self.zero(root)?,
+            steps_per_print: self.integer(root, "", "steps_per_print")?.unwrap_or(10),
+        })
+    }
+
+    fn optimizer(&mut self, root: &Map<String, Value>) -> Result<Option<OptimizerConfig>, ConfigError> {
+        let Some(section) = root.get("optimizer") else {
+            return Ok(None);
+        };
+        let section = self.object(section, "optimizer")?;
+        self.warn_unknown(section, "optimizer", &["type", "params"]);
+        let type_name = match section.get("type") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => return Err(self.err("optimizer.type", format!("expected a string, got {}", kind_of(other)))),
+            None => return Err(self.err("optimizer.type", "missing; accepted: AdamW, Adam")),
+        };
+        let empty = Map::new();
+        let params = match section.get("params") {
+            Some(v) => self.object(v, "optimizer.params")?,
+            None => &empty,
+        };
+        let kind = match type_name.to_ascii_lowercase().as_str() {
+            "adamw" => {
+                self.warn_unknown(
+                    params,
+                    "optimizer.params",
+                    &["lr", "betas", "eps", "weight_decay", "torch_adam"],
+                );
+                OptimizerKind::AdamW
+            }
+            "adam" => {
+                self.warn_unknown(
+                    params,
+                    "optimizer.params",
+                    &["lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"],
+                );
+                OptimizerKind::Adam {
+                    adam_w_mode: self.boolean(params, "optimizer.params", "adam_w_mode")?.unwrap_or(true),
+                }
+            }
+            _ => {
+                return Err(self.err(
+                    "optimizer.type",
+                    format!("unsupported optimizer {type_name:?}; accepted: AdamW, Adam"),
+                ))
+            }
+        };
+        let p = "optimizer.params";
+        let betas = match params.get("betas") {
+            None => (0.9, 0.999),
+            Some(Value::Array(items)) if items.len() == 2 && items.iter().all(|v| v.is_number()) => {
+                (items[0].as_f64().unwrap_or(0.9), items[1].as_f64().unwrap_or(0.999))
+            }
+            Some(other) => {
+                return Err(self.err(
+                    "optimizer.params.betas",
+                    format!("expected two numbers like [0.9, 0.999], got {}", value_text(other)),
+                ))
+            }
+        };
+        for (key, beta) in [("betas[0]", betas.0), ("betas[1]", betas.1)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(self.err(&join(p, key), format!("expected a value in [0, 1), got {beta}")));
+            }
+        }
+        Ok(Some(OptimizerConfig {
+            kind,
+            lr: self.non_negative(params, p, "lr")?.unwrap_or(1e-3),
+            betas,
+            eps: self.non_negative(params, p, "eps")?.unwrap_or(1e-8),
+            weight_decay: self.non_negative(params, p, "weight_decay")?.unwrap_or(0.01),
+        }))
+    }
+
+    fn warmup_type(&self, params: &Map<String, Value>, prefix: &str) -> Result<WarmupType, ConfigError> {
+        match params.get("warmup_type") {
+            None => Ok(WarmupType::Log),
+            Some(Value::String(s)) if s == "log" => Ok(WarmupType::Log),
+            Some(Value::String(s)) if s == "linear" => Ok(WarmupType::Linear),
+            Some(other) => Err(self.err(
+                &join(prefix, "warmup_type"),
+                format!("expected \"log\" or \"linear\", got {}", value_text(other)),
+            )),
+        }
+    }
+
+    fn scheduler(&mut self, root: &Map<String, Value>) -> Result<Option<SchedulerConfig>, ConfigError> {
+        let Some(section) = root.get("scheduler") else {
+            return Ok(None);
+        };
+        let section = self.object(section, "scheduler")?;
+        self.warn_unknown(section, "scheduler", &["type", "params"]);
+        let accepted = "accepted: WarmupLR, WarmupDecayLR, WarmupCosineLR";
+        let type_name = match section.get("type") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(self.err("scheduler.type", format!("missing or not a string; {accepted}"))),
+        };
+        let empty = Map::new();
+        let params = match section.get("params") {
+            Some(v) => self.object(v, "scheduler.params")?,
+            None => &empty,
+        };
+        let p = "scheduler.params";
+        let warmup_steps = |reader: &Self| -> Result<u64, ConfigError> {
+            // DeepSpeed raises warmup_num_steps to at least 2 (log(1) would divide by zero).
+            Ok(reader.integer(params, p, "warmup_num_steps")?.unwrap_or(1000).max(2))
+        };
+        let common = [
+            "warmup_min_lr",
+            "warmup_max_lr",
+            "warmup_num_steps",
+            "warmup_type",
+            "last_batch_iteration",
+        ];
+        match type_name.as_str() {
+            "WarmupLR" => {
+                self.warn_unknown(params, p, &common);
+                Ok(Some(SchedulerConfig::WarmupLR {
+                    warmup_min_lr: self.non_negative(params, p, "warmup_min_lr")?.unwrap_or(0.0),
+                    warmup_max_lr: self.non_negative(params, p, "warmup_max_lr")?,
+                    warmup_num_steps: warmup_steps(self)?,
+                    warmup_type: self.warmup_type(params, p)?,
+                }))
+            }
+            "WarmupDecayLR" => {
+                let mut known = common.to_vec();
+                known.push("total_num_steps");
+                self.warn_unknown(params, p, &known);
+                let total = self
+                    .integer(params, p, "total_num_steps")?
+                    .ok_or_else(|| self.err("scheduler.params.total_num_steps", "required for WarmupDecayLR"))?;
+                Ok(Some(SchedulerConfig::WarmupDecayLR {
+                    warmup_min_lr: self.non_negative(params, p, "warmup_min_lr")?.unwrap_or(0.0),
+                    warmup_max_lr: self.non_negative(params, p, "warmup_max_lr")?,
+                    warmup_num_steps: warmup_steps(self)?,
+                    warmup_type: self.warmup_type(params, p)?,
+                    total_num_steps: total,
+                }))
+            }
+            "WarmupCosineLR" => {
+                self.warn_unknown(
+                    params,
+                    p,
+                    &[
+                        "total_num_steps",
+                        "warmup_min_ratio",
+                        "warmup_num_steps",
+                        "cos_min_ratio",
+                        "warmup_type",
+                        "last_batch_iteration",
+                    ],
+                );
+                let total = self
+                    .integer(params, p, "total_num_steps")?
+                    .ok_or_else(|| self.err("scheduler.params.total_num_steps", "required for WarmupCosineLR"))?;
+                Ok(Some(SchedulerConfig::WarmupCosineLR {
+                    total_num_steps: total,
+                    warmup_min_ratio: self.non_negative(params, p, "warmup_min_ratio")?.unwrap_or(0.0),
+                    warmup_num_steps: warmup_steps(self)?,
+                    cos_min_ratio: self.non_negative(params, p, "cos_min_ratio")?.unwrap_or(0.0001),
+                    warmup_type: self.warmup_type(params, p)?,
+                }))
+            }
+            other => Err(self.err("scheduler.type", format!("unsupported scheduler {other:?}; {accepted}"))),
+        }
+    }
+
+    fn fp16(&mut self, root: &Map<String, Value>) -> Result<Fp16Config, ConfigError> {
+        let Some(section) = root.get("fp16") else {
+            return Ok(Fp16Config::default());
+        };
+        let section = self.object(section, "fp16")?;
+        let p = "fp16";
+        self.warn_unknown(
+            section,
+            p,
+            &[
+                "enabled",
+                "auto_cast",
+                "loss_scale",
+                "initial_scale_power",
+                "loss_scale_window",
+                "hysteresis",
+                "consecutive_hysteresis",
+                "min_loss_scale",
+            ],
+        );
+        let defaults = Fp16Config::default();
+        let power = self.integer(section, p, "initial_scale_power")?.unwrap_or(16);
+        if power > 64 {
+            return Err(self.err("fp16.initial_scale_power", format!("expected at most 64, got {power}")));
+        }
+        let hysteresis = self.integer(section, p, "hysteresis")?.unwrap_or(2);
+        Ok(Fp16Config {
+            enabled: self.toggle(section, p)?,
+            loss_scale: self
+                .non_negative(section, p, "loss_scale")?
+                .unwrap_or(defaults.loss_scale),
+            initial_scale_power: power as u32,
+            loss_scale_window: self.integer(section, p, "loss_scale_window")?.unwrap_or(1000).max(1),
+            hysteresis: u32::try_from(hysteresis)
+                .map_err(|_| self.err("fp16.hysteresis", format!("{hysteresis} is too large")))?,
+            consecutive_hysteresis: self.boolean(section, p, "consecutive_hysteresis")?.unwrap_or(false),
+            min_loss_scale: self.non_negative(section, p, "min_loss_scale")?.unwrap_or(1.0),
+        })
+    }
+
+    fn zero(&mut self, root: &Map<String, Value>) -> Result<ZeroConfig, ConfigError> {
+        let Some(section) = root.get("zero_optimization") else {
+            return Ok(ZeroConfig::default());
+        };
+        let p = "zero_optimization";
+        let section = self.object(section, p)?;
+        self.warn_unknown(
+            section,
+            p,
+            &[
+                "stage",
+                "reduce_scatter",
+                "reduce_bucket_size",
+                "allgather_partitions",
+                "allgather_bucket_size",
+                "overlap_comm",
+                "contiguous_gradients",
+                "cpu_offload",
+                "offload_optimizer",
+                "round_robin_gradients",
+                "load_from_fp32_weights",
+                "elastic_checkpoint",
+            ],
+        );
+        let d = ZeroConfig::default();
+        let stage = self.integer(section, p, "stage")?.unwrap_or(0);
+        if stage > 2 {
+            return Err(self.err(
+                "zero_optimization.stage",
+                format!("stage {stage} is not supported; accepted: 0, 1, 2"),
+            ));
+        }
+        let offload = match section.get("offload_optimizer") {
+            None | Some(Value::Null) => false,
+            Some(v) => {
+                let o = self.object(v, "zero_optimization.offload_optimizer")?;
+                matches!(o.get("device"), Some(Value::String(s)) if s == "cpu")
+            }
+        };
+        let offload = offload || self.boolean(section, p, "cpu_offload")?.unwrap_or(false);
+        if offload {
+            self.warnings.push(format!(
+                "{}: optimizer CPU offload (`zero_optimization.cpu_offload` / `offload_optimizer`) is \
+                 accepted but kormlm keeps the optimizer partition on the training device",
+                self.source_name
+            ));
+        }
+        Ok(ZeroConfig {
+            stage: stage as u32,
+            reduce_scatter: self.boolean(section, p, "reduce_scatter")?.unwrap_or(d.reduce_scatter),
+            reduce_bucket_size: self
+                .integer(section, p, "reduce_bucket_size")?
+                .unwrap_or(d.reduce_bucket_size),
+            allgather_partitions: self
+                .boolean(section, p, "allgather_partitions")?
+                .unwrap_or(d.allgather_partitions),
+            allgather_bucket_size: self
+                .integer(section, p, "allgather_bucket_size")?
+                .unwrap_or(d.allgather_bucket_size),
+            overlap_comm: self.boolean(section, p, "overlap_comm")?.unwrap_or(d.overlap_comm),
+            contiguous_gradients: self
+                .boolean(section, p, "contiguous_gradients")?
+                .unwrap_or(d.contiguous_gradients),
+            offload_optimizer: offload,
+        })
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn value_text(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() > 60 {
+        format!("{}…", &text[..text.floor_char_boundary(60)])
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(train: Option<u32>, micro: Option<u32>, acc: Option<u32>) -> DsConfig {
+        let mut c = DsConfig::parse("{}", "t.json").unwrap().config;
+        c.train_batch_size = train;
+        c.train_micro_batch_size_per_gpu = micro;
+        c.gradient_accumulation_steps = acc;
+        c
+    }
+
+    fn batch(t: u32, m: u32, a: u32) -> Batch {
+        Batch {
+            train_batch_size: t,
+            train_micro_batch_size_per_gpu: m,
+            gradient_accumulation_steps: a,
+        }
+    }
+
+    #[test]
+    fn all_three_given_are_kept_and_asserted() {
+        assert_eq!(
+            config(Some(128), Some(32), Some(1)).resolve_batch(4, "t").unwrap(),
+            batch(128, 32, 1)
+        );
+        let err = config(Some(128), Some(32), Some(1)).resolve_batch(2, "t").unwrap_err();
+        assert!(err.to_string().contains("128 != 32 * 1 * 2"), "{err}");
+    }
+
+    #[test]
+    fn train_and_micro_infer_accumulation() {
+        assert_eq!(
+            config(Some(64), Some(8), None).resolve_batch(2, "t").unwrap(),
+            batch(64, 8, 4)
+        );
+    }
+
+    #[test]
+    fn train_and_accumulation_infer_micro() {
+        assert_eq!(
+            config(Some(64), None, Some(2)).resolve_batch(4, "t").unwrap(),
+            batch(64, 8, 2)
+        );
+    }
+
+    #[test]
+    fn micro_and_accumulation_infer_train() {
+        assert_eq!(
+            config(None, Some(4), Some(3)).resolve_batch(2, "t").unwrap(),
+            batch(24, 4, 3)
+        );
+    }
+
+    #[test]
+    fn only_train_sets_accumulation_one() {
+        assert_eq!(
+            config(Some(32), None, None).resolve_batch(4, "t").unwrap(),
+            batch(32, 8, 1)
+        );
+    }
+
+    #[test]
+    fn only_micro_sets_accumulation_one() {
+        assert_eq!(
+            config(None, Some(16), None).resolve_batch(3, "t").unwrap(),
+            batch(48, 16, 1)
+        );
+    }
+
+    #[test]
+    fn neither_train_nor_micro_is_an_error() {
+        for acc in [None, Some(2)] {
+            let err = config(None, None, acc).resolve_batch(1, "t").unwrap_err();
+            assert!(err
+                .to_string()
+                .contains("Either train_batch_size or train_micro_batch_size_per_gpu"));
+        }
+    }
+
+    #[test]
+    fn integer_division_can_fail_the_assertion() {
+        // The case DeepSpeed users meet: 30 // 4 // 2 = 3 and 4 * 3 * 2 = 24 != 30.
+        let err = config(Some(30), Some(4), None)
+            .resolve_batch(2, "cfg.json")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cfg.json: Check batch related parameters. train_batch_size is not equal to \
+             micro_batch_per_gpu * gradient_acc_step * world_size 30 != 4 * 3 * 2"
+        );
+    }
+
+    #[test]
+    fn inference_to_zero_is_rejected() {
+        let err = config(Some(4), None, None).resolve_batch(8, "t").unwrap_err();
+        assert!(err.to_string().contains("Micro batch size per gpu: 0"), "{err}");
+        let err = config(Some(4), Some(8), None).resolve_batch(1, "t").unwrap_err();
+        assert!(err.to_string().contains("Gradient accumulation steps: 0"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let err = DsConfig::parse("{\n  \"train_batch_size\": 8,\n  oops\n}", "ds.json").unwrap_err();
+        match err {
+            ConfigError::Json { line, column, .. } => assert_eq!((line, column), (3, 3)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = DsConfig::parse(
+            r#"{"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}"#,
+            "ds.json",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ds.json: key `optimizer.params.lr`: expected a number, got a string"
+        );
+        let err = DsConfig::parse(r#"{"scheduler": {"type": "OneCycle"}}"#, "ds.json").unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("accepted: WarmupLR, WarmupDecayLR, WarmupCosineLR"));
+        let err = DsConfig::parse(r#"{"zero_optimization": {"stage": 3}}"#, "ds.json").unwrap_err();
+        assert!(err.to_string().contains("zero_optimization.stage"));
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings() {
+        let parsed = DsConfig::parse(
+            r#"{"train_batch_size": 8, "trian_micro_batch": 2, "fp16": {"enabled": "auto", "typo": 1}}"#,
+            "ds.json",
+        )
+        .unwrap();
+        assert_eq!(parsed.config.fp16.enabled, Toggle::Auto);
+        assert_eq!(parsed.warnings.len(), 2, "{:?}", parsed.warnings);
+        assert!(parsed.warnings[0].contains("`trian_micro_batch`"));
+        assert!(parsed.warnings[1].contains("`fp16.typo`"));
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let parsed = DsConfig::parse(
+            r#"{"train_micro_batch_size_per_gpu": 4, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}"#,
+            "ds.json",
+        )
+        .unwrap();
+        let resolved = parsed.config.resolve(2, "ds.json").unwrap();
+        assert_eq!(ResolvedConfig::from_json(&resolved.to_json()).unwrap(), resolved);
+        assert_eq!(resolved.batch, batch(8, 4, 1));
+    }
+}

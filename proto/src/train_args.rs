@@ -1,0 +1,152 @@
+//! The training flags of the original project (`ds_main.py`), shared by `coordinator` (which
+//! forwards them to the workers inside the job spec) and `worker train` (one process).
+//!
+//! Flag names keep the original's snake_case spelling so existing command lines keep working.
+
+use clap::{Args, Parser};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
+#[command(
+    rename_all = "snake_case",
+    next_help_heading = "Training flags (names of the original ds_main.py)"
+)]
+pub struct TrainArgs {
+    /// Local model directory or Hugging Face hub id.
+    #[arg(long, default_value = "beomi/KcELECTRA-base")]
+    pub model_name_or_path: String,
+    /// Hub revision (branch, tag or commit) when --model_name_or_path is a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Corpus location: a directory holding mlm_train.csv / mlm_dev.csv, or a corpus spec.
+    #[arg(long, default_value = "./data/")]
+    pub data_path: String,
+    /// Output root; each run writes to a sub-directory of it.
+    #[arg(long, default_value = "./model/")]
+    pub model_dir: String,
+    /// `linear`: warm-up over --warmup_proportion of the steps, then linear decay to 0
+    /// (the original's non-DeepSpeed path). Without it the config's scheduler is used.
+    #[arg(long)]
+    pub scheduler_name: Option<String>,
+    /// Early-stopping patience, in evaluations without a better dev loss.
+    #[arg(long, default_value_t = 5)]
+    pub max_stop_number: u32,
+    #[arg(long, default_value_t = 128)]
+    pub eval_batch_size: u32,
+    /// Maximum tokens per sequence, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 100)]
+    pub max_seq_len: u32,
+    #[arg(long, default_value_t = 100)]
+    pub num_train_epochs: u32,
+    #[arg(long, default_value_t = 50)]
+    pub logging_steps: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_proportion: f64,
+    /// Used only when the DeepSpeed config has no `optimizer` section.
+    #[arg(long, default_value_t = 2e-4)]
+    pub learning_rate: f64,
+    /// Used only when the DeepSpeed config has no `optimizer` section.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Used only when the DeepSpeed config has no `optimizer` section.
+    #[arg(long, default_value_t = 1e-6)]
+    pub eps: f64,
+    /// Stop after this many optimizer steps (-1: no limit).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+}
+
+/// Parses flags out of a `name -> value` map, as carried by `JobSpec.args`.
+#[derive(Debug, Parser)]
+#[command(name = "job-args", no_binary_name = true)]
+struct FromMap {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        FromMap::try_parse_from(Vec::<String>::new())
+            .expect("the defaults of every training flag parse")
+            .args
+    }
+}
+
+impl TrainArgs {
+    /// The flags as `name -> value` text (absent options are left out).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let value = serde_json::to_value(self).expect("training flags always serialise");
+        let mut map = BTreeMap::new();
+        if let serde_json::Value::Object(fields) = value {
+            for (name, v) in fields {
+                match v {
+                    serde_json::Value::Null => {}
+                    serde_json::Value::String(s) => {
+                        map.insert(name, s);
+                    }
+                    other => {
+                        map.insert(name, other.to_string());
+                    }
+                }
+            }
+        }
+        map
+    }
+
+    /// Parses a `name -> value` map with the same rules as the command line; errors name the
+    /// flag and what it accepts.
+    pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
+        let mut argv = Vec::new();
+        for (name, value) in map {
+            argv.push(format!("--{name}"));
+            argv.push(value.clone());
+        }
+        FromMap::try_parse_from(argv)
+            .map(|parsed| parsed.args)
+            .map_err(|e| e.render().to_string().trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_original_ones() {
+        let args = TrainArgs::default();
+        assert_eq!(args.model_name_or_path, "beomi/KcELECTRA-base");
+        assert_eq!(
+            (args.max_stop_number, args.max_seq_len, args.logging_steps),
+            (5, 100, 50)
+        );
+        assert_eq!(args.max_steps, -1);
+    }
+
+    #[test]
+    fn map_round_trip() {
+        let args = TrainArgs {
+            revision: Some("686333e".into()),
+            max_steps: 7,
+            learning_rate: 3.5e-5,
+            ..Default::default()
+        };
+        let map = args.to_map();
+        assert_eq!(map["max_steps"], "7");
+        assert!(!TrainArgs::default().to_map().contains_key("revision"));
+        assert_eq!(TrainArgs::from_map(&map).unwrap(), args);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let mut map = BTreeMap::new();
+        map.insert("max_seq_len".to_string(), "long".to_string());
+        let err = TrainArgs::from_map(&map).unwrap_err();
+        assert!(err.contains("--max_seq_len"), "{err}");
+        let mut map = BTreeMap::new();
+        map.insert("no_such_flag".to_string(), "1".to_string());
+        assert!(TrainArgs::from_map(&map).unwrap_err().contains("--no_such_flag"));
+    }
+}

@@ -1,0 +1,214 @@
+//! Harness for end-to-end tests: starts the real `coordinator` and `worker` binaries as
+//! separate processes on loopback and talks to them through their command lines and gRPC.
+//!
+//! The binaries come from `KORMLM_BIN_DIR`, else `target/release` of this workspace
+//! (`./test.sh` builds them first).
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+pub fn bin_dir() -> PathBuf {
+    let dir = std::env::var_os("KORMLM_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release"));
+    for name in ["coordinator", "worker"] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: build the binaries first (scripts/build.sh, or ./test.sh does it)",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+pub fn config(name: &str) -> PathBuf {
+    workspace_root().join("configs").join(name)
+}
+
+/// The Python interpreter with torch and the test oracle (set by ./test.sh).
+pub fn oracle_python() -> PathBuf {
+    std::env::var_os("KORMLM_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/kormlm/torch-2.11.0/bin/python")
+    })
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command) -> Self {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Waits for the exit status, failing the test after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let name = self.name.clone();
+        wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.signal(Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A running coordinator with its state directory.
+pub struct CoordinatorProc {
+    pub proc: Proc,
+    pub url: String,
+    pub state_dir: PathBuf,
+}
+
+impl CoordinatorProc {
+    /// Starts `coordinator --listen 127.0.0.1:0 --state-dir DIR ARGS…` and waits until it listens.
+    pub fn start(state_dir: &Path, args: &[&str]) -> Self {
+        let addr_file = state_dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::File::create(state_dir.with_extension("coordinator.log")).ok();
+        let mut command = Command::new(binary("coordinator"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(args)
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        let mut proc = Proc::spawn("coordinator", &mut command);
+        let url = wait_for("the coordinator to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("coordinator exited early with {status}; log: {}", read_log(state_dir));
+            }
+            std::fs::read_to_string(&addr_file).ok().map(|s| s.trim().to_string())
+        });
+        Self {
+            proc,
+            url,
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.state_dir)
+    }
+
+    /// `coordinator status --addr URL --json [--job ID]`, parsed.
+    pub fn status(&self, job: Option<&str>) -> Value {
+        let mut args = vec!["status", "--addr", &self.url, "--json"];
+        if let Some(job) = job {
+            args.extend(["--job", job]);
+        }
+        let out = run(Command::new(binary("coordinator")).args(&args));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    pub fn worker(&self, rank: u32) -> Proc {
+        self.worker_with(rank, &[])
+    }
+
+    pub fn worker_with(&self, rank: u32, extra: &[&str]) -> Proc {
+        let log = std::fs::File::create(self.state_dir.with_extension(format!("worker-{rank}.log"))).ok();
+        let mut command = Command::new(binary("worker"));
+        command
+            .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
+            .args(extra)
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        Proc::spawn(&format!("worker rank {rank}"), &mut command)
+    }
+}
+
+fn read_log(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.with_extension("coordinator.log")).unwrap_or_default()
+}
+
+/// Runs a command to completion and captures its output.
+pub fn run(command: &mut Command) -> Output {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+pub fn worker_state(status: &Value, rank: u64) -> Option<String> {
+    status["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["rank"].as_u64() == Some(rank))
+        .and_then(|w| w["state"].as_str())
+        .map(str::to_string)
+}
+
+/// True when a process with this pid still exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}

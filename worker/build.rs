@@ -1,0 +1,27 @@
+//! Link settings for libtorch that tch's own build script cannot pass on (tch-rs#980):
+//! * an rpath to the libtorch directory, so `worker` runs without LD_LIBRARY_PATH;
+//! * `libtorch_cuda` linked with `--no-as-needed`, so CUDA is detected when present even though
+//!   no symbol of it is referenced directly;
+//! * an rpath to `kormlm-nccl/` beside torch, where `scripts/build.sh` links `libnccl.so` to the
+//!   wheel's `libnccl.so.2` (cudarc looks for the unversioned name).
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        // doc-only builds of torch-sys export no library directory.
+        return;
+    };
+    let lib_dir = PathBuf::from(lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    if let Some(torch_dir) = lib_dir.parent() {
+        let nccl_dir = torch_dir.with_file_name("kormlm-nccl");
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl_dir.display());
+    }
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-search=native={}", lib_dir.display());
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}

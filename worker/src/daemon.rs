@@ -1,0 +1,229 @@
+//! `worker --rank K --coordinator URL`: register, check the assigned device, heart-beat, obey
+//! the coordinator's commands, and re-register when the coordinator comes back after a crash.
+
+use crate::device::{self, DeviceInfo};
+use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
+use kormlm_proto::v1::{Assignment, CommandKind, DeviceKind, RegisterRequest, WorkerReport};
+use kormlm_proto::PROTOCOL_VERSION;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tch::Device;
+use tonic::transport::Channel;
+use tonic::Code;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub rank: u32,
+    pub local_rank: Option<u32>,
+    pub coordinator: String,
+    pub token: Option<String>,
+    /// Give up when the coordinator stays unreachable this long.
+    pub reconnect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("coordinator {url} unreachable for {waited_s} s: {message}")]
+    Unreachable {
+        url: String,
+        waited_s: u64,
+        message: String,
+    },
+    #[error("registration of rank {rank} refused: {message}")]
+    Refused { rank: u32, message: String },
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+    #[error("job aborted by the coordinator: {0}")]
+    Aborted(String),
+    #[error("--coordinator {url}: {message}")]
+    BadUrl { url: String, message: String },
+}
+
+/// How the daemon ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job ended or the coordinator told this worker to stop.
+    Done,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn normalise_url(url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// Connects and registers, retrying while the coordinator is unreachable.
+async fn register(
+    options: &DaemonOptions,
+    info: &DeviceInfo,
+) -> Result<(WorkerServiceClient<Channel>, Assignment), DaemonError> {
+    let url = normalise_url(&options.coordinator);
+    let endpoint = Channel::from_shared(url.clone()).map_err(|e| DaemonError::BadUrl {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let channel = endpoint
+                .clone()
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut client = WorkerServiceClient::new(channel);
+            let assignment = client
+                .register(RegisterRequest {
+                    rank: options.rank,
+                    local_rank: options.local_rank.map_or(-1, |l| l as i32),
+                    host: hostname(),
+                    pid: std::process::id(),
+                    protocol_version: PROTOCOL_VERSION,
+                    cuda_device_count: info.cuda_device_count,
+                    torch_version: info.torch_version.to_string(),
+                    nccl_version: info.nccl_version.unwrap_or(0),
+                    token: options.token.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>((client, assignment))
+        };
+        match attempt.await {
+            Ok(result) => return Ok(result),
+            Err(status) if status.code() == Code::Unavailable => {
+                if started.elapsed() >= options.reconnect_timeout {
+                    return Err(DaemonError::Unreachable {
+                        url,
+                        waited_s: started.elapsed().as_secs(),
+                        message: status.message().to_string(),
+                    });
+                }
+                tracing::debug!(error = status.message(), "coordinator not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => {
+                return Err(DaemonError::Refused {
+                    rank: options.rank,
+                    message: status.message().to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn assigned_device(assignment: &Assignment) -> Device {
+    match DeviceKind::try_from(assignment.device) {
+        Ok(DeviceKind::Cuda) => Device::Cuda(assignment.cuda_devices.first().copied().unwrap_or(0) as usize),
+        _ => Device::Cpu,
+    }
+}
+
+/// Why one heartbeat session ended.
+enum SessionEnd {
+    /// The coordinator went away; register again.
+    Disconnected(String),
+    Finished,
+}
+
+async fn heartbeat_session(
+    client: &mut WorkerServiceClient<Channel>,
+    assignment: &Assignment,
+) -> Result<SessionEnd, DaemonError> {
+    let interval = Duration::from_millis(u64::from(assignment.heartbeat_interval_ms.max(10)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<WorkerReport>(8);
+    let report = |finished: bool| WorkerReport {
+        job_id: assignment.job_id.clone(),
+        rank: assignment.rank,
+        incarnation: assignment.incarnation,
+        sent_unix_ms: now_ms(),
+        progress: None,
+        optimizer_state_bytes: 0,
+        finished,
+        failure: String::new(),
+    };
+    tx.send(report(false)).await.expect("the channel is open");
+    let mut commands = match client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Ok(SessionEnd::Disconnected(status.message().to_string())),
+    };
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if tx.send(report(false)).await.is_err() {
+                    return Ok(SessionEnd::Disconnected("heartbeat stream closed".into()));
+                }
+            }
+            command = commands.message() => match command {
+                Ok(Some(command)) => match CommandKind::try_from(command.kind) {
+                    Ok(CommandKind::StopAfterStep) | Ok(CommandKind::Shutdown) => {
+                        tracing::info!(reason = %command.reason, "stopping on the coordinator's request");
+                        let _ = tx.send(report(true)).await;
+                        // Give the final report a moment to leave before the stream is dropped.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        return Ok(SessionEnd::Finished);
+                    }
+                    Ok(CommandKind::Abort) => return Err(DaemonError::Aborted(command.reason)),
+                    _ => {}
+                },
+                Ok(None) => return Ok(SessionEnd::Disconnected("the coordinator closed the stream".into())),
+                Err(status) => return Ok(SessionEnd::Disconnected(status.message().to_string())),
+            }
+        }
+    }
+}
+
+/// Runs the daemon until the job ends for this rank.
+pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
+    let info = DeviceInfo::probe();
+    tracing::info!(
+        rank = options.rank,
+        coordinator = %options.coordinator,
+        cuda_devices = info.cuda_device_count,
+        nccl = ?info.nccl_version,
+        "worker starting"
+    );
+    let mut checked_device = None;
+    loop {
+        let (mut client, assignment) = register(&options, &info).await?;
+        let device = assigned_device(&assignment);
+        if checked_device != Some(device) {
+            device::check(device)?;
+            checked_device = Some(device);
+        }
+        tracing::info!(
+            job_id = %assignment.job_id,
+            rank = assignment.rank,
+            local_rank = assignment.local_rank,
+            world_size = assignment.world_size,
+            device = ?device,
+            incarnation = assignment.incarnation,
+            "registered"
+        );
+        match heartbeat_session(&mut client, &assignment).await? {
+            SessionEnd::Finished => return Ok(Outcome::Done),
+            SessionEnd::Disconnected(reason) => {
+                tracing::warn!(%reason, "lost the coordinator; registering again");
+            }
+        }
+    }
+}

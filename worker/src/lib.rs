@@ -1,0 +1,6 @@
+//! kormlm worker: runs ELECTRA masked-LM work through libtorch, either as a daemon that takes
+//! its assignment from the coordinator or as standalone commands.
+
+pub mod comm;
+pub mod daemon;
+pub mod device;
