@@ -4,3 +4,7 @@
 pub mod comm;
 pub mod daemon;
 pub mod device;
+pub mod fill_mask;
+pub mod lines;
+pub mod model;
+pub mod tokenizer;

@@ -1,6 +1,12 @@
 use clap::{Args, Parser, Subcommand};
 use kormlm_worker::daemon::{self, DaemonOptions};
-use kormlm_worker::device::DeviceInfo;
+use kormlm_worker::device::{parse_device, DeviceInfo};
+use kormlm_worker::fill_mask::FillMaskOptions;
+use kormlm_worker::lines::read_chunk;
+use kormlm_worker::model::LoadedModel;
+use kormlm_worker::tokenizer::MlmTokenizer;
+use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -38,7 +44,41 @@ struct DaemonArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(rename_all = "kebab-case")]
 enum Command {
+    /// Tokenize stdin, one line per line: prints {"input_ids": [...]} per line.
+    Tokenize {
+        /// Model directory (only the tokenizer files are read).
+        #[arg(long)]
+        model: String,
+        /// Truncate to this many tokens, [CLS] and [SEP] included (default: the tokenizer's
+        /// model_max_length).
+        #[arg(long = "max_seq_len")]
+        max_seq_len: Option<usize>,
+        /// Also print the ids decoded back to text (special tokens skipped) as "decoded".
+        #[arg(long)]
+        decode: bool,
+    },
+    /// Fill [MASK] tokens of each stdin line; prints the transformers fill-mask pipeline's JSON
+    /// per line ({"error": ...} for a line without a mask).
+    FillMask {
+        /// Model directory or Hugging Face hub id.
+        #[arg(long)]
+        model: String,
+        /// Hub revision for a hub id.
+        #[arg(long)]
+        revision: Option<String>,
+        #[arg(long = "top_k", default_value_t = 5)]
+        top_k: usize,
+        /// Comma-separated candidate tokens to restrict predictions to.
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<String>>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long = "batch_size", default_value_t = 32)]
+        batch_size: usize,
+    },
     /// Show libtorch, CUDA and NCCL as this worker sees them.
     Info {
         /// Print JSON.
@@ -56,6 +96,28 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { json }) => info(json),
+        Some(Command::Tokenize {
+            model,
+            max_seq_len,
+            decode,
+        }) => tokenize(&model, max_seq_len, decode),
+        Some(Command::FillMask {
+            model,
+            revision,
+            top_k,
+            targets,
+            device,
+            batch_size,
+        }) => fill_mask(
+            &model,
+            revision.as_deref(),
+            &device,
+            FillMaskOptions {
+                top_k,
+                targets,
+                batch_size,
+            },
+        ),
         None => run_daemon(cli.daemon),
     };
     if let Err(e) = result {
@@ -79,6 +141,57 @@ fn info(json: bool) -> anyhow::Result<()> {
             None => println!("nccl not loadable"),
         }
     }
+    Ok(())
+}
+
+/// Lines are read and processed in chunks of this many, so input of any size streams.
+const CHUNK_LINES: usize = 4096;
+
+fn tokenize(model: &str, max_seq_len: Option<usize>, decode: bool) -> anyhow::Result<()> {
+    let tokenizer = MlmTokenizer::from_dir(Path::new(model))?;
+    let max_len = max_seq_len.unwrap_or(tokenizer.model_max_length());
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line_no = 1;
+    loop {
+        let lines = read_chunk(&mut input, CHUNK_LINES, line_no, "stdin")?;
+        if lines.is_empty() {
+            break;
+        }
+        line_no += lines.len();
+        let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
+        for ids in tokenizer.encode_batch(&texts, Some(max_len))? {
+            let line = if decode {
+                serde_json::json!({ "input_ids": ids, "decoded": tokenizer.decode(&ids, true)? })
+            } else {
+                serde_json::json!({ "input_ids": ids })
+            };
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn fill_mask(model: &str, revision: Option<&str>, device: &str, options: FillMaskOptions) -> anyhow::Result<()> {
+    let device = parse_device(device)?;
+    let loaded = LoadedModel::load(model, revision, device)?;
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line_no = 1;
+    loop {
+        let lines = read_chunk(&mut input, CHUNK_LINES, line_no, "stdin")?;
+        if lines.is_empty() {
+            break;
+        }
+        line_no += lines.len();
+        for result in kormlm_worker::fill_mask::fill_mask(&loaded, &lines, &options, device)? {
+            writeln!(out, "{result}")?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

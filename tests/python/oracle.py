@@ -1,0 +1,239 @@
+"""The Python side of kormlm's oracle tests: transformers/tokenizers/torch compute what kormlm
+must reproduce. Every command writes plain files (JSON lines, safetensors) that the Rust tests
+compare against.
+
+    oracle.py vocab OUT_DIR --data SHARED_DATA [--size N]
+    oracle.py model OUT_DIR --tokenizer DIR [--embedding E --hidden H --layers L --heads A
+                    --intermediate I --format safetensors|bin|sharded --kind mlm|discriminator --seed S]
+    oracle.py logits MODEL_DIR SENTENCES OUT.safetensors
+    oracle.py fill-mask MODEL_DIR INPUT OUT.jsonl [--top_k K] [--targets a,b]
+    oracle.py tokenize TOKENIZER_DIR INPUT OUT.jsonl [--max_len N]
+    oracle.py masked NSMC_FILE OUT [--n N --masks M --seed S]
+    oracle.py new-keys MODEL_DIR          (prints the keys transformers newly initialises)
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("KORMLM_ORACLE_THREADS", "2")))
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def corpus_sentences(data):
+    """Sentences of the three shared corpora, for vocabulary training."""
+    out = []
+    for name in ["ratings_train.txt", "ratings_test.txt"]:
+        for row in read_lines(os.path.join(data, "nsmc", name))[1:]:
+            parts = row.split("\t")
+            if len(parts) == 3 and parts[1]:
+                out.append(parts[1])
+    for name in ["labeled/train.tsv", "labeled/dev.tsv"]:
+        with open(os.path.join(data, "korean-hate-speech", name), encoding="utf-8", newline="") as f:
+            for row in list(csv.reader(f, delimiter="\t"))[1:]:
+                out.append(row[0])
+    out.extend(read_lines(os.path.join(data, "korean-hate-speech", "unlabeled", "unlabeled_comments_5.txt")))
+    for name in ["unsmile_train_v1.0.tsv", "unsmile_valid_v1.0.tsv"]:
+        for row in read_lines(os.path.join(data, "korean_unsmile_dataset", name))[1:]:
+            out.append(row.split("\t")[0])
+    return out
+
+
+def cmd_vocab(args):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    tok.train_from_iterator(
+        corpus_sentences(args.data),
+        vocab_size=args.size,
+        min_frequency=2,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    tok.save_model(args.out)
+    fast = BertTokenizerFast(vocab_file=os.path.join(args.out, "vocab.txt"), do_lower_case=False, strip_accents=None)
+    fast.save_pretrained(args.out)
+    print(len(fast))
+
+
+def cmd_model(args):
+    from transformers import BertTokenizerFast, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+
+    tok = BertTokenizerFast.from_pretrained(args.tokenizer)
+    torch.manual_seed(args.seed)
+    config = ElectraConfig(
+        vocab_size=len(tok),
+        embedding_size=args.embedding,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=args.max_positions,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = (ElectraForPreTraining if args.kind == "discriminator" else ElectraForMaskedLM)(config)
+    if args.kind == "mlm":
+        # Random non-zero head biases, so a loader that skips them is caught.
+        with torch.no_grad():
+            model.generator_lm_head.bias.normal_(0, 0.5)
+            model.generator_predictions.LayerNorm.bias.normal_(0, 0.1)
+    model.eval()
+    if args.format == "bin":
+        model.save_pretrained(args.out, safe_serialization=False)
+    elif args.format == "sharded":
+        model.save_pretrained(args.out, safe_serialization=True, max_shard_size="200KB")
+    else:
+        model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+
+
+def load_mlm(path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager")
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def cmd_logits(args):
+    from safetensors.torch import save_file
+
+    model, tok = load_mlm(args.model)
+    sentences = read_lines(args.sentences)
+    batch = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    save_file(
+        {
+            "input_ids": batch["input_ids"].contiguous(),
+            "attention_mask": batch["attention_mask"].contiguous(),
+            "logits": logits.contiguous(),
+        },
+        args.out,
+    )
+
+
+def cmd_fill_mask(args):
+    from transformers import pipeline
+
+    model, tok = load_mlm(args.model)
+    fill = pipeline("fill-mask", model=model, tokenizer=tok, device="cpu")
+    kwargs = {"top_k": args.top_k}
+    if args.targets:
+        kwargs["targets"] = args.targets.split(",")
+    with open(args.out, "w", encoding="utf-8") as out:
+        for line in read_lines(args.input):
+            try:
+                result = fill(line, **kwargs)
+            except Exception as e:  # the pipeline raises for a line without a mask
+                result = {"error": str(e)}
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+
+
+def cmd_tokenize(args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    lines = read_lines(args.input)
+    ids = tok(lines, truncation=True, max_length=args.max_len)["input_ids"]
+    with open(args.out, "w", encoding="utf-8") as out:
+        for row in ids:
+            out.write(json.dumps({"input_ids": row, "decoded": tok.decode(row, skip_special_tokens=True)}, ensure_ascii=False) + "\n")
+
+
+def cmd_masked(args):
+    rng = random.Random(args.seed)
+    docs = [row.split("\t")[1] for row in read_lines(args.nsmc)[1:] if len(row.split("\t")) == 3]
+    docs = [d for d in docs if len(d.split()) >= args.masks + 1]
+    rng.shuffle(docs)
+    out = []
+    for doc in docs[: args.n]:
+        words = doc.split()
+        for i in sorted(rng.sample(range(len(words)), args.masks)):
+            words[i] = "[MASK]"
+        out.append(" ".join(words))
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def cmd_new_keys(args):
+    from transformers import AutoModelForMaskedLM
+
+    _, info = AutoModelForMaskedLM.from_pretrained(args.model, output_loading_info=True)
+    print(json.dumps({"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("vocab")
+    p.add_argument("out")
+    p.add_argument("--data", required=True)
+    p.add_argument("--size", type=int, default=8000)
+    p = sub.add_parser("model")
+    p.add_argument("out")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--embedding", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=128)
+    p.add_argument("--max_positions", type=int, default=512)
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin", "sharded"])
+    p.add_argument("--kind", default="mlm", choices=["mlm", "discriminator"])
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("logits")
+    p.add_argument("model")
+    p.add_argument("sentences")
+    p.add_argument("out")
+    p = sub.add_parser("fill-mask")
+    p.add_argument("model")
+    p.add_argument("input")
+    p.add_argument("out")
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--targets", default=None)
+    p = sub.add_parser("tokenize")
+    p.add_argument("tokenizer")
+    p.add_argument("input")
+    p.add_argument("out")
+    p.add_argument("--max_len", type=int, default=512)
+    p = sub.add_parser("masked")
+    p.add_argument("nsmc")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=600)
+    p.add_argument("--masks", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("new-keys")
+    p.add_argument("model")
+    args = parser.parse_args()
+    {
+        "vocab": cmd_vocab,
+        "model": cmd_model,
+        "logits": cmd_logits,
+        "fill-mask": cmd_fill_mask,
+        "tokenize": cmd_tokenize,
+        "masked": cmd_masked,
+        "new-keys": cmd_new_keys,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+//! `worker fill-mask`: the transformers fill-mask pipeline's output for each input line,
+//! computed in length-sorted batches with the vocabulary projection run only at masked positions.
+
+use crate::model::LoadedModel;
+use crate::tokenizer::TokenizerError;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct FillMaskOptions {
+    pub top_k: usize,
+    /// Restrict predictions to these tokens (as the pipeline's `targets`).
+    pub targets: Option<Vec<String>>,
+    pub batch_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillMaskError {
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("--targets: none of the targets is in the vocabulary or tokenizes to anything")]
+    NoTargets,
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Target ids like the pipeline's `get_target_ids`: exact vocabulary entries, else the first
+/// piece of the tokenized target (with a warning); duplicates removed.
+fn target_ids(model: &LoadedModel, targets: &[String]) -> Result<Vec<i64>, FillMaskError> {
+    let tokenizer = &model.tokenizer;
+    let mut ids = Vec::new();
+    for target in targets {
+        let id = match tokenizer.token_to_id(target) {
+            Some(id) => Some(id),
+            None => {
+                let pieces = tokenizer.encode_plain(target)?;
+                match pieces.get_ids().first() {
+                    Some(first) => {
+                        tracing::warn!(
+                            target = %target,
+                            replacement = %tokenizer.id_to_token(*first).unwrap_or_default(),
+                            "target is not in the vocabulary; using its first word piece"
+                        );
+                        Some(*first)
+                    }
+                    None => {
+                        tracing::warn!(target = %target, "target tokenizes to nothing; ignored");
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(id) = id {
+            if !ids.contains(&i64::from(id)) {
+                ids.push(i64::from(id));
+            }
+        }
+    }
+    if ids.is_empty() {
+        return Err(FillMaskError::NoTargets);
+    }
+    Ok(ids)
+}
+
+/// One prepared input line.
+struct Prepared {
+    ids: Vec<u32>,
+    masks: Vec<usize>,
+}
+
+/// Fills the masks of every line; the result for a line is the pipeline's JSON, or
+/// `{"error": …}` for a line that cannot be processed.
+pub fn fill_mask(
+    model: &LoadedModel,
+    lines: &[String],
+    options: &FillMaskOptions,
+    device: Device,
+) -> Result<Vec<Value>, FillMaskError> {
+    let tokenizer = &model.tokenizer;
+    let mask_id = tokenizer.special().mask;
+    let max_positions = model.model.config().max_position_embeddings as usize;
+    let targets = options.targets.as_deref().map(|t| target_ids(model, t)).transpose()?;
+    let top_k = match &targets {
+        Some(t) => options.top_k.min(t.len()),
+        None => options.top_k,
+    };
+    let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let encoded = tokenizer.encode_batch(&texts, None)?;
+    let mut results: Vec<Option<Value>> = vec![None; lines.len()];
+    let mut prepared: Vec<(usize, Prepared)> = Vec::new();
+    for (i, ids) in encoded.into_iter().enumerate() {
+        let masks: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id == mask_id)
+            .map(|(p, _)| p)
+            .collect();
+        if masks.is_empty() {
+            results[i] = Some(json!({
+                "error": format!("No mask_token ({}) found on the input", tokenizer.mask_token())
+            }));
+        } else if ids.len() > max_positions {
+            results[i] = Some(json!({
+                "error": format!(
+                    "the input has {} tokens; the model accepts at most {max_positions}",
+                    ids.len()
+                )
+            }));
+        } else {
+            prepared.push((i, Prepared { ids, masks }));
+        }
+    }
+    prepared.sort_by_key(|(_, p)| p.ids.len());
+    let target_tensor = targets.as_ref().map(|t| Tensor::from_slice(t).to_device(device));
+    for batch in prepared.chunks(options.batch_size.max(1)) {
+        let width = batch.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
+        let rows = batch.len();
+        let pad = i64::from(tokenizer.special().pad);
+        let mut ids = vec![pad; rows * width];
+        let mut attention = vec![0i64; rows * width];
+        let mut positions = Vec::new();
+        for (r, (_, p)) in batch.iter().enumerate() {
+            for (c, id) in p.ids.iter().enumerate() {
+                ids[r * width + c] = i64::from(*id);
+                attention[r * width + c] = 1;
+            }
+            for m in &p.masks {
+                positions.extend([r as i64, *m as i64]);
+            }
+        }
+        let (top_scores, top_ids) = tch::no_grad(|| -> Result<(Vec<f32>, Vec<i64>), FillMaskError> {
+            let input = Tensor::from_slice(&ids)
+                .view([rows as i64, width as i64])
+                .to_device(device);
+            let mask = Tensor::from_slice(&attention)
+                .view([rows as i64, width as i64])
+                .to_device(device);
+            let at = Tensor::from_slice(&positions).view([-1, 2]).to_device(device);
+            let logits = model.model.logits_at(&input, &mask, &at, false);
+            let probs = logits.f_softmax(-1, Kind::Float)?;
+            let (values, indices) = match &target_tensor {
+                Some(t) => {
+                    let restricted = probs.f_index_select(1, t)?;
+                    let (v, i) = restricted.f_topk(top_k as i64, -1, true, true)?;
+                    (v, t.f_index_select(0, &i.flatten(0, -1))?.view_as(&i))
+                }
+                None => probs.f_topk(top_k as i64, -1, true, true)?,
+            };
+            let values = values.to_device(Device::Cpu).flatten(0, -1);
+            let indices = indices.to_device(Device::Cpu).flatten(0, -1);
+            Ok((Vec::<f32>::try_from(&values)?, Vec::<i64>::try_from(&indices)?))
+        })?;
+        let mut cursor = 0;
+        for (line, p) in batch {
+            let single = p.masks.len() == 1;
+            let mut per_mask = Vec::with_capacity(p.masks.len());
+            for &m in &p.masks {
+                let mut candidates = Vec::with_capacity(top_k);
+                for k in 0..top_k {
+                    let id = top_ids[cursor * top_k + k] as u32;
+                    let score = top_scores[cursor * top_k + k];
+                    let mut tokens = p.ids.clone();
+                    tokens[m] = id;
+                    candidates.push(json!({
+                        "score": f64::from(score),
+                        "token": id,
+                        "token_str": tokenizer.decode(&[id], false)?,
+                        "sequence": tokenizer.decode(&tokens, single)?,
+                    }));
+                }
+                cursor += 1;
+                per_mask.push(Value::Array(candidates));
+            }
+            results[*line] = Some(if single {
+                per_mask.pop().expect("one mask")
+            } else {
+                Value::Array(per_mask)
+            });
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every line has a result"))
+        .collect())
+}

@@ -1,0 +1,147 @@
+//! The ELECTRA masked-LM: config, the tch model, checkpoint formats, the hub and saving.
+
+pub mod config;
+pub mod electra;
+pub mod hub;
+pub mod torch_pickle;
+pub mod weights;
+
+pub use config::ElectraConfig;
+pub use electra::ElectraForMaskedLM;
+pub use weights::LoadReport;
+
+use crate::tokenizer::{MlmTokenizer, TokenizerError};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("{path}: invalid model config: {message}")]
+    Config { path: String, message: String },
+    #[error("{path}: {message}")]
+    Format { path: String, message: String },
+    #[error("{dir}: no {wanted}")]
+    MissingFile { dir: String, wanted: String },
+    #[error("{path}: weight `{key}` has shape {found:?}, the model expects {expected:?}")]
+    Shape {
+        path: String,
+        key: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("{path}: required weights missing: {}", keys.join(", "))]
+    MissingWeights { path: String, keys: Vec<String> },
+    #[error(
+        "cannot get {id}@{revision} from the Hugging Face hub: {message}. If this machine is offline, \
+         pass a local model directory instead of a hub id"
+    )]
+    Hub {
+        id: String,
+        revision: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, e: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A model with its variables and tokenizer, ready for inference or training.
+pub struct LoadedModel {
+    pub vs: VarStore,
+    pub model: ElectraForMaskedLM,
+    pub tokenizer: MlmTokenizer,
+    pub report: LoadReport,
+}
+
+impl LoadedModel {
+    /// Loads a local directory or hub id (`revision` for hub ids) onto `device`. Missing MLM-head
+    /// weights (a discriminator checkpoint) are initialised like transformers and listed.
+    pub fn load(name_or_path: &str, revision: Option<&str>, device: Device) -> Result<Self, ModelError> {
+        let dir = hub::resolve(name_or_path, revision)?;
+        let config = ElectraConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = MlmTokenizer::from_dir(&dir)?;
+        let files = weights::WeightFiles::find(&dir)?;
+        let source = match &files {
+            weights::WeightFiles::Safetensors(p) | weights::WeightFiles::PytorchBin(p) => p.display().to_string(),
+            weights::WeightFiles::Sharded { index, .. } => index.display().to_string(),
+        };
+        let vs = VarStore::new(device);
+        let model = ElectraForMaskedLM::new(&vs.root(), &config);
+        let report = weights::load_into(&vs, files.read()?, &source)?;
+        if !report.newly_initialized.is_empty() {
+            tracing::warn!(
+                model = %dir.display(),
+                keys = ?report.newly_initialized,
+                "some weights of ElectraForMaskedLM were not in the checkpoint and are newly initialized"
+            );
+        }
+        if !report.unused.is_empty() {
+            tracing::info!(model = %dir.display(), keys = ?report.unused, "checkpoint weights not used by ElectraForMaskedLM");
+        }
+        Ok(Self {
+            vs,
+            model,
+            tokenizer,
+            report,
+        })
+    }
+
+    /// A randomly initialised model (for training from scratch).
+    pub fn random(config: ElectraConfig, tokenizer: MlmTokenizer, device: Device, seed: u64) -> Self {
+        tch::manual_seed(seed as i64);
+        let vs = VarStore::new(device);
+        let model = ElectraForMaskedLM::new(&vs.root(), &config);
+        Self {
+            vs,
+            model,
+            tokenizer,
+            report: LoadReport::default(),
+        }
+    }
+
+    /// Saves in Hugging Face layout (`config.json`, `model.safetensors`, tokenizer files), into a
+    /// temporary directory that is renamed over `dir` at the end.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        let config = serde_json::to_string_pretty(&self.model.config().to_hf_json()).expect("config serialises");
+        std::fs::write(tmp.join("config.json"), config + "\n").map_err(|e| ModelError::io(&tmp, e))?;
+        let mut tensors: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name != "generator_lm_head.weight")
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        weights::write_safetensors(&tensors, &tmp.join(weights::SAFETENSORS))?;
+        self.tokenizer.save(&tmp)?;
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}

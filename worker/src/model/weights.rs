@@ -1,0 +1,221 @@
+//! Finding, reading, checking and writing checkpoint weights: `model.safetensors`, sharded
+//! safetensors with `model.safetensors.index.json`, and `pytorch_model.bin`.
+
+use super::{torch_pickle, ModelError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Kind, Tensor};
+
+pub const SAFETENSORS: &str = "model.safetensors";
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+pub const PYTORCH_BIN: &str = "pytorch_model.bin";
+
+/// Where a checkpoint's weights are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightFiles {
+    Safetensors(PathBuf),
+    Sharded { index: PathBuf, shards: Vec<PathBuf> },
+    PytorchBin(PathBuf),
+}
+
+impl WeightFiles {
+    /// Looks in `dir` in transformers' order of preference.
+    pub fn find(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join(SAFETENSORS);
+        if single.is_file() {
+            return Ok(Self::Safetensors(single));
+        }
+        let index = dir.join(SAFETENSORS_INDEX);
+        if index.is_file() {
+            let shards = shard_files(&index)?;
+            return Ok(Self::Sharded { index, shards });
+        }
+        let bin = dir.join(PYTORCH_BIN);
+        if bin.is_file() {
+            return Ok(Self::PytorchBin(bin));
+        }
+        Err(ModelError::MissingFile {
+            dir: dir.display().to_string(),
+            wanted: format!("{SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}"),
+        })
+    }
+
+    /// Every tensor, on the CPU, in its stored dtype.
+    pub fn read(&self) -> Result<Vec<(String, Tensor)>, ModelError> {
+        let read_one = |path: &Path| {
+            Tensor::read_safetensors(path).map_err(|e| ModelError::Format {
+                path: path.display().to_string(),
+                message: format!("not a readable safetensors file: {e}"),
+            })
+        };
+        match self {
+            Self::Safetensors(path) => read_one(path),
+            Self::Sharded { shards, .. } => {
+                let mut all = Vec::new();
+                for shard in shards {
+                    all.extend(read_one(shard)?);
+                }
+                Ok(all)
+            }
+            Self::PytorchBin(path) => torch_pickle::read_state_dict(path),
+        }
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
+        path: index.display().to_string(),
+        message: format!("line {}, column {}: {e}", e.line(), e.column()),
+    })?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Format {
+            path: index.display().to_string(),
+            message: "no `weight_map` object".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
+    let shards: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
+        return Err(ModelError::MissingFile {
+            dir: dir.display().to_string(),
+            wanted: format!("{} (listed in {})", missing.display(), index.display()),
+        });
+    }
+    Ok(shards)
+}
+
+/// What loading did besides copying matching weights.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// Model weights absent from the checkpoint, left as initialised (like transformers'
+    /// "newly initialized" list).
+    pub newly_initialized: Vec<String>,
+    /// Checkpoint weights the model has no place for.
+    pub unused: Vec<String>,
+}
+
+/// Weights whose absence is tolerated: the MLM head, which a discriminator checkpoint lacks.
+fn may_be_initialized(name: &str) -> bool {
+    name.starts_with("generator_predictions.") || name == "generator_lm_head.bias"
+}
+
+/// Non-persistent buffers that old checkpoints carry; transformers ignores them silently.
+fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with("embeddings.position_ids") || name.ends_with("embeddings.token_type_ids")
+}
+
+/// Copies checkpoint tensors into the variables of `vs` (names as in transformers; a
+/// checkpoint saved without the `electra.` prefix is accepted too).
+pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, source: &str) -> Result<LoadReport, ModelError> {
+    let mut by_name: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        by_name.insert(name, tensor);
+    }
+    let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut used: HashSet<String> = HashSet::new();
+    let mut report = LoadReport::default();
+    let mut missing = Vec::new();
+    for (name, mut var) in variables {
+        let candidate = if by_name.contains_key(&name) {
+            Some(name.clone())
+        } else {
+            name.strip_prefix("electra.")
+                .filter(|n| by_name.contains_key(*n))
+                .map(str::to_string)
+        };
+        let Some(key) = candidate else {
+            if may_be_initialized(&name) {
+                report.newly_initialized.push(name);
+            } else {
+                missing.push(name);
+            }
+            continue;
+        };
+        let source_tensor = &by_name[&key];
+        if source_tensor.size() != var.size() {
+            return Err(ModelError::Shape {
+                path: source.to_string(),
+                key,
+                expected: var.size(),
+                found: source_tensor.size(),
+            });
+        }
+        tch::no_grad(|| var.f_copy_(&source_tensor.to_kind(var.kind()))).map_err(|e| ModelError::Format {
+            path: source.to_string(),
+            message: format!("cannot copy {key}: {e}"),
+        })?;
+        used.insert(key);
+    }
+    if !missing.is_empty() {
+        return Err(ModelError::MissingWeights {
+            path: source.to_string(),
+            keys: missing,
+        });
+    }
+    // The output projection is tied to the word embeddings, so a stored copy is used through them.
+    used.insert("generator_lm_head.weight".to_string());
+    let mut unused: Vec<String> = by_name
+        .keys()
+        .filter(|k| !used.contains(*k) && !is_ignored_buffer(k))
+        .cloned()
+        .collect();
+    unused.sort();
+    report.unused = unused;
+    if let (Some(lm), Some(emb)) = (
+        by_name.get("generator_lm_head.weight"),
+        by_name
+            .get("electra.embeddings.word_embeddings.weight")
+            .or_else(|| by_name.get("embeddings.word_embeddings.weight")),
+    ) {
+        let same = lm.size() == emb.size()
+            && lm
+                .to_kind(Kind::Float)
+                .allclose(&emb.to_kind(Kind::Float), 0.0, 0.0, false);
+        if !same {
+            tracing::warn!(
+                path = source,
+                "generator_lm_head.weight differs from the word embeddings; kormlm ties them (like transformers with \
+                 tie_word_embeddings) and uses the embeddings"
+            );
+        }
+    }
+    Ok(report)
+}
+
+/// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (transformers checks it).
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let t = tensor.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0f32; numel];
+        t.f_copy_data(&mut data, numel).map_err(|e| ModelError::Format {
+            path: path.display().to_string(),
+            message: format!("cannot read {name}: {e}"),
+        })?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape: Vec<usize> = t.size().iter().map(|d| *d as usize).collect();
+        views.push((name.clone(), shape, bytes));
+    }
+    let tensor_views: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Format {
+                    path: path.display().to_string(),
+                    message: format!("{name}: {e}"),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize_to_file(tensor_views, Some(metadata), path).map_err(|e| ModelError::Format {
+        path: path.display().to_string(),
+        message: format!("cannot write: {e}"),
+    })
+}
