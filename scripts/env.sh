@@ -96,7 +96,7 @@ kormlm_provision_oracle() {
     local want; want=$(sha256sum "$req" | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "kormlm: installing the Python test oracle into $KORMLM_VENV" >&2
-        if ! "$KORMLM_VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -r "$req" >&2; then
+        if ! DS_BUILD_OPS=0 "$KORMLM_VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -r "$req" >&2; then
             kormlm_die "pip could not install $req into $KORMLM_VENV; check network access to PyPI"
             return 1
         fi

@@ -2,6 +2,7 @@
 //! its assignment from the coordinator or as standalone commands.
 
 pub mod comm;
+pub mod corpus;
 pub mod daemon;
 pub mod device;
 pub mod fill_mask;

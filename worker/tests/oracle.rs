@@ -465,3 +465,87 @@ fn invalid_utf8_input_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("stdin line 2: invalid UTF-8 at byte 4"), "{err}");
 }
+
+/// The hub stand-in, killed when dropped.
+struct HubStandIn {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl HubStandIn {
+    fn start(repo: &str, revision: &str, dir: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(python())
+            .arg(workspace().join("tests/python/hub_standin.py"))
+            .args([repo, revision, dir.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{}", line.trim()),
+        }
+    }
+}
+
+impl Drop for HubStandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_worker_env(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hub_ids_download_at_a_revision_then_work_offline_from_the_cache() {
+    let f = fixture();
+    let cache = tempfile::tempdir().unwrap();
+    let home = cache.path().to_str().unwrap().to_string();
+    let input = "영화 [MASK] 재밌다\n".as_bytes();
+    let local = run_worker(&["fill-mask", "--model", &f.s("bin")], input);
+    assert!(local.status.success());
+    let args = ["fill-mask", "--model", "kormlm-test/tiny-electra", "--revision", "v1"];
+    {
+        let hub = HubStandIn::start("kormlm-test/tiny-electra", "v1", &f.path("bin"));
+        let out = run_worker_env(&args, input, &[("HF_HOME", &home), ("HF_ENDPOINT", &hub.endpoint)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.stdout, local.stdout,
+            "the downloaded model predicts like the local copy"
+        );
+    }
+    // The stand-in is gone: the cache serves HF_HUB_OFFLINE=1, and a revision never fetched fails
+    // with advice to pass a local directory.
+    let out = run_worker_env(&args, input, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", "1")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, local.stdout);
+    let out = run_worker_env(
+        &["fill-mask", "--model", "kormlm-test/tiny-electra", "--revision", "v2"],
+        input,
+        &[("HF_HOME", &home), ("HF_ENDPOINT", "http://127.0.0.1:9")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kormlm-test/tiny-electra@v2") && err.contains("pass a local model directory"),
+        "{err}"
+    );
+}
