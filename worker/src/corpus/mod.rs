@@ -191,7 +191,7 @@ impl CorpusSpec {
     /// Reads every source and builds the train/dev split.
     pub fn load(&self) -> Result<Corpus, CorpusError> {
         let mut report = CorpusReport::default();
-        let mut read_all = |sources: &[Source], report: &mut CorpusReport| -> Result<Vec<String>, CorpusError> {
+        let read_all = |sources: &[Source], report: &mut CorpusReport| -> Result<Vec<String>, CorpusError> {
             let mut texts = Vec::new();
             for s in sources {
                 let format = s.format.unwrap_or_else(|| Format::infer(&s.path));

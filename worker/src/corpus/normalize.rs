@@ -20,7 +20,7 @@ fn kept(c: char) -> bool {
 /// Emoji (Extended_Pictographic and their modifiers/joiners); after the character filter only
 /// ASCII-range leftovers could remain, so this mirrors `emoji.replace_emoji` closely enough.
 fn is_emoji(c: char) -> bool {
-    matches!(c as u32, 0x1F000..=0x1FAFF | 0x2600..=0x27BF | 0xFE0F | 0x200D | 0x20E3 | 0x1F3FB..=0x1F3FF)
+    matches!(c as u32, 0x1F000..=0x1FAFF | 0x2600..=0x27BF | 0xFE0F | 0x200D | 0x20E3)
 }
 
 /// Python's `\w` for one character: letters, digits (any script) and `_`.

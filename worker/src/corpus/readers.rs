@@ -112,10 +112,8 @@ fn unquote(field: &str) -> Option<String> {
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '"' {
-            if chars.next() != Some('"') {
-                return None;
-            }
+        if c == '"' && chars.next() != Some('"') {
+            return None;
         }
         out.push(c);
     }
