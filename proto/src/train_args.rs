@@ -54,6 +54,9 @@ pub struct TrainArgs {
     /// Used only when the DeepSpeed config has no `optimizer` section.
     #[arg(long, default_value_t = 1e-6)]
     pub eps: f64,
+    /// Exclude biases and LayerNorm weights from weight decay (the original decays everything).
+    #[arg(long, default_value_t = false)]
+    pub decay_exclude_bias_layernorm: bool,
     /// Stop after this many optimizer steps (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,

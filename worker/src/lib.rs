@@ -4,8 +4,12 @@
 pub mod comm;
 pub mod corpus;
 pub mod daemon;
+pub mod dataset;
 pub mod device;
 pub mod fill_mask;
 pub mod lines;
+pub mod masking;
 pub mod model;
+pub mod optim;
 pub mod tokenizer;
+pub mod train;

@@ -1,12 +1,17 @@
 use clap::{Args, Parser, Subcommand};
+use kormlm_proto::ds_config::DsConfig;
+use kormlm_proto::train_args::TrainArgs;
+use kormlm_worker::comm::SingleRank;
 use kormlm_worker::daemon::{self, DaemonOptions};
 use kormlm_worker::device::{parse_device, DeviceInfo};
 use kormlm_worker::fill_mask::FillMaskOptions;
 use kormlm_worker::lines::read_chunk;
 use kormlm_worker::model::LoadedModel;
 use kormlm_worker::tokenizer::MlmTokenizer;
+use kormlm_worker::train::{run_dir_name, TrainJob};
 use std::io::Write;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -79,12 +84,32 @@ enum Command {
         #[arg(long = "batch_size", default_value_t = 32)]
         batch_size: usize,
     },
+    /// Train in this one process (world size 1), like the original ds_main.py.
+    Train(TrainCommand),
     /// Show libtorch, CUDA and NCCL as this worker sees them.
     Info {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+struct TrainCommand {
+    /// DeepSpeed config (batch sizes, optimizer, scheduler, precision).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output directory (default: --model_dir/YYMMDD_HHMMSS).
+    #[arg(long = "output_dir")]
+    output_dir: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where tokenised corpora are cached (default: ~/.cache/kormlm/tokens).
+    #[arg(long = "cache_dir")]
+    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 fn main() {
@@ -96,6 +121,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { json }) => info(json),
+        Some(Command::Train(command)) => train(command),
         Some(Command::Tokenize {
             model,
             max_seq_len,
@@ -141,6 +167,48 @@ fn info(json: bool) -> anyhow::Result<()> {
             None => println!("nccl not loadable"),
         }
     }
+    Ok(())
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("KORMLM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kormlm")))
+        .map(|d| d.join("tokens"))
+}
+
+fn train(command: TrainCommand) -> anyhow::Result<()> {
+    let source = command.config.display().to_string();
+    let parsed = DsConfig::from_file(&command.config)?;
+    for warning in &parsed.warnings {
+        tracing::warn!("{warning}");
+    }
+    let resolved = parsed.config.resolve(1, &source)?;
+    let device = parse_device(&command.device)?;
+    let output_dir = command.output_dir.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Path::new(&command.train.model_dir).join(run_dir_name(now))
+    });
+    let job = TrainJob {
+        args: &command.train,
+        config: &resolved,
+        device,
+        output_dir: output_dir.clone(),
+        cache_dir: command.cache_dir.or_else(default_cache_dir),
+    };
+    let summary = kormlm_worker::train::train(&job, &mut SingleRank, &mut |_| {}, &|| false)?;
+    eprintln!(
+        "training finished: {} epoch(s), {} step(s), best val_loss {}{}; output in {}",
+        summary.epochs_run,
+        summary.global_steps,
+        summary.best_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        if summary.early_stopped { " (EARLY STOPPED)" } else { "" },
+        output_dir.display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 

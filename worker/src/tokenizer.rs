@@ -232,6 +232,15 @@ impl MlmTokenizer {
         })
     }
 
+    /// A text that changes whenever tokenisation would (the serialised pipeline and settings).
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{}|{:?}",
+            self.inner.to_string(false).unwrap_or_default(),
+            self.settings
+        )
+    }
+
     pub fn special(&self) -> SpecialIds {
         self.special
     }
@@ -420,11 +429,11 @@ mod tests {
 
     #[test]
     fn missing_special_token_is_named() {
-        let vocab: HashMap<String, u32> = [("[PAD]", 0), ("[UNK]", 1), ("[CLS]", 2), ("[SEP]", 3)]
+        let vocab: HashMap<String, u32> = [("[PAD]", 0), ("[UNK]", 1), ("[SEP]", 2), ("[MASK]", 3)]
             .iter()
             .map(|(t, i)| (t.to_string(), *i))
             .collect();
         let err = MlmTokenizer::from_vocab(vocab).unwrap_err().to_string();
-        assert!(err.contains("[MASK]"), "{err}");
+        assert!(err.contains("[CLS]"), "{err}");
     }
 }

@@ -1,4 +1,54 @@
-//! Collective communication between ranks. This issue only probes NCCL; the collectives
-//! (NCCL and the CPU TCP ring) arrive with distributed training.
+//! Collective communication between the ranks of a job, behind one trait: NCCL on GPUs, a TCP
+//! ring on CPUs, and the trivial single-rank group.
 
 pub mod nccl;
+
+use tch::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("collective {op} failed: {message}")]
+    Failed { op: &'static str, message: String },
+    #[error("collective {op} timed out after {seconds} s: a peer is gone or stuck")]
+    Timeout { op: &'static str, seconds: u64 },
+}
+
+/// Collectives over flat fp32 buffers whose length is a multiple of the world size; rank r owns
+/// the r-th equal shard.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// In place: afterwards shard r of `flat` holds the sum over ranks of shard r.
+    fn reduce_scatter_sum(&mut self, flat: &Tensor) -> Result<(), CommError>;
+    /// In place: every rank's shard r is replaced by rank r's shard r.
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), CommError>;
+    /// In place: every element becomes the sum over ranks.
+    fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<(), CommError>;
+    /// Sums a few scalars over ranks.
+    fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError>;
+}
+
+/// A group of one: every collective is the identity.
+#[derive(Debug, Default)]
+pub struct SingleRank;
+
+impl Collective for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn reduce_scatter_sum(&mut self, _flat: &Tensor) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_gather(&mut self, _flat: &Tensor) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_reduce_sum(&mut self, _flat: &Tensor) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_reduce_scalars(&mut self, _values: &mut [f64]) -> Result<(), CommError> {
+        Ok(())
+    }
+}

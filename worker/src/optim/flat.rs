@@ -1,0 +1,111 @@
+//! All trainable parameters as views into one contiguous fp32 buffer, with a matching gradient
+//! buffer, so optimizers and collectives work on flat ranges.
+
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+/// One parameter's place in the flat buffers.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub name: String,
+    pub offset: i64,
+    pub numel: i64,
+    pub shape: Vec<i64>,
+}
+
+pub struct FlatParams {
+    /// `[padded_numel]`; parameters are views into it.
+    pub params: Tensor,
+    /// `[padded_numel]`; gradients are gathered here before a step.
+    pub grads: Tensor,
+    pub slots: Vec<Slot>,
+    variables: Vec<Tensor>,
+    /// Real elements (without padding).
+    pub numel: i64,
+}
+
+impl FlatParams {
+    /// Moves every trainable variable of `vs` into one buffer padded to a multiple of `align`
+    /// (the world size times a small alignment under ZeRO). Variables are ordered by name, so
+    /// every rank lays them out identically.
+    pub fn new(vs: &VarStore, align: i64) -> Self {
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let numel: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
+        let align = align.max(1);
+        let padded = (numel + align - 1) / align * align;
+        let device = vs.device();
+        let params = Tensor::zeros([padded], (Kind::Float, device));
+        let grads = Tensor::zeros([padded], (Kind::Float, device));
+        let mut slots = Vec::with_capacity(named.len());
+        let mut variables = Vec::with_capacity(named.len());
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for (name, mut var) in named {
+                let n = var.numel() as i64;
+                let shape = var.size();
+                let view = params.narrow(0, offset, n).view(shape.as_slice());
+                view.shallow_clone().copy_(&var);
+                var.set_data(&view);
+                slots.push(Slot {
+                    name,
+                    offset,
+                    numel: n,
+                    shape,
+                });
+                variables.push(var);
+                offset += n;
+            }
+        });
+        Self {
+            params,
+            grads,
+            slots,
+            variables,
+            numel,
+        }
+    }
+
+    pub fn padded_numel(&self) -> i64 {
+        self.params.size()[0]
+    }
+
+    /// Clears the gradients of every parameter.
+    pub fn zero_grad(&mut self) {
+        for v in &mut self.variables {
+            v.zero_grad();
+        }
+        let _ = self.grads.zero_();
+    }
+
+    /// Copies the accumulated parameter gradients into the flat gradient buffer
+    /// (undefined gradients count as zero).
+    pub fn gather_grads(&mut self) {
+        tch::no_grad(|| {
+            for (slot, var) in self.slots.iter().zip(&self.variables) {
+                let grad = var.grad();
+                let mut target = self.grads.narrow(0, slot.offset, slot.numel);
+                if grad.defined() {
+                    target.copy_(&grad.view([-1]));
+                } else {
+                    let _ = target.zero_();
+                }
+            }
+        });
+    }
+
+    /// A per-element weight-decay factor: 1 for decayed parameters, 0 for biases and LayerNorm
+    /// weights (the common "no decay" groups).
+    pub fn decay_mask(&self) -> Tensor {
+        let mut mask = vec![0f32; self.padded_numel() as usize];
+        for slot in &self.slots {
+            let no_decay = slot.name.ends_with(".bias") || slot.name.contains("LayerNorm");
+            if !no_decay {
+                for m in &mut mask[slot.offset as usize..(slot.offset + slot.numel) as usize] {
+                    *m = 1.0;
+                }
+            }
+        }
+        Tensor::from_slice(&mask).to_device(self.params.device())
+    }
+}

@@ -1,0 +1,198 @@
+//! One process's optimisation state and its two operations: accumulate the gradient of a
+//! micro-batch, and take an optimizer step (clip, AdamW, schedule, fp16 loss scaling).
+
+use super::batch::Batch;
+use crate::model::LoadedModel;
+use crate::optim::adamw::{AdamW, AdamWParams};
+use crate::optim::flat::FlatParams;
+use crate::optim::loss_scale::DynamicLossScaler;
+use crate::optim::schedule::Schedule;
+use kormlm_proto::ds_config::{ResolvedConfig, Toggle};
+use kormlm_proto::train_args::TrainArgs;
+use tch::{Device, Kind, Reduction, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    /// CUDA autocast with DeepSpeed's dynamic loss scaling.
+    Fp16,
+}
+
+/// Decides the precision from the config and the device.
+pub fn precision(config: &ResolvedConfig, device: Device) -> Precision {
+    let cuda = device.is_cuda();
+    let fp16 = match config.config.fp16.enabled {
+        Toggle::On | Toggle::Auto => cuda,
+        Toggle::Off => false,
+    };
+    if config.config.fp16.enabled == Toggle::On && !cuda {
+        tracing::warn!("fp16 needs CUDA; training in fp32 on the CPU");
+    }
+    if config.config.bf16 != Toggle::Off {
+        tracing::warn!("bf16 is not available through tch's autocast; training in fp32 (or fp16 when enabled)");
+    }
+    if fp16 {
+        Precision::Fp16
+    } else {
+        Precision::Fp32
+    }
+}
+
+/// What an optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// fp16 overflow: the step was skipped.
+    pub skipped: bool,
+}
+
+pub struct Trainer {
+    pub loaded: LoadedModel,
+    pub flat: FlatParams,
+    pub optimizer: AdamW,
+    pub schedule: Schedule,
+    pub scaler: Option<DynamicLossScaler>,
+    pub precision: Precision,
+    pub clip: f64,
+    pub device: Device,
+    /// Optimizer steps taken (the scheduler's iteration).
+    pub steps: u64,
+    pub skipped_steps: u64,
+}
+
+/// The AdamW hyper-parameters and learning rate of a config (or of the training flags when
+/// the config has no optimizer section).
+pub fn optimizer_settings(config: &ResolvedConfig, args: &TrainArgs) -> (AdamWParams, f64) {
+    match &config.config.optimizer {
+        Some(o) => (
+            AdamWParams {
+                betas: o.betas,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
+            o.lr,
+        ),
+        None => (
+            AdamWParams {
+                betas: (0.9, 0.999),
+                eps: args.eps,
+                weight_decay: args.weight_decay,
+            },
+            args.learning_rate,
+        ),
+    }
+}
+
+/// The schedule: `--scheduler_name linear` (warm-up over `--warmup_proportion` of
+/// `total_steps`), else the config's.
+pub fn schedule(config: &ResolvedConfig, args: &TrainArgs, base_lr: f64, total_steps: u64) -> Schedule {
+    match args.scheduler_name.as_deref() {
+        Some("linear") => Schedule::Linear {
+            base_lr,
+            warmup_steps: (total_steps as f64 * args.warmup_proportion) as u64,
+            total_steps,
+        },
+        _ => Schedule::from_config(config.config.scheduler.as_ref(), base_lr),
+    }
+}
+
+impl Trainer {
+    /// `partition`: the `(start, len)` range of the flat buffer this rank optimizes.
+    pub fn new(
+        loaded: LoadedModel,
+        config: &ResolvedConfig,
+        args: &TrainArgs,
+        total_steps: u64,
+        align: i64,
+        partition: impl FnOnce(i64) -> (i64, i64),
+    ) -> Self {
+        let device = loaded.vs.device();
+        let flat = FlatParams::new(&loaded.vs, align);
+        let (params, base_lr) = optimizer_settings(config, args);
+        let (start, len) = partition(flat.padded_numel());
+        let mask = args.decay_exclude_bias_layernorm.then(|| flat.decay_mask());
+        let optimizer = AdamW::new(params, start, len, device, mask);
+        let precision = precision(config, device);
+        Self {
+            schedule: schedule(config, args, base_lr, total_steps),
+            scaler: (precision == Precision::Fp16).then(|| DynamicLossScaler::from_config(&config.config.fp16)),
+            precision,
+            clip: config.config.gradient_clipping,
+            device,
+            flat,
+            optimizer,
+            loaded,
+            steps: 0,
+            skipped_steps: 0,
+        }
+    }
+
+    /// Forward and backward of one micro-batch; the loss is the masked-token cross-entropy sum
+    /// divided by `divisor` (the masked-token count of the whole global batch), so gradients
+    /// accumulated over micro-batches and ranks are those of the global mean. Returns the sum.
+    pub fn backward(&mut self, batch: &Batch, divisor: f64) -> f64 {
+        if batch.masked == 0 {
+            return 0.0;
+        }
+        let model = &self.loaded.model;
+        let fp16 = self.precision == Precision::Fp16;
+        let loss_sum = tch::autocast(fp16, || {
+            let logits = model.logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, true);
+            logits
+                .to_kind(Kind::Float)
+                .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
+        });
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.cur_scale);
+        (&loss_sum * (scale / divisor)).backward();
+        loss_sum.double_value(&[])
+    }
+
+    /// Gradient clipping, AdamW and the schedule, on the gradients accumulated since the last
+    /// step (already gathered into `flat.grads`, and reduced across ranks when distributed).
+    /// `grad_norm_sq` is the squared global gradient norm (all ranks' partitions).
+    pub fn apply(&mut self, grad_norm_sq: f64) -> Result<StepReport, String> {
+        let mut norm = grad_norm_sq.sqrt();
+        let mut overflow = !norm.is_finite();
+        if let Some(scaler) = &mut self.scaler {
+            let scale = scaler.cur_scale;
+            norm /= scale;
+            overflow = !norm.is_finite();
+            scaler.update_scale(overflow)?;
+            if !overflow {
+                let _ = tch::no_grad(|| self.flat.grads.g_mul_scalar_(1.0 / scale));
+            }
+        }
+        if overflow {
+            self.skipped_steps += 1;
+            self.flat.zero_grad();
+            return Ok(StepReport {
+                lr: self.schedule.lr(self.steps),
+                grad_norm: norm,
+                skipped: true,
+            });
+        }
+        if self.clip > 0.0 {
+            let coef = self.clip / (norm + 1e-6);
+            if coef < 1.0 {
+                let _ = tch::no_grad(|| self.flat.grads.g_mul_scalar_(coef));
+            }
+        }
+        let lr = self.schedule.lr(self.steps);
+        self.optimizer.step(&self.flat.params, &self.flat.grads, lr);
+        self.steps += 1;
+        self.flat.zero_grad();
+        Ok(StepReport {
+            lr,
+            grad_norm: norm,
+            skipped: false,
+        })
+    }
+
+    /// Single-process step: gather, norm, apply.
+    pub fn step(&mut self) -> Result<StepReport, String> {
+        self.flat.gather_grads();
+        let norm_sq = tch::no_grad(|| self.flat.grads.square().sum(Kind::Double).double_value(&[]));
+        self.apply(norm_sq)
+    }
+}
