@@ -88,6 +88,8 @@ def cmd_model(args):
         intermediate_size=args.intermediate,
         max_position_embeddings=args.max_positions,
         pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
     )
     model = (ElectraForPreTraining if args.kind == "discriminator" else ElectraForMaskedLM)(config)
     if args.kind == "mlm":
@@ -181,6 +183,80 @@ def cmd_new_keys(args):
     print(json.dumps({"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}))
 
 
+def cmd_train_step(args):
+    """One optimizer step of torch.optim.AdamW on the transformers model over the micro-batches
+    in BATCHES (input_ids_k, attention_mask_k, labels_k), loss = masked-token CE sum / all
+    masked tokens; writes the updated weights."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+
+    model, _ = load_mlm(args.model)
+    model.train()
+    batches = load_file(args.batches)
+    micro = sorted(int(k.split("_")[-1]) for k in batches if k.startswith("labels_"))
+    total = sum(int((batches[f"labels_{k}"] != -100).sum()) for k in micro)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                            weight_decay=args.weight_decay)
+    for k in micro:
+        logits = model(input_ids=batches[f"input_ids_{k}"], attention_mask=batches[f"attention_mask_{k}"]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batches[f"labels_{k}"].reshape(-1),
+                               ignore_index=-100, reduction="sum") / total
+        loss.backward()
+    if args.clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        print(json.dumps({"grad_norm": float(norm)}))
+    opt.step()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "generator_lm_head.weight"}
+    save_file(state, args.out)
+
+
+def cmd_schedules(args):
+    """Learning rates of DeepSpeed's schedulers and transformers' linear schedule at every step
+    below N, for the configurations kormlm's tests use."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
+    from transformers import get_linear_schedule_with_warmup
+
+    def run(make, n, base_lr=1e-3):
+        p = [torch.nn.Parameter(torch.zeros(1))]
+        opt = torch.optim.AdamW(p, lr=base_lr)
+        sched = make(opt)
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    n = args.n
+    result = {
+        "warmup_log": run(lambda o: WarmupLR(o, warmup_min_lr=0, warmup_max_lr=2e-4, warmup_num_steps=100), n),
+        "warmup_linear": run(lambda o: WarmupLR(o, warmup_min_lr=1e-5, warmup_max_lr=2e-4, warmup_num_steps=50,
+                                                warmup_type="linear"), n),
+        "warmup_decay": run(lambda o: WarmupDecayLR(o, total_num_steps=150, warmup_min_lr=0, warmup_max_lr=3e-4,
+                                                    warmup_num_steps=40, warmup_type="linear"), n),
+        "warmup_cosine": run(lambda o: WarmupCosineLR(o, total_num_steps=160, warmup_min_ratio=0.1,
+                                                      warmup_num_steps=30, cos_min_ratio=0.01), n),
+        "linear": run(lambda o: get_linear_schedule_with_warmup(o, 20, 180), n, base_lr=2e-4),
+    }
+    print(json.dumps(result))
+
+
+def cmd_loss_scale(args):
+    """DeepSpeed's DynamicLossScaler over an overflow pattern ("0"/"1" per iteration)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    import deepspeed.comm as dist
+
+    dist.get_rank = lambda *a, **k: 0
+    s = DynamicLossScaler(init_scale=2 ** args.power, scale_window=args.window, min_scale=1,
+                          delayed_shift=args.hysteresis, consecutive_hysteresis=args.consecutive,
+                          raise_error_at_min_scale=False)
+    scales = []
+    for c in args.pattern:
+        s.update_scale(c == "1")
+        scales.append(s.cur_scale)
+    print(json.dumps(scales))
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -200,6 +276,7 @@ def main():
     p.add_argument("--format", default="safetensors", choices=["safetensors", "bin", "sharded"])
     p.add_argument("--kind", default="mlm", choices=["mlm", "discriminator"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.1)
     p = sub.add_parser("logits")
     p.add_argument("model")
     p.add_argument("sentences")
@@ -221,6 +298,24 @@ def main():
     p.add_argument("--n", type=int, default=600)
     p.add_argument("--masks", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-step")
+    p.add_argument("model")
+    p.add_argument("batches")
+    p.add_argument("out")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=0.0)
+    p = sub.add_parser("schedules")
+    p.add_argument("--n", type=int, default=200)
+    p = sub.add_parser("loss-scale")
+    p.add_argument("pattern")
+    p.add_argument("--power", type=int, default=8)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--hysteresis", type=int, default=2)
+    p.add_argument("--consecutive", action="store_true")
     p = sub.add_parser("new-keys")
     p.add_argument("model")
     args = parser.parse_args()
@@ -232,6 +327,9 @@ def main():
         "tokenize": cmd_tokenize,
         "masked": cmd_masked,
         "new-keys": cmd_new_keys,
+        "train-step": cmd_train_step,
+        "schedules": cmd_schedules,
+        "loss-scale": cmd_loss_scale,
     }[args.cmd](args)
 
 

@@ -1,43 +1,16 @@
 //! Oracle tests: kormlm's tokenizer, ELECTRA model and fill-mask against Python transformers on
 //! tiny random models and a WordPiece vocabulary trained here on the shared corpora.
 
+mod common;
+
+use common::*;
 use kormlm_worker::model::{ElectraConfig, LoadedModel, ModelError};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use tch::{Device, Kind, Tensor};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn shared_data() -> PathBuf {
-    std::env::var_os("KORMLM_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().parent().unwrap().join("shared/data"))
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("KORMLM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kormlm/torch-2.11.0/bin/python"))
-}
-
-fn oracle(args: &[&str]) -> String {
-    let out = Command::new(python())
-        .arg(workspace().join("tests/python/oracle.py"))
-        .args(args)
-        .output()
-        .expect("the Python oracle runs (./test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "oracle {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use tch::Device;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -113,59 +86,17 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn nsmc_documents(n: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(shared_data().join("nsmc/ratings_test.txt")).unwrap();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| l.split('\t').nth(1))
-        .filter(|d| !d.is_empty())
-        .take(n)
-        .map(str::to_string)
-        .collect()
-}
-
-fn tensor_map(path: &Path) -> std::collections::HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
-/// Rust logits vs transformers' logits for the same padded batch.
-fn logits_diff(model_dir: &Path, f: &Fixture, tag: &str) -> f64 {
-    let sentences = f.path(&format!("{tag}.sentences.txt"));
-    std::fs::write(&sentences, nsmc_documents(48).join("\n") + "\n").unwrap();
-    let expected_path = f.path(&format!("{tag}.logits.safetensors"));
-    oracle(&[
-        "logits",
-        model_dir.to_str().unwrap(),
-        sentences.to_str().unwrap(),
-        expected_path.to_str().unwrap(),
-    ]);
-    let expected = tensor_map(&expected_path);
-    let loaded = LoadedModel::load(model_dir.to_str().unwrap(), None, Device::Cpu).unwrap();
-    let ours = tch::no_grad(|| {
-        loaded
-            .model
-            .forward(&expected["input_ids"], &expected["attention_mask"], false)
-    });
-    let mask = expected["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
-    // Padding positions are not compared (transformers' padded rows use a different mask fill).
-    max_abs_diff(&(ours * &mask), &(expected["logits"].shallow_clone() * &mask))
-}
-
 #[test]
 fn logits_match_transformers_with_embeddings_project_safetensors() {
     let f = fixture();
-    let diff = logits_diff(&f.path("proj"), f, "proj");
+    let diff = logits_diff(&f.path("proj"), f.dir.path(), "proj");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
 #[test]
 fn logits_match_transformers_without_project_pytorch_bin() {
     let f = fixture();
-    let diff = logits_diff(&f.path("bin"), f, "bin");
+    let diff = logits_diff(&f.path("bin"), f.dir.path(), "bin");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -173,7 +104,7 @@ fn logits_match_transformers_without_project_pytorch_bin() {
 fn logits_match_transformers_sharded_safetensors() {
     let f = fixture();
     assert!(f.path("sharded/model.safetensors.index.json").is_file());
-    let diff = logits_diff(&f.path("sharded"), f, "sharded");
+    let diff = logits_diff(&f.path("sharded"), f.dir.path(), "sharded");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -187,7 +118,7 @@ fn kormlm_saved_model_loads_in_transformers_with_identical_logits() {
     assert_eq!(config["model_type"], "electra");
     assert_eq!(config["architectures"], serde_json::json!(["ElectraForMaskedLM"]));
     assert!(saved.join("model.safetensors").is_file() && saved.join("vocab.txt").is_file());
-    let diff = logits_diff(&saved, f, "resaved");
+    let diff = logits_diff(&saved, f.dir.path(), "resaved");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 

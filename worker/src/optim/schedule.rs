@@ -2,8 +2,10 @@
 //! (`deepspeed/runtime/lr_schedules.py`), the original project's `--scheduler_name linear`
 //! (transformers' linear warm-up and decay), and a constant rate.
 //!
-//! `lr(k)` is the rate of the k-th optimizer step (k = 0 first), as DeepSpeed steps its
-//! scheduler after every optimizer step starting from iteration 0.
+//! `lr(k)` is the rate of the k-th optimizer step (k = 0 first). DeepSpeed sets the rate of
+//! iteration -1 when the scheduler is built (`warmup_min_lr`; 0 for `WarmupCosineLR`) and steps
+//! the scheduler after every optimizer step, so step k runs at iteration k − 1. transformers'
+//! `LambdaLR` runs step k at `lambda(k)`.
 
 use kormlm_proto::ds_config::{SchedulerConfig, WarmupType};
 
@@ -90,7 +92,17 @@ impl Schedule {
         }
     }
 
-    pub fn lr(&self, it: u64) -> f64 {
+    pub fn lr(&self, step: u64) -> f64 {
+        match *self {
+            Schedule::Linear { .. } | Schedule::Constant { .. } => self.at_iteration(step),
+            Schedule::Warmup { min_lr, .. } if step == 0 => min_lr,
+            Schedule::WarmupCosine { .. } if step == 0 => 0.0,
+            _ => self.at_iteration(step - 1),
+        }
+    }
+
+    /// The rate at scheduler iteration `it` (DeepSpeed's `last_batch_iteration`).
+    fn at_iteration(&self, it: u64) -> f64 {
         match *self {
             Schedule::Constant { lr } => lr,
             Schedule::Warmup {

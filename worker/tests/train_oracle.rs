@@ -1,0 +1,421 @@
+//! Oracle tests of the training engine: one AdamW step against PyTorch on the transformers
+//! model, schedules and the loss scaler against DeepSpeed, and real training runs.
+
+mod common;
+
+use common::*;
+use kormlm_proto::ds_config::{DsConfig, Fp16Config, ResolvedConfig, SchedulerConfig, WarmupType};
+use kormlm_proto::train_args::TrainArgs;
+use kormlm_worker::dataset::TokenizedSet;
+use kormlm_worker::masking::{Masker, IGNORE};
+use kormlm_worker::model::LoadedModel;
+use kormlm_worker::optim::loss_scale::DynamicLossScaler;
+use kormlm_worker::optim::schedule::Schedule;
+use kormlm_worker::train::batch::collate;
+use kormlm_worker::train::trainer::Trainer;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tch::{Device, Tensor};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+/// A vocabulary and a tiny model without dropout, made once per test binary.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        oracle(&[
+            "vocab",
+            &f.s("tok"),
+            "--data",
+            shared_data().to_str().unwrap(),
+            "--size",
+            "6000",
+        ]);
+        oracle(&[
+            "model",
+            &f.s("tiny"),
+            "--tokenizer",
+            &f.s("tok"),
+            "--dropout",
+            "0",
+            "--seed",
+            "11",
+        ]);
+        f
+    })
+}
+
+fn resolved(json: &str) -> ResolvedConfig {
+    DsConfig::parse(json, "test.json")
+        .unwrap()
+        .config
+        .resolve(1, "test.json")
+        .unwrap()
+}
+
+/// Builds masked micro-batches in Rust, runs one kormlm step and one PyTorch AdamW step from the
+/// same weights, and returns the largest weight difference.
+fn step_difference(micro_batches: usize, clip: f64, tag: &str) -> f64 {
+    let f = fixture();
+    let loaded = LoadedModel::load(&f.s("tiny"), None, Device::Cpu).unwrap();
+    let docs = nsmc_documents(16);
+    let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let ids = loaded.tokenizer.encode_batch(&refs, Some(32)).unwrap();
+    let set = TokenizedSet::from_samples(&ids);
+    let masker = Masker {
+        special: loaded.tokenizer.special(),
+        vocab_size: loaded.tokenizer.vocab_size() as u32,
+        probability: 0.15,
+        seed: 3,
+    };
+    let samples: Vec<_> = (0..set.len()).map(|i| masker.mask(set.get(i), 0, i as u64)).collect();
+    let per = samples.len() / micro_batches;
+    let total: usize = samples.iter().map(|s| s.masked_count()).sum();
+    let pad = loaded.tokenizer.special().pad;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut batches = Vec::new();
+    for k in 0..micro_batches {
+        let chunk = &samples[k * per..(k + 1) * per];
+        let batch = collate(chunk, pad, Device::Cpu);
+        let width = batch.input_ids.size()[1] as usize;
+        let mut labels = vec![IGNORE; chunk.len() * width];
+        for (r, s) in chunk.iter().enumerate() {
+            labels[r * width..r * width + s.labels.len()].copy_from_slice(&s.labels);
+        }
+        tensors.push((format!("input_ids_{k}"), batch.input_ids.shallow_clone()));
+        tensors.push((format!("attention_mask_{k}"), batch.attention_mask.shallow_clone()));
+        tensors.push((
+            format!("labels_{k}"),
+            Tensor::from_slice(&labels).view([chunk.len() as i64, width as i64]),
+        ));
+        batches.push(batch);
+    }
+    let batch_path = f.path(&format!("{tag}.batches.safetensors"));
+    Tensor::write_safetensors(&tensors, &batch_path).unwrap();
+    let expected_path = f.path(&format!("{tag}.expected.safetensors"));
+    oracle(&[
+        "train-step",
+        &f.s("tiny"),
+        batch_path.to_str().unwrap(),
+        expected_path.to_str().unwrap(),
+        "--lr",
+        "1e-3",
+        "--clip",
+        &clip.to_string(),
+    ]);
+
+    let config = resolved(&format!(
+        r#"{{"train_batch_size": 16, "gradient_clipping": {clip},
+            "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}}}}}}"#
+    ));
+    let mut trainer = Trainer::new(loaded, &config, &TrainArgs::default(), 1, 64, |n| (0, n));
+    for batch in &batches {
+        trainer.backward(batch, total as f64);
+    }
+    let report = trainer.step().unwrap();
+    assert!(!report.skipped);
+    let expected = tensor_map(&expected_path);
+    let mut worst: f64 = 0.0;
+    for slot in &trainer.flat.slots {
+        let ours = trainer
+            .flat
+            .params
+            .narrow(0, slot.offset, slot.numel)
+            .view(slot.shape.as_slice());
+        let theirs = expected
+            .get(&slot.name)
+            .unwrap_or_else(|| panic!("{} missing from the oracle", slot.name));
+        worst = worst.max(max_abs_diff(&ours, theirs));
+    }
+    assert_eq!(trainer.flat.slots.len(), expected.len());
+    worst
+}
+
+#[test]
+fn adamw_step_matches_pytorch() {
+    let diff = step_difference(1, 0.0, "plain");
+    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
+#[test]
+fn adamw_step_with_clipping_matches_pytorch() {
+    let diff = step_difference(1, 0.05, "clip");
+    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
+#[test]
+fn adamw_step_with_accumulation_and_clipping_matches_pytorch() {
+    let diff = step_difference(2, 0.05, "accum");
+    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
+#[test]
+fn schedules_match_deepspeed_and_transformers() {
+    let expected: Value = serde_json::from_str(oracle(&["schedules", "--n", "200"]).lines().last().unwrap()).unwrap();
+    let cases = [
+        (
+            "warmup_log",
+            Schedule::from_config(
+                Some(&SchedulerConfig::WarmupLR {
+                    warmup_min_lr: 0.0,
+                    warmup_max_lr: Some(2e-4),
+                    warmup_num_steps: 100,
+                    warmup_type: WarmupType::Log,
+                }),
+                1e-3,
+            ),
+        ),
+        (
+            "warmup_linear",
+            Schedule::from_config(
+                Some(&SchedulerConfig::WarmupLR {
+                    warmup_min_lr: 1e-5,
+                    warmup_max_lr: Some(2e-4),
+                    warmup_num_steps: 50,
+                    warmup_type: WarmupType::Linear,
+                }),
+                1e-3,
+            ),
+        ),
+        (
+            "warmup_decay",
+            Schedule::from_config(
+                Some(&SchedulerConfig::WarmupDecayLR {
+                    warmup_min_lr: 0.0,
+                    warmup_max_lr: Some(3e-4),
+                    warmup_num_steps: 40,
+                    warmup_type: WarmupType::Linear,
+                    total_num_steps: 150,
+                }),
+                1e-3,
+            ),
+        ),
+        (
+            "warmup_cosine",
+            Schedule::from_config(
+                Some(&SchedulerConfig::WarmupCosineLR {
+                    total_num_steps: 160,
+                    warmup_min_ratio: 0.1,
+                    warmup_num_steps: 30,
+                    cos_min_ratio: 0.01,
+                    warmup_type: WarmupType::Log,
+                }),
+                1e-3,
+            ),
+        ),
+        (
+            "linear",
+            Schedule::Linear {
+                base_lr: 2e-4,
+                warmup_steps: 20,
+                total_steps: 180,
+            },
+        ),
+    ];
+    for (name, schedule) in cases {
+        let values = expected[name].as_array().unwrap();
+        for (k, v) in values.iter().enumerate() {
+            let want = v.as_f64().unwrap();
+            let got = schedule.lr(k as u64);
+            assert!(
+                (got - want).abs() <= 1e-12 + 1e-9 * want.abs(),
+                "{name} step {k}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn loss_scaler_matches_deepspeed() {
+    for (pattern, consecutive) in [
+        ("0001000010110000000001111000000000", false),
+        ("0110100000001010000000011", true),
+    ] {
+        let mut args = vec![
+            "loss-scale",
+            pattern,
+            "--power",
+            "8",
+            "--window",
+            "4",
+            "--hysteresis",
+            "2",
+        ];
+        if consecutive {
+            args.push("--consecutive");
+        }
+        let expected: Vec<f64> = serde_json::from_str(oracle(&args).lines().last().unwrap()).unwrap();
+        let mut scaler = DynamicLossScaler::from_config(&Fp16Config {
+            initial_scale_power: 8,
+            loss_scale_window: 4,
+            hysteresis: 2,
+            consecutive_hysteresis: consecutive,
+            ..Fp16Config::default()
+        });
+        let ours: Vec<f64> = pattern
+            .chars()
+            .map(|c| {
+                scaler.update_scale(c == '1').unwrap();
+                scaler.cur_scale
+            })
+            .collect();
+        assert_eq!(ours, expected, "pattern {pattern}");
+    }
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn run_train(f: &Fixture, out: &str, data_path: &Path, config: &str, extra: &[&str]) -> Value {
+    let config_path = f.path(&format!("{out}.ds.json"));
+    std::fs::write(&config_path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "train",
+            "--config",
+            config_path.to_str().unwrap(),
+            "--model_name_or_path",
+            &f.s("tiny"),
+        ])
+        .args([
+            "--data_path",
+            data_path.to_str().unwrap(),
+            "--output_dir",
+            &f.s(out),
+            "--cache_dir",
+            &f.s("cache"),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn training_lowers_dev_loss_and_the_best_model_reloads_in_transformers() {
+    let f = fixture();
+    let data = shared_data().join("korean-hate-speech/labeled/train.tsv");
+    let config = r#"{"train_micro_batch_size_per_gpu": 32, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 20, "warmup_type": "linear"}}}"#;
+    let summary = run_train(
+        f,
+        "falls",
+        &data,
+        config,
+        &[
+            "--num_train_epochs",
+            "3",
+            "--max_seq_len",
+            "64",
+            "--logging_steps",
+            "20",
+        ],
+    );
+    let history: Vec<f64> = summary["val_loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(history.len(), 3);
+    assert!(
+        history.windows(2).all(|w| w[1] < w[0]) && history[2] < history[0] - 0.1,
+        "dev loss should fall: {history:?}"
+    );
+    let log = std::fs::read_to_string(f.path("falls/training_log.jsonl")).unwrap();
+    let records: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train = records.iter().find(|r| r["type"] == "train").unwrap();
+    for key in [
+        "epoch",
+        "step",
+        "lr",
+        "loss",
+        "samples_per_s",
+        "tokens_per_s",
+        "elapsed_s",
+    ] {
+        assert!(!train[key].is_null(), "train record lacks {key}: {train}");
+    }
+    let eval = records.iter().find(|r| r["type"] == "eval").unwrap();
+    for key in ["val_loss", "val_accuracy", "best_val_loss", "stop_count"] {
+        assert!(!eval[key].is_null(), "eval record lacks {key}: {eval}");
+    }
+    let diff = logits_diff(&f.path("falls/best"), f.dir.path(), "best");
+    assert!(diff <= 1e-4, "best model logits differ from transformers by {diff}");
+}
+
+#[test]
+fn early_stopping_fires_when_the_model_overfits() {
+    let f = fixture();
+    let docs = nsmc_documents(400);
+    write_lines(&f.path("overfit-train.txt"), &docs[..48]);
+    write_lines(&f.path("overfit-dev.txt"), &docs[200..300]);
+    let spec = f.path("overfit.json");
+    std::fs::write(
+        &spec,
+        r#"{"train": [{"path": "overfit-train.txt"}], "dev": [{"path": "overfit-dev.txt"}]}"#,
+    )
+    .unwrap();
+    let config = r#"{"train_micro_batch_size_per_gpu": 16,
+        "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.0}}}"#;
+    let summary = run_train(
+        f,
+        "overfit",
+        &spec,
+        config,
+        &[
+            "--num_train_epochs",
+            "60",
+            "--max_seq_len",
+            "48",
+            "--max_stop_number",
+            "3",
+        ],
+    );
+    assert_eq!(summary["early_stopped"], true, "{summary}");
+    assert!(summary["epochs_run"].as_u64().unwrap() < 60);
+    assert_eq!(summary["stop_count"], 3);
+    let history: Vec<f64> = summary["val_loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let best = summary["best_val_loss"].as_f64().unwrap();
+    assert!(history[history.len() - 3..].iter().all(|v| *v >= best));
+}
+
+#[test]
+fn max_steps_stops_training() {
+    let f = fixture();
+    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    let config = r#"{"train_micro_batch_size_per_gpu": 8}"#;
+    let summary = run_train(
+        f,
+        "maxsteps",
+        &data,
+        config,
+        &["--num_train_epochs", "5", "--max_steps", "7", "--max_seq_len", "32"],
+    );
+    assert_eq!(summary["global_steps"], 7);
+    assert_eq!(summary["epochs_run"], 1);
+}
