@@ -59,6 +59,19 @@ pub struct ServeArgs {
     /// Start N local CPU workers (use with --device cpu).
     #[arg(long = "num_workers", visible_alias = "num-workers")]
     pub num_workers: Option<u32>,
+    /// Start one worker per GPU on the first N GPUs of each host (like `deepspeed --num_gpus`).
+    #[arg(long = "num_gpus", visible_alias = "num-gpus")]
+    pub num_gpus: Option<u32>,
+    /// Use only these hosts/GPUs: NAME[:SLOT[,SLOT…]][@NAME…], e.g. localhost:0,2.
+    #[arg(long, short = 'i')]
+    pub include: Option<String>,
+    /// Use all but these hosts/GPUs (same syntax as --include).
+    #[arg(long, short = 'e')]
+    pub exclude: Option<String>,
+    /// MPI-style hostfile (`HOST slots=N` per line); workers for this host are started here, the
+    /// commands for the other hosts are printed.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
     /// Exit when the job has ended: status 0 if it succeeded, 1 otherwise.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod job_service;
+pub mod launch_plan;
 pub mod launcher;
 pub mod run;
 pub mod server;

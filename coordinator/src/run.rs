@@ -3,6 +3,7 @@
 
 use crate::cli::{DeviceArg, ServeArgs};
 use crate::error::{CoordinatorError, Result};
+use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
 use crate::server;
 use crate::state::{Coordinator, Settings};
@@ -25,23 +26,87 @@ fn is_loopback(listen: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// CUDA devices on this host, as the worker binary (which links libtorch) sees them.
+fn local_gpu_count(worker_binary: &std::path::Path) -> Result<u32> {
+    let what = format!("{} info", worker_binary.display());
+    let out = std::process::Command::new(worker_binary)
+        .args(["info", "--json"])
+        .output()
+        .map_err(|e| CoordinatorError::Spawn {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| CoordinatorError::Spawn {
+        what,
+        message: format!("unexpected output: {e}"),
+    })?;
+    Ok(info["cuda_device_count"].as_u64().unwrap_or(0) as u32)
+}
+
+/// Where the ranks run, from the launcher flags (empty: workers place themselves).
+fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<Placement>> {
+    let gpu_flags =
+        args.num_gpus.is_some() || args.include.is_some() || args.exclude.is_some() || args.hostfile.is_some();
+    if gpu_flags && args.num_workers.is_some() {
+        return Err(flag(
+            "--num_workers",
+            "starts CPU workers; it cannot be combined with --num_gpus/--include/--exclude/--hostfile",
+        ));
+    }
+    if let Some(n) = args.num_workers {
+        if args.device == DeviceArg::Cuda {
+            return Err(flag("--num_workers", "starts CPU workers; use it with --device cpu"));
+        }
+        return Ok(launch_plan::cpu_plan(n));
+    }
+    if !gpu_flags {
+        return Ok(Vec::new());
+    }
+    let pool: Vec<(String, Vec<u32>)> = match &args.hostfile {
+        Some(path) => launch_plan::parse_hostfile(path)?
+            .into_iter()
+            .map(|(host, slots)| (host, (0..slots).collect()))
+            .collect(),
+        None => {
+            let count = local_gpu_count(worker_binary)?;
+            if count == 0 {
+                return Err(flag(
+                    "--num_gpus",
+                    "no CUDA device is visible on this host (`worker info` reports 0); use --num_workers N --device cpu",
+                ));
+            }
+            vec![("localhost".to_string(), (0..count).collect())]
+        }
+    };
+    launch_plan::plan(
+        pool,
+        &launch_plan::Selection {
+            num_gpus: args.num_gpus,
+            include: args.include.as_deref(),
+            exclude: args.exclude.as_deref(),
+        },
+    )
+}
+
 /// Builds the job spec from the flags and the config file (validated here, so a bad config
 /// stops the coordinator before it listens).
-fn job_spec(args: &ServeArgs) -> Result<Option<JobSpec>> {
+fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec>> {
     let Some(path) = &args.config else {
         return Ok(None);
     };
-    let world_size = match (args.world_size, args.num_workers) {
+    let planned = (!placements.is_empty()).then_some(placements.len() as u32);
+    let world_size = match (args.world_size, planned) {
         (Some(w), Some(n)) if w != n => {
-            return Err(flag("--world_size", format!("{w} contradicts --num_workers {n}")));
-        }
-        (_, Some(n)) | (Some(n), None) => n,
-        (None, None) => {
             return Err(flag(
                 "--world_size",
-                "missing: give --world_size N (and start N workers) or --num_workers N to start them here",
-            ))
+                format!("{w} contradicts the {n} rank(s) the launch flags give"),
+            ));
         }
+        (_, Some(n)) | (Some(n), None) => n,
+        (None, None) => return Err(flag(
+            "--world_size",
+            "missing: give --world_size N (and start N workers), or --num_workers N / --num_gpus N to start them here",
+        )),
     };
     if world_size == 0 {
         return Err(flag("--world_size", "must be at least 1"));
@@ -54,13 +119,12 @@ fn job_spec(args: &ServeArgs) -> Result<Option<JobSpec>> {
     for warning in &parsed.warnings {
         tracing::warn!("{warning}");
     }
+    let uses_gpus = placements.iter().any(|p| !p.cuda_devices.is_empty());
     let device = match args.device {
-        DeviceArg::Cpu | DeviceArg::Auto => DeviceKind::Cpu,
         DeviceArg::Cuda => DeviceKind::Cuda,
+        DeviceArg::Auto if uses_gpus => DeviceKind::Cuda,
+        _ => DeviceKind::Cpu,
     };
-    if args.num_workers.is_some() && device == DeviceKind::Cuda {
-        return Err(flag("--num_workers", "starts CPU workers; use it with --device cpu"));
-    }
     Ok(Some(JobSpec {
         task: TaskKind::Train as i32,
         ds_config_json: text,
@@ -69,6 +133,15 @@ fn job_spec(args: &ServeArgs) -> Result<Option<JobSpec>> {
         device: device as i32,
         args: args.train.to_map().into_iter().collect(),
         max_restarts: args.max_restarts,
+        placements: placements
+            .iter()
+            .map(|p| kormlm_proto::v1::Placement {
+                rank: p.rank,
+                local_rank: p.local_rank,
+                host: p.host.clone(),
+                cuda_devices: p.cuda_devices.clone(),
+            })
+            .collect(),
     }))
 }
 
@@ -90,7 +163,9 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             ),
         ));
     }
-    let spec = job_spec(&args)?;
+    let worker_binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
+    let placements = placements(&args, &worker_binary)?;
+    let spec = job_spec(&args, &placements)?;
     let store = Store::open(&args.state_dir)?;
     let settings = Settings {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
@@ -130,14 +205,30 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     }));
 
     let mut workers = None;
-    if let (Some(n), Some(id)) = (args.num_workers, &job_id) {
-        let binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
-        let slots: Vec<Slot> = (0..n).map(|rank| Slot { rank, local_rank: rank }).collect();
+    if let (false, Some(id)) = (placements.is_empty(), &job_id) {
+        let (local, remote): (Vec<&Placement>, Vec<&Placement>) =
+            placements.iter().partition(|p| launch_plan::is_local(&p.host));
+        for p in &remote {
+            tracing::warn!(
+                host = %p.host,
+                "start on {}: worker --rank {} --local_rank {} --coordinator {url}",
+                p.host,
+                p.rank,
+                p.local_rank
+            );
+        }
+        let slots: Vec<Slot> = local
+            .iter()
+            .map(|p| Slot {
+                rank: p.rank,
+                local_rank: p.local_rank,
+            })
+            .collect();
         let log_dir = args.state_dir.join("logs").join(id);
         workers = Some(LocalWorkers::spawn(
             coordinator.clone(),
             id,
-            &binary,
+            &worker_binary,
             &url,
             &slots,
             &log_dir,

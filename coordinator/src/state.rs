@@ -260,6 +260,11 @@ impl Coordinator {
         }
         let number = self.store.next_job_number().map_err(store_status)?;
         let id = job_id(number);
+        let output_dir = args
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| std::path::Path::new(&args.model_dir).join(&id).display().to_string());
+        spec.args.insert("output_dir".into(), output_dir.clone());
         let batch = resolved.batch;
         let status = JobStatus {
             job_id: id.clone(),
@@ -279,7 +284,7 @@ impl Coordinator {
             message: format!("waiting for {} worker(s) to register", spec.world_size),
             created_unix_ms: now_ms(),
             max_restarts: spec.max_restarts,
-            output_dir: args.model_dir.clone(),
+            output_dir,
             ..Default::default()
         };
         let job = Job {
@@ -371,14 +376,19 @@ impl Coordinator {
                 )));
             }
         }
-        let local_rank = if request.local_rank >= 0 {
-            request.local_rank as u32
-        } else {
-            request.rank
+        let placement = job.spec().placements.iter().find(|p| p.rank == request.rank).cloned();
+        let local_rank = match (&placement, request.local_rank) {
+            (Some(p), _) => p.local_rank,
+            (None, l) if l >= 0 => l as u32,
+            (None, _) => request.rank,
         };
         let device = DeviceKind::try_from(job.spec().device).unwrap_or(DeviceKind::Cpu);
-        let (devices, cuda_devices) = match device {
-            DeviceKind::Cuda => (vec![format!("cuda:{local_rank}")], vec![local_rank]),
+        let (devices, cuda_devices) = match (device, placement) {
+            (DeviceKind::Cuda, Some(p)) if !p.cuda_devices.is_empty() => (
+                p.cuda_devices.iter().map(|d| format!("cuda:{d}")).collect(),
+                p.cuda_devices,
+            ),
+            (DeviceKind::Cuda, _) => (vec![format!("cuda:{local_rank}")], vec![local_rank]),
             _ => (vec!["cpu".to_string()], vec![]),
         };
         let incarnation = job.workers.get(&request.rank).map_or(0, |w| w.info.incarnation) + 1;
@@ -444,6 +454,8 @@ impl Coordinator {
             task: spec.task,
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
             incarnation,
+            attempt: job.status().restarts + 1,
+            output_dir: job.status().output_dir.clone(),
         };
         drop(inner);
         self.notify();
@@ -529,11 +541,16 @@ impl Coordinator {
         }
         let info = worker.info.clone();
         self.store.put_worker(number, &info).map_err(store_status)?;
-        if rank == 0 {
+        if rank == 0 && (report.progress.is_some() || report.early_stop.is_some()) {
+            let status = job.status_mut();
             if let Some(progress) = report.progress {
-                job.status_mut().progress = Some(progress);
-                self.persist_job(job).map_err(store_status)?;
+                status.progress = Some(progress);
             }
+            if let Some(mut early) = report.early_stop {
+                early.max_stop_number = status.early_stop.as_ref().map_or(0, |e| e.max_stop_number);
+                status.early_stop = Some(early);
+            }
+            self.persist_job(job).map_err(store_status)?;
         }
         if let Some(reason) = failure {
             self.event(job, "failure", format!("rank {rank} failed: {reason}"))

@@ -25,6 +25,9 @@ pub struct TrainArgs {
     /// Output root; each run writes to a sub-directory of it.
     #[arg(long, default_value = "./model/")]
     pub model_dir: String,
+    /// The run's output directory (default: MODEL_DIR/YYMMDD_HHMMSS, or MODEL_DIR/JOB_ID for jobs).
+    #[arg(long)]
+    pub output_dir: Option<String>,
     /// `linear`: warm-up over --warmup_proportion of the steps, then linear decay to 0
     /// (the original's non-DeepSpeed path). Without it the config's scheduler is used.
     #[arg(long)]

@@ -2,9 +2,15 @@
 //! the coordinator's commands, and re-register when the coordinator comes back after a crash.
 
 use crate::device::{self, DeviceInfo};
+use crate::job;
+use crate::train::{ProgressEvent, TrainSummary};
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
-use kormlm_proto::v1::{Assignment, CommandKind, DeviceKind, RegisterRequest, WorkerReport};
+use kormlm_proto::v1::{
+    Assignment, CommandKind, DeviceKind, EarlyStopState, Progress, RegisterRequest, TaskKind, WorkerReport,
+};
 use kormlm_proto::PROTOCOL_VERSION;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tch::Device;
 use tonic::transport::Channel;
@@ -36,6 +42,8 @@ pub enum DaemonError {
     Aborted(String),
     #[error("--coordinator {url}: {message}")]
     BadUrl { url: String, message: String },
+    #[error("{0}")]
+    Job(String),
 }
 
 /// How the daemon ended.
@@ -144,41 +152,124 @@ enum SessionEnd {
     Finished,
 }
 
+/// Work running on its own thread while the daemon heart-beats.
+struct Work {
+    progress: tokio::sync::watch::Receiver<Option<ProgressEvent>>,
+    done: tokio::sync::watch::Receiver<Option<Result<TrainSummary, String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn to_proto(event: &ProgressEvent) -> (Progress, EarlyStopState) {
+    (
+        Progress {
+            epoch: event.epoch,
+            global_step: event.global_step,
+            total_steps: event.total_steps,
+            samples_in_epoch: event.samples_in_epoch,
+            train_loss: event.train_loss,
+            val_loss: event.val_loss,
+            val_accuracy: event.val_accuracy,
+            learning_rate: event.learning_rate,
+            samples_per_s: event.samples_per_s,
+            tokens_per_s: event.tokens_per_s,
+            loss_scale: event.loss_scale,
+            skipped_steps: event.skipped_steps,
+        },
+        EarlyStopState {
+            best_val_loss: event.best_val_loss,
+            stop_count: event.stop_count,
+            max_stop_number: 0,
+            early_stopped: event.early_stopped,
+            val_loss_history: event.val_loss_history.clone(),
+        },
+    )
+}
+
 async fn heartbeat_session(
     client: &mut WorkerServiceClient<Channel>,
     assignment: &Assignment,
+    work: &mut Option<Work>,
 ) -> Result<SessionEnd, DaemonError> {
     let interval = Duration::from_millis(u64::from(assignment.heartbeat_interval_ms.max(10)));
     let (tx, rx) = tokio::sync::mpsc::channel::<WorkerReport>(8);
-    let report = |finished: bool| WorkerReport {
-        job_id: assignment.job_id.clone(),
-        rank: assignment.rank,
-        incarnation: assignment.incarnation,
-        sent_unix_ms: now_ms(),
-        progress: None,
-        optimizer_state_bytes: 0,
-        finished,
-        failure: String::new(),
+    let report = |work: &Option<Work>, finished: bool, failure: String| {
+        let event = work.as_ref().and_then(|w| w.progress.borrow().clone());
+        let (progress, early_stop) = match &event {
+            Some(e) => {
+                let (p, s) = to_proto(e);
+                (Some(p), Some(s))
+            }
+            None => (None, None),
+        };
+        WorkerReport {
+            job_id: assignment.job_id.clone(),
+            rank: assignment.rank,
+            incarnation: assignment.incarnation,
+            sent_unix_ms: now_ms(),
+            progress,
+            optimizer_state_bytes: event.as_ref().map_or(0, |e| e.optimizer_state_bytes),
+            finished,
+            failure,
+            early_stop,
+        }
     };
-    tx.send(report(false)).await.expect("the channel is open");
+    tx.send(report(work, false, String::new()))
+        .await
+        .expect("the channel is open");
     let mut commands = match client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Ok(SessionEnd::Disconnected(status.message().to_string())),
     };
     let mut tick = tokio::time::interval(interval);
     loop {
+        let done_changed = async {
+            match work.as_mut() {
+                Some(w) => {
+                    let _ = w.done.wait_for(|d| d.is_some()).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {
-                if tx.send(report(false)).await.is_err() {
+                if tx.send(report(work, false, String::new())).await.is_err() {
                     return Ok(SessionEnd::Disconnected("heartbeat stream closed".into()));
                 }
             }
+            _ = done_changed => {
+                let outcome = work.as_ref().and_then(|w| w.done.borrow().clone()).expect("waited for Some");
+                let failure = match &outcome {
+                    Ok(summary) => {
+                        tracing::info!(
+                            steps = summary.global_steps,
+                            best_val_loss = ?summary.best_val_loss,
+                            early_stopped = summary.early_stopped,
+                            "training finished"
+                        );
+                        String::new()
+                    }
+                    Err(e) => e.clone(),
+                };
+                let _ = tx.send(report(work, failure.is_empty(), failure.clone())).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return if failure.is_empty() { Ok(SessionEnd::Finished) } else { Err(DaemonError::Job(failure)) };
+            }
             command = commands.message() => match command {
                 Ok(Some(command)) => match CommandKind::try_from(command.kind) {
-                    Ok(CommandKind::StopAfterStep) | Ok(CommandKind::Shutdown) => {
-                        tracing::info!(reason = %command.reason, "stopping on the coordinator's request");
-                        let _ = tx.send(report(true)).await;
-                        // Give the final report a moment to leave before the stream is dropped.
+                    Ok(CommandKind::StopAfterStep) => {
+                        tracing::info!(reason = %command.reason, "stopping after the current step");
+                        match work {
+                            Some(w) => w.stop.store(true, Ordering::SeqCst),
+                            None => {
+                                let _ = tx.send(report(work, true, String::new())).await;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                return Ok(SessionEnd::Finished);
+                            }
+                        }
+                    }
+                    Ok(CommandKind::Shutdown) => {
+                        tracing::info!(reason = %command.reason, "shutting down on the coordinator's request");
+                        let _ = tx.send(report(work, true, String::new())).await;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         return Ok(SessionEnd::Finished);
                     }
@@ -192,6 +283,39 @@ async fn heartbeat_session(
     }
 }
 
+/// Forms the group and starts training on its own thread.
+async fn start_work(
+    client: &mut WorkerServiceClient<Channel>,
+    assignment: &Assignment,
+    coordinator_url: &str,
+) -> Result<Work, DaemonError> {
+    if TaskKind::try_from(assignment.task) != Ok(TaskKind::Train) {
+        return Err(DaemonError::Job(format!(
+            "task {:?} is not supported by this worker",
+            assignment.task
+        )));
+    }
+    let prepared = job::prepare(assignment).map_err(|e| DaemonError::Job(e.to_string()))?;
+    let group = job::form_group(client, assignment, prepared.device, coordinator_url)
+        .await
+        .map_err(|e| DaemonError::Job(e.to_string()))?;
+    let (progress_tx, progress) = tokio::sync::watch::channel(None);
+    let (done_tx, done) = tokio::sync::watch::channel(None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("train".into())
+        .spawn(move || {
+            let outcome = job::run_training(&prepared, group, progress_tx, thread_stop).map_err(|e| e.to_string());
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, "training failed");
+            }
+            done_tx.send_replace(Some(outcome));
+        })
+        .map_err(|e| DaemonError::Job(format!("cannot start the training thread: {e}")))?;
+    Ok(Work { progress, done, stop })
+}
+
 /// Runs the daemon until the job ends for this rank.
 pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     let info = DeviceInfo::probe();
@@ -203,6 +327,7 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         "worker starting"
     );
     let mut checked_device = None;
+    let mut work: Option<Work> = None;
     loop {
         let (mut client, assignment) = register(&options, &info).await?;
         let device = assigned_device(&assignment);
@@ -219,7 +344,29 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
             incarnation = assignment.incarnation,
             "registered"
         );
-        match heartbeat_session(&mut client, &assignment).await? {
+        if work.is_none() {
+            match start_work(&mut client, &assignment, &options.coordinator).await {
+                Ok(w) => work = Some(w),
+                Err(e) => {
+                    // Tell the coordinator why, then give up.
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let _ = tx
+                        .send(WorkerReport {
+                            job_id: assignment.job_id.clone(),
+                            rank: assignment.rank,
+                            incarnation: assignment.incarnation,
+                            sent_unix_ms: now_ms(),
+                            failure: e.to_string(),
+                            ..Default::default()
+                        })
+                        .await;
+                    drop(tx);
+                    let _ = client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+                    return Err(e);
+                }
+            }
+        }
+        match heartbeat_session(&mut client, &assignment, &mut work).await? {
             SessionEnd::Finished => return Ok(Outcome::Done),
             SessionEnd::Disconnected(reason) => {
                 tracing::warn!(%reason, "lost the coordinator; registering again");

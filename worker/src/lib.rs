@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataset;
 pub mod device;
 pub mod fill_mask;
+pub mod job;
 pub mod lines;
 pub mod masking;
 pub mod model;

@@ -99,9 +99,6 @@ struct TrainCommand {
     /// DeepSpeed config (batch sizes, optimizer, scheduler, precision).
     #[arg(long)]
     config: PathBuf,
-    /// Output directory (default: --model_dir/YYMMDD_HHMMSS).
-    #[arg(long = "output_dir")]
-    output_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -185,7 +182,7 @@ fn train(command: TrainCommand) -> anyhow::Result<()> {
     }
     let resolved = parsed.config.resolve(1, &source)?;
     let device = parse_device(&command.device)?;
-    let output_dir = command.output_dir.unwrap_or_else(|| {
+    let output_dir = command.train.output_dir.clone().map(PathBuf::from).unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -2,8 +2,9 @@
 //! ring on CPUs, and the trivial single-rank group.
 
 pub mod nccl;
+pub mod ring;
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
@@ -51,4 +52,23 @@ impl Collective for SingleRank {
     fn all_reduce_scalars(&mut self, _values: &mut [f64]) -> Result<(), CommError> {
         Ok(())
     }
+}
+
+/// The elements of a contiguous fp32 CPU tensor as a mutable slice, for the TCP ring.
+#[allow(clippy::mut_from_ref)] // the tensor's storage is shared by design; see SAFETY
+pub(crate) fn tensor_f32_mut<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a mut [f32], CommError> {
+    if t.kind() != Kind::Float || t.device() != Device::Cpu || !t.is_contiguous() {
+        return Err(CommError::Failed {
+            op,
+            message: format!(
+                "needs a contiguous fp32 CPU tensor, got {:?} on {:?}",
+                t.kind(),
+                t.device()
+            ),
+        });
+    }
+    // SAFETY: the tensor is contiguous fp32 on the CPU, so data_ptr points at numel initialised
+    // f32 values kept alive by `t` for 'a. While the slice lives, the calling training thread
+    // is inside this collective and no other code reads or writes the buffer.
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) })
 }

@@ -19,6 +19,8 @@ pub struct AdamW {
     pub exp_avg_sq: Tensor,
     /// Per-element decay factor (0 or 1) for this range; `None`: decay everything.
     decay_mask: Option<Tensor>,
+    /// Workspace of the range's size, reused every step (no per-step allocation).
+    scratch: Tensor,
 }
 
 impl AdamW {
@@ -31,6 +33,7 @@ impl AdamW {
             exp_avg: Tensor::zeros([len], (Kind::Float, device)),
             exp_avg_sq: Tensor::zeros([len], (Kind::Float, device)),
             decay_mask: decay_mask.map(|m| m.narrow(0, start, len).contiguous()),
+            scratch: Tensor::zeros([len], (Kind::Float, device)),
         }
     }
 
@@ -40,7 +43,8 @@ impl AdamW {
         (self.exp_avg.numel() + self.exp_avg_sq.numel()) as u64 * 4
     }
 
-    /// One step at learning rate `lr` on `flat_params[start..]` with `flat_grads[start..]`.
+    /// One step at learning rate `lr` on `flat_params[start..]` with `flat_grads[start..]`,
+    /// entirely in place.
     pub fn step(&mut self, flat_params: &Tensor, flat_grads: &Tensor, lr: f64) {
         let AdamWParams {
             betas: (b1, b2),
@@ -48,26 +52,36 @@ impl AdamW {
             weight_decay,
         } = self.params;
         self.step += 1;
+        let bias_correction1 = 1.0 - b1.powi(self.step as i32);
+        let bias_correction2 = 1.0 - b2.powi(self.step as i32);
+        let step_size = lr / bias_correction1;
         tch::no_grad(|| {
             let mut p = flat_params.narrow(0, self.start, self.len);
             let g = flat_grads.narrow(0, self.start, self.len);
+            let tmp = &mut self.scratch;
             match &self.decay_mask {
                 None => {
                     let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
                 Some(mask) => {
-                    let factor = mask.g_mul_scalar(-lr * weight_decay).g_add_scalar(1.0);
-                    let _ = p.g_mul_(&factor);
+                    tmp.copy_(mask);
+                    let _ = tmp.g_mul_scalar_(-lr * weight_decay);
+                    let _ = tmp.g_add_scalar_(1.0);
+                    let _ = p.g_mul_(tmp);
                 }
             }
             let _ = self.exp_avg.lerp_(&g, 1.0 - b1);
+            // v = b2·v + (1 − b2)·g²
+            tmp.copy_(&g);
+            let _ = tmp.g_mul_scalar_(1.0 - b2);
             let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self.exp_avg_sq.g_add_(&(&g * &g).g_mul_scalar(1.0 - b2));
-            let bias_correction1 = 1.0 - b1.powi(self.step as i32);
-            let bias_correction2 = 1.0 - b2.powi(self.step as i32);
-            let step_size = lr / bias_correction1;
-            let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar(eps);
-            let _ = p.g_sub_(&(&self.exp_avg / denom).g_mul_scalar(step_size));
+            let _ = self.exp_avg_sq.addcmul_(&g, tmp);
+            // p −= step_size · m / (√v / √bc2 + eps), as p += m / (denominator · (−1/step_size))
+            let _ = self.exp_avg_sq.sqrt_out(tmp);
+            let _ = tmp.g_mul_scalar_(1.0 / bias_correction2.sqrt());
+            let _ = tmp.g_add_scalar_(eps);
+            let _ = tmp.g_mul_scalar_(-1.0 / step_size);
+            let _ = p.addcdiv_(&self.exp_avg, tmp);
         });
     }
 }

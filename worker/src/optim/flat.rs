@@ -22,6 +22,9 @@ pub struct FlatParams {
     variables: Vec<Tensor>,
     /// Real elements (without padding).
     pub numel: i64,
+    /// Parameter gradients are views into `grads` (set after the first backward), so backward
+    /// accumulates straight into the flat buffer and no copy is needed.
+    grads_aliased: bool,
 }
 
 impl FlatParams {
@@ -63,6 +66,7 @@ impl FlatParams {
             slots,
             variables,
             numel,
+            grads_aliased: false,
         }
     }
 
@@ -72,26 +76,47 @@ impl FlatParams {
 
     /// Clears the gradients of every parameter.
     pub fn zero_grad(&mut self) {
-        for v in &mut self.variables {
-            v.zero_grad();
-        }
         let _ = self.grads.zero_();
+        if !self.grads_aliased {
+            for v in &mut self.variables {
+                v.zero_grad();
+            }
+        }
     }
 
-    /// Copies the accumulated parameter gradients into the flat gradient buffer
-    /// (undefined gradients count as zero).
+    /// Whether every parameter's gradient still lives in the flat buffer.
+    fn grads_in_place(&self) -> bool {
+        let base = self.grads.data_ptr() as usize;
+        self.slots.iter().zip(&self.variables).all(|(slot, var)| {
+            let g = var.grad();
+            g.defined() && g.data_ptr() as usize == base + slot.offset as usize * 4
+        })
+    }
+
+    /// Makes the accumulated parameter gradients available in the flat gradient buffer. The
+    /// first call moves each gradient into the buffer (libtorch then accumulates there in
+    /// place); should a gradient ever be re-allocated, it is copied and moved back.
     pub fn gather_grads(&mut self) {
+        if self.grads_aliased && self.grads_in_place() {
+            return;
+        }
         tch::no_grad(|| {
             for (slot, var) in self.slots.iter().zip(&self.variables) {
-                let grad = var.grad();
-                let mut target = self.grads.narrow(0, slot.offset, slot.numel);
+                let mut grad = var.grad();
+                let target = self.grads.narrow(0, slot.offset, slot.numel);
                 if grad.defined() {
-                    target.copy_(&grad.view([-1]));
+                    target.shallow_clone().copy_(&grad.view([-1]));
+                    grad.set_data(&target.view(slot.shape.as_slice()));
                 } else {
-                    let _ = target.zero_();
+                    let _ = target.shallow_clone().zero_();
                 }
             }
         });
+        let aliased = self.grads_in_place();
+        if self.grads_aliased && !aliased {
+            tracing::warn!("parameter gradients left the flat buffer; copying them back each step");
+        }
+        self.grads_aliased = aliased;
     }
 
     /// A per-element weight-decay factor: 1 for decayed parameters, 0 for biases and LayerNorm

@@ -69,6 +69,7 @@ pub struct ProgressEvent {
     pub best_val_loss: Option<f64>,
     pub stop_count: u32,
     pub early_stopped: bool,
+    pub val_loss_history: Vec<f64>,
     pub learning_rate: f64,
     pub samples_per_s: f64,
     pub tokens_per_s: f64,
@@ -87,6 +88,9 @@ pub struct TrainSummary {
     pub stop_count: u32,
     pub val_loss_history: Vec<f64>,
     pub best_model_dir: Option<String>,
+    /// The weights after the last step (HF layout).
+    pub final_model_dir: String,
+    pub stopped_by_request: bool,
     pub elapsed_s: f64,
 }
 
@@ -158,7 +162,7 @@ fn distributed_step(
         v[0]
     } else {
         comm.all_reduce_sum(&trainer.flat.grads)?;
-        tch::no_grad(|| trainer.flat.grads.square().sum(tch::Kind::Double).double_value(&[]))
+        tch::no_grad(|| trainer.flat.grads.norm().double_value(&[])).powi(2)
     };
     let report = trainer.apply(norm_sq).map_err(TrainError::Step)?;
     if zero {
@@ -366,7 +370,10 @@ pub fn train(
             if last_step {
                 break;
             }
-            if should_stop() {
+            // Every rank must leave at the same step, so the stop request is agreed on.
+            let mut stop = [f64::from(u8::from(should_stop()))];
+            comm.all_reduce_scalars(&mut stop)?;
+            if stop[0] > 0.0 {
                 stopped_by_request = true;
                 break 'epochs;
             }
@@ -392,6 +399,7 @@ pub fn train(
         progress.best_val_loss = best;
         progress.stop_count = stop_count;
         progress.early_stopped = early_stopped;
+        progress.val_loss_history = history.clone();
         log.record(json!({
             "type": "eval",
             "epoch": epoch,
@@ -421,6 +429,10 @@ pub fn train(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let final_dir = job.output_dir.join("final");
+    if leader {
+        trainer.loaded.save(&final_dir)?;
+    }
     let summary = TrainSummary {
         epochs_run,
         global_steps: progress.global_step,
@@ -430,10 +442,12 @@ pub fn train(
         stop_count,
         val_loss_history: history,
         best_model_dir: best.map(|_| best_dir.display().to_string()),
+        final_model_dir: final_dir.display().to_string(),
+        stopped_by_request,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
     if leader {
-        log.record(json!({"type": "summary", "summary": &summary, "stopped_by_request": stopped_by_request}))?;
+        log.record(json!({"type": "summary", "summary": &summary}))?;
         let path = job.output_dir.join("summary.json");
         std::fs::write(&path, format!("{:#}\n", json!(summary))).map_err(|e| out_err(&path, e))?;
     }

@@ -192,7 +192,7 @@ impl Trainer {
     /// Single-process step: gather, norm, apply.
     pub fn step(&mut self) -> Result<StepReport, String> {
         self.flat.gather_grads();
-        let norm_sq = tch::no_grad(|| self.flat.grads.square().sum(Kind::Double).double_value(&[]));
+        let norm_sq = tch::no_grad(|| self.flat.grads.norm().double_value(&[])).powi(2);
         self.apply(norm_sq)
     }
 }

@@ -1,0 +1,293 @@
+//! Which ranks run where, with the `deepspeed` launcher's semantics: a resource pool from
+//! `--hostfile` (`host slots=N`) or the local GPUs, narrowed by `--num_gpus`, `--include` or
+//! `--exclude` (`NAME[:SLOT[,SLOT…]][@NAME…]`); global ranks go host by host in pool order.
+
+use crate::error::{CoordinatorError, Result};
+use std::path::Path;
+
+/// One rank's place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub host: String,
+    /// CUDA device ids on that host (empty for CPU ranks).
+    pub cuda_devices: Vec<u32>,
+}
+
+fn flag(name: &str, message: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Flag {
+        flag: name.into(),
+        message: message.into(),
+    }
+}
+
+/// `host slots=N` lines; `#` starts a comment.
+pub fn parse_hostfile(path: &Path) -> Result<Vec<(String, u32)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| flag("--hostfile", format!("{}: {e}", path.display())))?;
+    let mut hosts: Vec<(String, u32)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || {
+            flag(
+                "--hostfile",
+                format!(
+                    "{} line {}: expected `HOST slots=N`, got {raw:?}",
+                    path.display(),
+                    i + 1
+                ),
+            )
+        };
+        let mut parts = line.split_whitespace();
+        let host = parts.next().ok_or_else(bad)?;
+        let slots = parts
+            .next()
+            .and_then(|p| p.strip_prefix("slots="))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(bad)?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if hosts.iter().any(|(h, _)| h == host) {
+            return Err(flag(
+                "--hostfile",
+                format!("{} line {}: host {host} is listed twice", path.display(), i + 1),
+            ));
+        }
+        hosts.push((host.to_string(), slots));
+    }
+    if hosts.is_empty() {
+        return Err(flag("--hostfile", format!("{} lists no host", path.display())));
+    }
+    Ok(hosts)
+}
+
+/// `worker-0@worker-1:0,2` → [(worker-0, None), (worker-1, Some([0, 2]))].
+pub fn parse_node_spec(name: &str, spec: &str) -> Result<Vec<(String, Option<Vec<u32>>)>> {
+    let mut out = Vec::new();
+    for node in spec.split('@').filter(|n| !n.is_empty()) {
+        match node.split_once(':') {
+            None => out.push((node.to_string(), None)),
+            Some((host, slots)) => {
+                let ids = slots
+                    .split(',')
+                    .map(|s| s.trim().parse::<u32>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|_| flag(name, format!("{node:?}: slots must be integers like localhost:0,2")))?;
+                out.push((host.to_string(), Some(ids)));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(flag(
+            name,
+            "empty; expected NAME[:SLOT[,SLOT…]][@NAME…], e.g. localhost:0,2",
+        ));
+    }
+    Ok(out)
+}
+
+/// Selection flags of the launcher.
+#[derive(Debug, Default, Clone)]
+pub struct Selection<'a> {
+    pub num_gpus: Option<u32>,
+    pub include: Option<&'a str>,
+    pub exclude: Option<&'a str>,
+}
+
+/// The placements for a pool of `(host, gpu ids)`.
+pub fn plan(pool: Vec<(String, Vec<u32>)>, selection: &Selection<'_>) -> Result<Vec<Placement>> {
+    if selection.include.is_some() && selection.exclude.is_some() {
+        return Err(flag("--include", "cannot be combined with --exclude"));
+    }
+    if selection.num_gpus.is_some() && (selection.include.is_some() || selection.exclude.is_some()) {
+        return Err(flag("--num_gpus", "cannot be combined with --include/--exclude"));
+    }
+    let mut pool = pool;
+    if let Some(n) = selection.num_gpus {
+        for (_, ids) in &mut pool {
+            ids.truncate(n as usize);
+        }
+    }
+    if let Some(spec) = selection.include {
+        let wanted = parse_node_spec("--include", spec)?;
+        let mut narrowed = Vec::new();
+        for (host, slots) in wanted {
+            let available = pool
+                .iter()
+                .find(|(h, _)| *h == host)
+                .map(|(_, ids)| ids.clone())
+                .ok_or_else(|| flag("--include", format!("host {host} is not in the resource pool")))?;
+            let ids = match slots {
+                None => available,
+                Some(ids) => {
+                    if let Some(missing) = ids.iter().find(|i| !available.contains(i)) {
+                        return Err(flag(
+                            "--include",
+                            format!("{host} has no slot {missing} (slots: {available:?})"),
+                        ));
+                    }
+                    ids
+                }
+            };
+            narrowed.push((host, ids));
+        }
+        pool = narrowed;
+    }
+    if let Some(spec) = selection.exclude {
+        for (host, slots) in parse_node_spec("--exclude", spec)? {
+            let entry = pool
+                .iter_mut()
+                .find(|(h, _)| *h == host)
+                .ok_or_else(|| flag("--exclude", format!("host {host} is not in the resource pool")))?;
+            match slots {
+                None => entry.1.clear(),
+                Some(ids) => entry.1.retain(|i| !ids.contains(i)),
+            }
+        }
+    }
+    let mut placements = Vec::new();
+    for (host, ids) in pool {
+        for (local, id) in ids.into_iter().enumerate() {
+            placements.push(Placement {
+                rank: placements.len() as u32,
+                local_rank: local as u32,
+                host: host.clone(),
+                cuda_devices: vec![id],
+            });
+        }
+    }
+    if placements.is_empty() {
+        return Err(flag("--include", "the selection leaves no GPU to run on"));
+    }
+    Ok(placements)
+}
+
+/// `n` CPU ranks on this host.
+pub fn cpu_plan(n: u32) -> Vec<Placement> {
+    (0..n)
+        .map(|rank| Placement {
+            rank,
+            local_rank: rank,
+            host: "localhost".into(),
+            cuda_devices: vec![],
+        })
+        .collect()
+}
+
+/// Whether `host` names this machine.
+pub fn is_local(host: &str) -> bool {
+    let me = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    host == "localhost" || host == "127.0.0.1" || host == me
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Vec<(String, Vec<u32>)> {
+        vec![
+            ("worker-0".into(), vec![0, 1, 2, 3]),
+            ("worker-1".into(), vec![0, 1, 2, 3]),
+        ]
+    }
+
+    #[test]
+    fn ranks_go_host_by_host() {
+        let p = plan(pool(), &Selection::default()).unwrap();
+        assert_eq!(p.len(), 8);
+        assert_eq!(
+            (
+                p[5].rank,
+                p[5].local_rank,
+                p[5].host.as_str(),
+                p[5].cuda_devices.clone()
+            ),
+            (5, 1, "worker-1", vec![1])
+        );
+    }
+
+    #[test]
+    fn num_gpus_include_and_exclude() {
+        let p = plan(
+            pool(),
+            &Selection {
+                num_gpus: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            p.iter()
+                .map(|x| (x.host.as_str(), x.cuda_devices[0]))
+                .collect::<Vec<_>>(),
+            vec![("worker-0", 0), ("worker-0", 1), ("worker-1", 0), ("worker-1", 1)]
+        );
+        let p = plan(
+            pool(),
+            &Selection {
+                include: Some("worker-1:0,2"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.iter().map(|x| x.cuda_devices[0]).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(p[1].local_rank, 1);
+        let p = plan(
+            pool(),
+            &Selection {
+                exclude: Some("worker-0@worker-1:3"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.iter().map(|x| x.cuda_devices[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let err = plan(
+            pool(),
+            &Selection {
+                include: Some("worker-9"),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("worker-9 is not in the resource pool"));
+        let err = plan(
+            pool(),
+            &Selection {
+                include: Some("worker-0:7"),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no slot 7"));
+        assert!(plan(
+            pool(),
+            &Selection {
+                include: Some("a"),
+                exclude: Some("b"),
+                ..Default::default()
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn hostfile_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hostfile");
+        std::fs::write(&p, "# cluster\nworker-0 slots=4\n\nworker-1 slots=2  # small\n").unwrap();
+        assert_eq!(
+            parse_hostfile(&p).unwrap(),
+            vec![("worker-0".into(), 4), ("worker-1".into(), 2)]
+        );
+        std::fs::write(&p, "worker-0 slots=4\nworker-1 gpus=2\n").unwrap();
+        let err = parse_hostfile(&p).unwrap_err().to_string();
+        assert!(err.contains("line 2: expected `HOST slots=N`"), "{err}");
+    }
+}

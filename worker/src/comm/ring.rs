@@ -1,0 +1,338 @@
+//! Collectives over a TCP ring for CPU workers: rank r sends to r+1 and receives from r−1.
+//! Reduce-scatter and all-gather take n−1 steps each; every send runs on its own thread while
+//! the receive runs here, so large chunks cannot deadlock; every socket has a timeout, so a dead
+//! peer is an error, never a hang.
+
+use super::{tensor_f32_mut, Collective, CommError};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    timeout: Duration,
+}
+
+fn failed(op: &'static str, e: impl std::fmt::Display) -> CommError {
+    CommError::Failed {
+        op,
+        message: e.to_string(),
+    }
+}
+
+fn io_error(op: &'static str, e: std::io::Error, timeout: Duration) -> CommError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => CommError::Timeout {
+            op,
+            seconds: timeout.as_secs(),
+        },
+        std::io::ErrorKind::UnexpectedEof => CommError::Failed {
+            op,
+            message: "a peer closed its connection (it exited or was killed)".into(),
+        },
+        _ => failed(op, e),
+    }
+}
+
+/// Binds the listening socket a rank announces at rendezvous.
+pub fn listen(host: &str) -> Result<(TcpListener, String), CommError> {
+    let listener = TcpListener::bind((host, 0)).map_err(|e| failed("listen", e))?;
+    let addr = listener.local_addr().map_err(|e| failed("listen", e))?;
+    Ok((listener, addr.to_string()))
+}
+
+impl Ring {
+    /// Connects rank `rank` to its neighbours; `addresses[k]` is rank k's listening address.
+    pub fn connect(
+        listener: TcpListener,
+        rank: usize,
+        addresses: &[String],
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        let world = addresses.len();
+        if world <= 1 {
+            return Ok(Self {
+                rank,
+                world: world.max(1),
+                next: None,
+                prev: None,
+                timeout,
+            });
+        }
+        let next_addr = &addresses[(rank + 1) % world];
+        let deadline = Instant::now() + timeout;
+        let next = loop {
+            let target = next_addr
+                .to_socket_addrs()
+                .map_err(|e| failed("connect", format!("{next_addr}: {e}")))?
+                .next()
+                .ok_or_else(|| failed("connect", format!("{next_addr}: no address")))?;
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "next rank not listening yet");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(failed(
+                        "connect",
+                        format!("rank {} at {next_addr}: {e}", (rank + 1) % world),
+                    ))
+                }
+            }
+        };
+        next.set_nodelay(true).map_err(|e| failed("connect", e))?;
+        (&next)
+            .write_all(&(rank as u32).to_le_bytes())
+            .map_err(|e| failed("connect", e))?;
+        listener.set_nonblocking(true).map_err(|e| failed("accept", e))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(io_error("accept", e, timeout)),
+            }
+        };
+        prev.set_nonblocking(false).map_err(|e| failed("accept", e))?;
+        prev.set_nodelay(true).map_err(|e| failed("accept", e))?;
+        for s in [&next, &prev] {
+            s.set_read_timeout(Some(timeout)).map_err(|e| failed("connect", e))?;
+            s.set_write_timeout(Some(timeout)).map_err(|e| failed("connect", e))?;
+        }
+        let mut hello = [0u8; 4];
+        (&prev)
+            .read_exact(&mut hello)
+            .map_err(|e| io_error("handshake", e, timeout))?;
+        let from = u32::from_le_bytes(hello) as usize;
+        let expected = (rank + world - 1) % world;
+        if from != expected {
+            return Err(failed(
+                "handshake",
+                format!("expected rank {expected}, rank {from} connected"),
+            ));
+        }
+        Ok(Self {
+            rank,
+            world,
+            next: Some(next),
+            prev: Some(prev),
+            timeout,
+        })
+    }
+
+    /// Sends `send` to the next rank while receiving as many bytes from the previous one.
+    fn exchange(&self, op: &'static str, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        let (Some(next), Some(prev)) = (&self.next, &self.prev) else {
+            return Ok(());
+        };
+        let timeout = self.timeout;
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                let mut s = next;
+                s.write_all(send)
+            });
+            let mut p = prev;
+            let received = p.read_exact(recv);
+            let sent = sender.join().map_err(|_| failed(op, "sender thread panicked"))?;
+            received.map_err(|e| io_error(op, e, timeout))?;
+            sent.map_err(|e| io_error(op, e, timeout))
+        })
+    }
+
+    fn reduce_scatter_slice(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        let n = self.world;
+        if n == 1 {
+            return Ok(());
+        }
+        let shard = data.len() / n;
+        let mut incoming = vec![0f32; shard];
+        for k in 0..n - 1 {
+            let send_chunk = (self.rank + 2 * n - k - 1) % n;
+            let recv_chunk = (self.rank + 2 * n - k - 2) % n;
+            let send = data[send_chunk * shard..(send_chunk + 1) * shard].to_vec();
+            self.exchange(
+                "reduce_scatter",
+                bytemuck::cast_slice(&send),
+                bytemuck::cast_slice_mut(&mut incoming),
+            )?;
+            for (d, s) in data[recv_chunk * shard..(recv_chunk + 1) * shard]
+                .iter_mut()
+                .zip(&incoming)
+            {
+                *d += s;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_gather_slice(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        let n = self.world;
+        if n == 1 {
+            return Ok(());
+        }
+        let shard = data.len() / n;
+        let mut incoming = vec![0f32; shard];
+        for k in 0..n - 1 {
+            let send_chunk = (self.rank + n - k) % n;
+            let recv_chunk = (self.rank + 2 * n - k - 1) % n;
+            let send = data[send_chunk * shard..(send_chunk + 1) * shard].to_vec();
+            self.exchange(
+                "all_gather",
+                bytemuck::cast_slice(&send),
+                bytemuck::cast_slice_mut(&mut incoming),
+            )?;
+            data[recv_chunk * shard..(recv_chunk + 1) * shard].copy_from_slice(&incoming);
+        }
+        Ok(())
+    }
+
+    /// Every rank's `values`, indexed by rank.
+    fn gather_all_f64(&mut self, values: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
+        let n = self.world;
+        let mut table = vec![Vec::new(); n];
+        table[self.rank] = values.to_vec();
+        let mut current = values.to_vec();
+        for k in 0..n.saturating_sub(1) {
+            let mut incoming = vec![0f64; values.len()];
+            self.exchange(
+                "all_reduce_scalars",
+                bytemuck::cast_slice(&current),
+                bytemuck::cast_slice_mut(&mut incoming),
+            )?;
+            let from = (self.rank + 2 * n - k - 1) % n;
+            table[from] = incoming.clone();
+            current = incoming;
+        }
+        Ok(table)
+    }
+
+    /// Closes both connections, so blocked peers fail at once.
+    pub fn abort(&mut self) {
+        for s in [&self.next, &self.prev].into_iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Raw slice operations, for benchmarks and tests without tensors.
+    pub fn reduce_scatter_f32(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        self.reduce_scatter_slice(data)
+    }
+
+    pub fn all_gather_f32(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        self.all_gather_slice(data)
+    }
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn reduce_scatter_sum(&mut self, flat: &Tensor) -> Result<(), CommError> {
+        let data = tensor_f32_mut(flat, "reduce_scatter")?;
+        self.reduce_scatter_slice(data)
+    }
+
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), CommError> {
+        let data = tensor_f32_mut(flat, "all_gather")?;
+        self.all_gather_slice(data)
+    }
+
+    fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<(), CommError> {
+        let data = tensor_f32_mut(flat, "all_reduce")?;
+        self.reduce_scatter_slice(data)?;
+        self.all_gather_slice(data)
+    }
+
+    fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        // Gathered, then summed in rank order: every rank gets bit-identical sums, so decisions
+        // taken on them (early stopping) agree everywhere.
+        let table = self.gather_all_f64(values)?;
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = table.iter().map(|row| row[i]).sum();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_world(world: usize, len: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f64>)> {
+        let listeners: Vec<(TcpListener, String)> = (0..world).map(|_| listen("127.0.0.1").unwrap()).collect();
+        let addresses: Vec<String> = listeners.iter().map(|(_, a)| a.clone()).collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (listener, _))| {
+                let addresses = addresses.clone();
+                std::thread::spawn(move || {
+                    let mut ring = Ring::connect(listener, rank, &addresses, Duration::from_secs(10)).unwrap();
+                    let mut data: Vec<f32> = (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                    ring.reduce_scatter_f32(&mut data).unwrap();
+                    let scattered = data.clone();
+                    ring.all_gather_f32(&mut data).unwrap();
+                    let mut scalars = [rank as f64 + 0.5, 1.0];
+                    ring.all_reduce_scalars(&mut scalars).unwrap();
+                    (scattered, data, scalars.to_vec())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_for_worlds_1_to_4() {
+        for world in 1..=4 {
+            let len = 12 * world;
+            let results = run_world(world, len);
+            let factor: f32 = (1..=world).map(|r| r as f32).sum();
+            let shard = len / world;
+            for (rank, (scattered, gathered, scalars)) in results.iter().enumerate() {
+                for (i, v) in scattered.iter().enumerate().skip(rank * shard).take(shard) {
+                    assert_eq!(*v, i as f32 * factor, "world {world} rank {rank} element {i}");
+                }
+                for (i, v) in gathered.iter().enumerate() {
+                    assert_eq!(*v, i as f32 * factor);
+                }
+                let expected: f64 = (0..world).map(|r| r as f64 + 0.5).sum();
+                assert_eq!(scalars, &vec![expected, world as f64]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_not_a_hang() {
+        let (l0, a0) = listen("127.0.0.1").unwrap();
+        let (l1, a1) = listen("127.0.0.1").unwrap();
+        let addresses = vec![a0, a1];
+        let peer_addresses = addresses.clone();
+        let peer = std::thread::spawn(move || {
+            let ring = Ring::connect(l1, 1, &peer_addresses, Duration::from_secs(5)).unwrap();
+            drop(ring);
+        });
+        let mut ring = Ring::connect(l0, 0, &addresses, Duration::from_secs(5)).unwrap();
+        peer.join().unwrap();
+        let started = Instant::now();
+        let mut data = vec![1f32; 1 << 16];
+        assert!(ring.reduce_scatter_f32(&mut data).is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,165 @@
+//! Running the job a worker was assigned: form the collective group (TCP ring on CPUs, NCCL on
+//! GPUs) through the coordinator's rendezvous, then train on a separate thread while the daemon
+//! keeps heart-beating with its progress.
+
+use crate::comm::nccl::{self, NcclGroup};
+use crate::comm::ring::{self, Ring};
+use crate::comm::{Collective, SingleRank};
+use crate::train::{self, ProgressEvent, TrainJob, TrainSummary};
+use kormlm_proto::ds_config::ResolvedConfig;
+use kormlm_proto::train_args::TrainArgs;
+use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
+use kormlm_proto::v1::{Assignment, DeviceKind, RendezvousRequest};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tch::Device;
+use tonic::transport::Channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("assignment: {0}")]
+    Assignment(String),
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+    #[error(transparent)]
+    Train(#[from] train::TrainError),
+}
+
+/// How long a collective may wait for a peer before it fails.
+pub fn collective_timeout() -> Duration {
+    let seconds = std::env::var("KORMLM_COLLECTIVE_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    Duration::from_secs(seconds)
+}
+
+pub struct Prepared {
+    pub args: TrainArgs,
+    pub config: ResolvedConfig,
+    pub device: Device,
+    pub output_dir: PathBuf,
+}
+
+pub fn prepare(assignment: &Assignment) -> Result<Prepared, JobError> {
+    let args = TrainArgs::from_map(&assignment.args).map_err(JobError::Assignment)?;
+    let config =
+        ResolvedConfig::from_json(&assignment.resolved_config_json).map_err(|e| JobError::Assignment(e.to_string()))?;
+    let device = match DeviceKind::try_from(assignment.device) {
+        Ok(DeviceKind::Cuda) => Device::Cuda(assignment.cuda_devices.first().copied().unwrap_or(0) as usize),
+        _ => Device::Cpu,
+    };
+    let output_dir = PathBuf::from(if assignment.output_dir.is_empty() {
+        args.output_dir
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", args.model_dir, assignment.job_id))
+    } else {
+        assignment.output_dir.clone()
+    });
+    Ok(Prepared {
+        args,
+        config,
+        device,
+        output_dir,
+    })
+}
+
+fn ring_host(coordinator: &str) -> &'static str {
+    if coordinator.contains("127.0.0.1") || coordinator.contains("localhost") || coordinator.contains("[::1]") {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    }
+}
+
+/// Forms the group through the coordinator's rendezvous.
+pub async fn form_group(
+    client: &mut WorkerServiceClient<Channel>,
+    assignment: &Assignment,
+    device: Device,
+    coordinator_url: &str,
+) -> Result<Box<dyn Collective + Send>, JobError> {
+    let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
+    if world == 1 {
+        return Ok(Box::new(SingleRank));
+    }
+    let timeout = collective_timeout();
+    let mut request = RendezvousRequest {
+        job_id: assignment.job_id.clone(),
+        rank: assignment.rank,
+        attempt: assignment.attempt,
+        ..Default::default()
+    };
+    match device {
+        Device::Cuda(ordinal) => {
+            if rank == 0 {
+                request.nccl_unique_id = nccl::unique_id()?;
+            }
+            let info = client
+                .rendezvous(request)
+                .await
+                .map_err(|s| JobError::Rendezvous(s.message().to_string()))?
+                .into_inner();
+            let id = info.nccl_unique_id;
+            let group = tokio::task::spawn_blocking(move || NcclGroup::init(ordinal, rank, world, &id, timeout))
+                .await
+                .map_err(|e| JobError::Rendezvous(e.to_string()))??;
+            Ok(Box::new(group))
+        }
+        _ => {
+            let (listener, mut address) = ring::listen(ring_host(coordinator_url))?;
+            if address.starts_with("0.0.0.0") {
+                let host = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default();
+                address = address.replacen("0.0.0.0", &host, 1);
+            }
+            request.ring_address = address;
+            let info = client
+                .rendezvous(request)
+                .await
+                .map_err(|s| JobError::Rendezvous(s.message().to_string()))?
+                .into_inner();
+            let addresses = info.ring_addresses;
+            let group = tokio::task::spawn_blocking(move || Ring::connect(listener, rank, &addresses, timeout))
+                .await
+                .map_err(|e| JobError::Rendezvous(e.to_string()))??;
+            Ok(Box::new(group))
+        }
+    }
+}
+
+/// Trains on the current thread with `group`; progress goes to `progress`, `stop` requests a
+/// stop after the current step.
+pub fn run_training(
+    prepared: &Prepared,
+    mut group: Box<dyn Collective + Send>,
+    progress: tokio::sync::watch::Sender<Option<ProgressEvent>>,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainSummary, JobError> {
+    let cache_dir = std::env::var_os("KORMLM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kormlm")))
+        .map(|d| d.join("tokens"));
+    let job = TrainJob {
+        args: &prepared.args,
+        config: &prepared.config,
+        device: prepared.device,
+        output_dir: prepared.output_dir.clone(),
+        cache_dir,
+    };
+    let summary = train::train(
+        &job,
+        group.as_mut(),
+        &mut |event| {
+            progress.send_replace(Some(event.clone()));
+        },
+        &|| stop.load(Ordering::SeqCst),
+    )?;
+    Ok(summary)
+}
