@@ -58,7 +58,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1e-6)]
     pub eps: f64,
     /// Exclude biases and LayerNorm weights from weight decay (the original decays everything).
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub decay_exclude_bias_layernorm: bool,
     /// Stop after this many optimizer steps (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
@@ -134,6 +134,7 @@ mod tests {
     #[test]
     fn map_round_trip() {
         let args = TrainArgs {
+            decay_exclude_bias_layernorm: true,
             revision: Some("686333e".into()),
             max_steps: 7,
             learning_rate: 3.5e-5,

@@ -212,3 +212,95 @@ pub fn pid_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The shared corpora (`../shared/data`, or `KORMLM_SHARED_DATA`).
+pub fn shared_data() -> PathBuf {
+    std::env::var_os("KORMLM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root()
+                .parent()
+                .expect("a parent directory")
+                .join("shared/data")
+        })
+}
+
+/// Runs `tests/python/oracle.py ARGS` with the oracle interpreter; returns stdout.
+pub fn oracle(args: &[&str]) -> String {
+    let out = run(Command::new(oracle_python())
+        .arg(workspace_root().join("tests/python/oracle.py"))
+        .args(args));
+    assert!(
+        out.status.success(),
+        "oracle {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tiny random ELECTRA (no dropout) with a WordPiece vocabulary trained on the shared
+/// corpora, created once per test binary.
+pub fn tiny_model() -> PathBuf {
+    static MODEL: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let tok = dir.path().join("tok");
+            let model = dir.path().join("tiny");
+            oracle(&[
+                "vocab",
+                tok.to_str().unwrap(),
+                "--data",
+                shared_data().to_str().unwrap(),
+                "--size",
+                "4000",
+            ]);
+            oracle(&[
+                "model",
+                model.to_str().unwrap(),
+                "--tokenizer",
+                tok.to_str().unwrap(),
+                "--dropout",
+                "0",
+                "--seed",
+                "5",
+            ]);
+            (dir, model)
+        })
+        .1
+        .clone()
+}
+
+/// Every tensor of a safetensors file as f32 values.
+pub fn read_weights(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// Largest absolute difference between two weight sets with the same names and shapes.
+pub fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (read_weights(a), read_weights(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst: f64 = 0.0;
+    for (name, x) in &a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max(f64::from((p - q).abs()));
+        }
+    }
+    worst
+}
