@@ -45,6 +45,17 @@ pub fn listen(host: &str) -> Result<(TcpListener, String), CommError> {
     Ok((listener, addr.to_string()))
 }
 
+/// Chunk `a` for reading and chunk `b` (≠ a) for writing, of `shard` elements each.
+fn disjoint(data: &mut [f32], a: usize, b: usize, shard: usize) -> (&[f32], &mut [f32]) {
+    if a < b {
+        let (left, right) = data.split_at_mut(b * shard);
+        (&left[a * shard..(a + 1) * shard], &mut right[..shard])
+    } else {
+        let (left, right) = data.split_at_mut(a * shard);
+        (&right[..shard], &mut left[b * shard..(b + 1) * shard])
+    }
+}
+
 impl Ring {
     /// Connects rank `rank` to its neighbours; `addresses[k]` is rank k's listening address.
     pub fn connect(
@@ -155,10 +166,10 @@ impl Ring {
         for k in 0..n - 1 {
             let send_chunk = (self.rank + 2 * n - k - 1) % n;
             let recv_chunk = (self.rank + 2 * n - k - 2) % n;
-            let send = data[send_chunk * shard..(send_chunk + 1) * shard].to_vec();
+            let send = &data[send_chunk * shard..(send_chunk + 1) * shard];
             self.exchange(
                 "reduce_scatter",
-                bytemuck::cast_slice(&send),
+                bytemuck::cast_slice(send),
                 bytemuck::cast_slice_mut(&mut incoming),
             )?;
             for (d, s) in data[recv_chunk * shard..(recv_chunk + 1) * shard]
@@ -177,17 +188,11 @@ impl Ring {
             return Ok(());
         }
         let shard = data.len() / n;
-        let mut incoming = vec![0f32; shard];
         for k in 0..n - 1 {
             let send_chunk = (self.rank + n - k) % n;
             let recv_chunk = (self.rank + 2 * n - k - 1) % n;
-            let send = data[send_chunk * shard..(send_chunk + 1) * shard].to_vec();
-            self.exchange(
-                "all_gather",
-                bytemuck::cast_slice(&send),
-                bytemuck::cast_slice_mut(&mut incoming),
-            )?;
-            data[recv_chunk * shard..(recv_chunk + 1) * shard].copy_from_slice(&incoming);
+            let (send, recv) = disjoint(data, send_chunk, recv_chunk, shard);
+            self.exchange("all_gather", bytemuck::cast_slice(send), bytemuck::cast_slice_mut(recv))?;
         }
         Ok(())
     }
