@@ -105,14 +105,17 @@ impl JobService for JobApi {
         let token = token_of(&request);
         let request = request.into_inner();
         let status = self.coordinator.kill(&request.job_id, request.force, &token)?;
+        if request.force {
+            let pids = self.coordinator.worker_pids(&request.job_id);
+            tokio::spawn(crate::launcher::force_stop(pids));
+        }
         Ok(Response::new(KillJobResponse { status: Some(status) }))
     }
 
     async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<ResumeJobResponse>, Status> {
+        let token = token_of(&request);
         let request = request.into_inner();
-        self.coordinator.status(&request.job_id)?;
-        Err(Status::unimplemented(
-            "resume needs checkpoints, which this coordinator version does not write yet",
-        ))
+        let status = self.coordinator.resume(&request.job_id, request.world_size, &token)?;
+        Ok(Response::new(ResumeJobResponse { status: Some(status) }))
     }
 }

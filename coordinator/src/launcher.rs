@@ -36,6 +36,7 @@ impl LocalWorkers {
     pub fn spawn(
         coordinator: Arc<Coordinator>,
         job_id: &str,
+        attempt: u32,
         worker_binary: &Path,
         coordinator_url: &str,
         slots: &[Slot],
@@ -92,7 +93,9 @@ impl LocalWorkers {
                 tracing::info!(rank, pid, status = %text, "worker process exited");
                 coordinator.process_exited(
                     &job_id,
+                    attempt,
                     rank,
+                    pid as u32,
                     &format!("worker process {pid} {text}; see {}", log_path.display()),
                 );
             }));
@@ -129,4 +132,24 @@ impl LocalWorkers {
         self.waiters.clear();
         self.pids.clear();
     }
+}
+
+/// `--force`: SIGTERM to each local worker's process group (or the process itself when it
+/// leads none), then SIGKILL to whatever is left after a grace period.
+pub async fn force_stop(workers: Vec<(String, u32)>) {
+    let local: Vec<i32> = workers
+        .into_iter()
+        .filter(|(host, pid)| *pid > 0 && (crate::launch_plan::is_local(host)))
+        .map(|(_, pid)| pid as i32)
+        .collect();
+    let signal_all = |signal: Signal| {
+        for pid in &local {
+            if killpg(Pid::from_raw(*pid), signal).is_err() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(*pid), signal);
+            }
+        }
+    };
+    signal_all(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal_all(Signal::SIGKILL);
 }

@@ -10,6 +10,7 @@ use crate::state::{Coordinator, Settings};
 use crate::store::Store;
 use kormlm_proto::ds_config::DsConfig;
 use kormlm_proto::v1::{DeviceKind, JobSpec, JobState, TaskKind};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -204,39 +205,46 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         let _ = stop_rx.await;
     }));
 
-    let mut workers = None;
-    if let (false, Some(id)) = (placements.is_empty(), &job_id) {
-        let (local, remote): (Vec<&Placement>, Vec<&Placement>) =
-            placements.iter().partition(|p| launch_plan::is_local(&p.host));
-        for p in &remote {
-            tracing::warn!(
-                host = %p.host,
-                "start on {}: worker --rank {} --local_rank {} --coordinator {url}",
-                p.host,
-                p.rank,
-                p.local_rank
-            );
-        }
-        let slots: Vec<Slot> = local
-            .iter()
-            .map(|p| Slot {
-                rank: p.rank,
-                local_rank: p.local_rank,
-            })
-            .collect();
-        let log_dir = args.state_dir.join("logs").join(id);
-        workers = Some(LocalWorkers::spawn(
-            coordinator.clone(),
-            id,
-            &worker_binary,
-            &url,
-            &slots,
-            &log_dir,
-        )?);
-    }
-
     let mut changes = coordinator.subscribe();
+    // Local workers per job, for the attempt they were started for.
+    let mut launched: HashMap<String, (u32, LocalWorkers)> = HashMap::new();
     let outcome = loop {
+        for (id, attempt, placements) in coordinator.pending_launches() {
+            if launched.get(&id).map(|(a, _)| *a) == Some(attempt) {
+                continue;
+            }
+            if let Some((_, old)) = launched.remove(&id) {
+                old.terminate(Duration::from_secs(10)).await;
+            }
+            let (local, remote): (Vec<_>, Vec<_>) = placements.iter().partition(|p| launch_plan::is_local(&p.host));
+            for p in &remote {
+                tracing::warn!(
+                    host = %p.host,
+                    "start on {}: worker --rank {} --local_rank {} --coordinator {url}",
+                    p.host,
+                    p.rank,
+                    p.local_rank
+                );
+            }
+            let slots: Vec<Slot> = local
+                .iter()
+                .map(|p| Slot {
+                    rank: p.rank,
+                    local_rank: p.local_rank,
+                })
+                .collect();
+            let log_dir = args.state_dir.join("logs").join(&id).join(format!("attempt-{attempt}"));
+            let workers = LocalWorkers::spawn(
+                coordinator.clone(),
+                &id,
+                attempt,
+                &worker_binary,
+                &url,
+                &slots,
+                &log_dir,
+            )?;
+            launched.insert(id, (attempt, workers));
+        }
         if args.exit_when_done {
             if let Some(state) = job_id.as_deref().and_then(|id| coordinator.job_state(id)) {
                 if matches!(state, JobState::Succeeded | JobState::Failed | JobState::Killed) {
@@ -250,9 +258,10 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
                 break None;
             }
             _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     };
-    if let Some(workers) = workers {
+    for (_, (_, workers)) in launched {
         workers.terminate(Duration::from_secs(10)).await;
     }
     let _ = stop_tx.send(());

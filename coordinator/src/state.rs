@@ -40,6 +40,9 @@ impl Default for Settings {
     }
 }
 
+/// How long a reported collective failure waits for the loss of the peer that caused it.
+const COLLECTIVE_FAILURE_GRACE: Duration = Duration::from_secs(2);
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -75,6 +78,9 @@ struct Job {
     record: JobRecord,
     workers: BTreeMap<u32, Worker>,
     round: Option<Round>,
+    /// A collective failure reported by a rank, held back briefly: when a peer died, its loss
+    /// is usually seen a moment later and is the better reason to name.
+    pending_failure: Option<(String, Instant)>,
 }
 
 impl Job {
@@ -158,6 +164,7 @@ impl Coordinator {
                     record,
                     workers,
                     round: None,
+                    pending_failure: None,
                 },
             );
         }
@@ -296,6 +303,7 @@ impl Coordinator {
             },
             workers: BTreeMap::new(),
             round: None,
+            pending_failure: None,
         };
         let mut inner = self.lock();
         self.persist_job(&job).map_err(store_status)?;
@@ -456,6 +464,15 @@ impl Coordinator {
             incarnation,
             attempt: job.status().restarts + 1,
             output_dir: job.status().output_dir.clone(),
+            resume_from: if job.status().restarts > 0 {
+                job.status()
+                    .latest_checkpoint
+                    .as_ref()
+                    .map(|c| c.path.clone())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
         };
         drop(inner);
         self.notify();
@@ -543,6 +560,7 @@ impl Coordinator {
         self.store.put_worker(number, &info).map_err(store_status)?;
         if rank == 0 && (report.progress.is_some() || report.early_stop.is_some()) {
             let status = job.status_mut();
+            let previous_step = status.progress.map_or(0, |p| p.global_step);
             if let Some(progress) = report.progress {
                 status.progress = Some(progress);
             }
@@ -550,13 +568,42 @@ impl Coordinator {
                 early.max_stop_number = status.early_stop.as_ref().map_or(0, |e| e.max_stop_number);
                 status.early_stop = Some(early);
             }
+            let new_checkpoint = report
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| status.latest_checkpoint.as_ref().map(|l| &l.path) != Some(&c.path));
+            if report.checkpoint.is_some() {
+                status.latest_checkpoint = report.checkpoint.clone();
+            }
+            if report.best_checkpoint.is_some() {
+                status.best_checkpoint = report.best_checkpoint.clone();
+            }
+            let step = status.progress.map_or(0, |p| p.global_step);
             self.persist_job(job).map_err(store_status)?;
+            // Progress is durable before anyone can read it back.
+            if step != previous_step {
+                self.store.flush().map_err(store_status)?;
+            }
+            if new_checkpoint {
+                let c = report.checkpoint.expect("checked above");
+                self.event(
+                    job,
+                    "checkpoint",
+                    format!("checkpoint {} at step {} ({})", c.tag, c.global_step, c.path),
+                )
+                .map_err(store_status)?;
+                self.store.flush().map_err(store_status)?;
+            }
         }
         if let Some(reason) = failure {
             self.event(job, "failure", format!("rank {rank} failed: {reason}"))
                 .map_err(store_status)?;
-            self.fail_job(job, format!("rank {rank} failed: {reason}"))
-                .map_err(store_status)?;
+            if reason.contains("collective") {
+                job.pending_failure = Some((format!("rank {rank} failed: {reason}"), Instant::now()));
+            } else {
+                self.fail_job(job, format!("rank {rank} failed: {reason}"))
+                    .map_err(store_status)?;
+            }
         } else if report.finished {
             self.event(job, "worker", format!("rank {rank} finished"))
                 .map_err(store_status)?;
@@ -585,13 +632,9 @@ impl Coordinator {
         }
     }
 
-    /// Fails the job (unless it already ended) and tells every connected worker to abort.
+    /// Fails the job (unless it already ended) and tells every connected worker to abort; with
+    /// restarts left, the job goes back to PENDING to continue from its latest checkpoint.
     fn fail_job(&self, job: &mut Job, reason: String) -> Result<()> {
-        match job.state() {
-            JobState::Running | JobState::Pending => self.set_state(job, JobState::Failed, reason.clone())?,
-            JobState::Stopping => self.set_state(job, JobState::Killed, format!("killed; {reason}"))?,
-            _ => return Ok(()),
-        }
         for worker in job.workers.values() {
             if let Some(session) = &worker.session {
                 let _ = session.commands.send(CoordinatorCommand {
@@ -600,7 +643,141 @@ impl Coordinator {
                 });
             }
         }
-        Ok(())
+        match job.state() {
+            JobState::Running if job.status().restarts < job.spec().max_restarts => {
+                let restarts = job.status().restarts + 1;
+                self.restart(
+                    job,
+                    format!(
+                        "{reason}; restart {restarts} of {} from the latest checkpoint",
+                        job.spec().max_restarts
+                    ),
+                )
+            }
+            JobState::Running | JobState::Pending => self.set_state(job, JobState::Failed, reason),
+            JobState::Stopping => self.set_state(job, JobState::Killed, format!("killed; {reason}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Back to PENDING for a new attempt: new workers, a new rendezvous, the latest checkpoint.
+    fn restart(&self, job: &mut Job, reason: String) -> Result<()> {
+        job.status_mut().restarts += 1;
+        job.status_mut().ended_unix_ms = 0;
+        job.workers.clear();
+        job.round = None;
+        job.pending_failure = None;
+        self.store.clear_workers(job.number)?;
+        self.set_state(job, JobState::Pending, reason)
+    }
+
+    /// Continues a KILLED or FAILED job from its latest checkpoint, optionally with another
+    /// world size (the optimizer state is re-partitioned by the workers).
+    pub fn resume(&self, job_id: &str, world_size: u32, token: &str) -> Result<JobStatus, Status> {
+        self.check_token(token)?;
+        let mut inner = self.lock();
+        let active = Self::active_job(&mut inner).map(|j| j.status().job_id.clone());
+        let job = job_number(job_id)
+            .and_then(|n| inner.jobs.get_mut(&n))
+            .ok_or_else(|| Status::not_found(format!("no job `{job_id}`")))?;
+        match job.state() {
+            JobState::Killed | JobState::Failed => {}
+            JobState::Succeeded => {
+                let early = job.status().early_stop.as_ref().is_some_and(|e| e.early_stopped);
+                return Err(Status::failed_precondition(format!(
+                    "job {job_id} already SUCCEEDED{}; there is nothing to resume",
+                    if early { " (early stopped)" } else { "" }
+                )));
+            }
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "job {job_id} is {}; only KILLED or FAILED jobs can be resumed",
+                    other.as_str_name()
+                )))
+            }
+        }
+        if let Some(active) = active {
+            return Err(Status::failed_precondition(format!(
+                "job {active} is still active; resume {job_id} after it ends"
+            )));
+        }
+        if world_size != 0 && world_size != job.spec().world_size {
+            let spec = job.spec().clone();
+            let source = if spec.ds_config_path.is_empty() {
+                "ds_config".to_string()
+            } else {
+                spec.ds_config_path.clone()
+            };
+            let parsed =
+                DsConfig::parse(&spec.ds_config_json, &source).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let resolved = parsed
+                .config
+                .resolve(world_size, &source)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let cpu_only = spec.placements.iter().all(|p| p.cuda_devices.is_empty());
+            if !spec.placements.is_empty() && !cpu_only {
+                return Err(Status::invalid_argument(
+                    "changing the world size of a GPU job needs new launch flags; start a coordinator with them instead",
+                ));
+            }
+            let record_spec = job.record.spec.as_mut().expect("jobs have a spec");
+            record_spec.world_size = world_size;
+            if !record_spec.placements.is_empty() {
+                record_spec.placements = (0..world_size)
+                    .map(|rank| kormlm_proto::v1::Placement {
+                        rank,
+                        local_rank: rank,
+                        host: "localhost".into(),
+                        cuda_devices: vec![],
+                    })
+                    .collect();
+            }
+            job.record.resolved_config_json = resolved.to_json();
+            let status = job.status_mut();
+            status.world_size = world_size;
+            status.batch = Some(BatchSizes {
+                train_batch_size: resolved.batch.train_batch_size,
+                train_micro_batch_size_per_gpu: resolved.batch.train_micro_batch_size_per_gpu,
+                gradient_accumulation_steps: resolved.batch.gradient_accumulation_steps,
+            });
+        }
+        let from = job
+            .status()
+            .latest_checkpoint
+            .as_ref()
+            .map_or("the beginning (no checkpoint yet)".to_string(), |c| c.tag.clone());
+        self.restart(job, format!("resumed from {from}"))
+            .map_err(store_status)?;
+        let status = job.full_status();
+        drop(inner);
+        self.notify();
+        Ok(status)
+    }
+
+    /// Jobs waiting for workers that this coordinator should start: (job id, attempt, placements).
+    pub fn pending_launches(&self) -> Vec<(String, u32, Vec<kormlm_proto::v1::Placement>)> {
+        let inner = self.lock();
+        inner
+            .jobs
+            .values()
+            .filter(|j| j.state() == JobState::Pending && !j.spec().placements.is_empty())
+            .map(|j| {
+                (
+                    j.status().job_id.clone(),
+                    j.status().restarts + 1,
+                    j.spec().placements.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Hosts and pids of a job's workers, for signalling on a forced kill.
+    pub fn worker_pids(&self, job_id: &str) -> Vec<(String, u32)> {
+        let inner = self.lock();
+        job_number(job_id)
+            .and_then(|n| inner.jobs.get(&n))
+            .map(|j| j.workers.values().map(|w| (w.info.host.clone(), w.info.pid)).collect())
+            .unwrap_or_default()
     }
 
     fn mark_lost(&self, job: &mut Job, rank: u32, reason: String) -> Result<()> {
@@ -657,15 +834,19 @@ impl Coordinator {
     }
 
     /// A worker process this coordinator started has exited.
-    pub fn process_exited(&self, job_id: &str, rank: u32, description: &str) {
+    pub fn process_exited(&self, job_id: &str, attempt: u32, rank: u32, pid: u32, description: &str) {
         let mut inner = self.lock();
         let Some(job) = job_number(job_id).and_then(|n| inner.jobs.get_mut(&n)) else {
             return;
         };
+        if job.status().restarts + 1 != attempt {
+            // A process of an earlier attempt; the job has moved on.
+            return;
+        }
         let alive = job
             .workers
             .get(&rank)
-            .is_some_and(|w| w.info.state == WorkerState::Alive as i32);
+            .is_some_and(|w| w.info.state == WorkerState::Alive as i32 && w.info.pid == pid);
         let result = if alive {
             self.mark_lost(job, rank, description.to_string())
         } else if job.state() == JobState::Pending && !job.workers.contains_key(&rank) {
@@ -689,6 +870,16 @@ impl Coordinator {
         for job in inner.jobs.values_mut() {
             if is_terminal(job.state()) {
                 continue;
+            }
+            if let Some((reason, at)) = job.pending_failure.take() {
+                if at.elapsed() < COLLECTIVE_FAILURE_GRACE {
+                    job.pending_failure = Some((reason, at));
+                } else if matches!(job.state(), JobState::Running | JobState::Stopping) {
+                    if let Err(e) = self.fail_job(job, reason).and_then(|_| self.store.flush()) {
+                        tracing::error!(error = %e, "cannot record a failed job");
+                    }
+                    changed = true;
+                }
             }
             let late: Vec<(u32, Duration)> = job
                 .workers

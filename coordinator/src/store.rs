@@ -159,6 +159,20 @@ impl Store {
             .collect()
     }
 
+    /// Removes every worker record of a job (a restarted job gets new workers).
+    pub fn clear_workers(&self, number: u64) -> Result<()> {
+        let keys: Vec<sled::IVec> = self
+            .db
+            .scan_prefix(worker_prefix(number))
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        for key in keys {
+            self.db.remove(key).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
     pub fn append_event(&self, number: u64, event: &EventRecord) -> Result<()> {
         let seq = self.db.generate_id().map_err(|e| self.err(e))?;
         let key = format!("{}{seq:020}", event_prefix(number));

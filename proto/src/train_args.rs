@@ -60,6 +60,12 @@ pub struct TrainArgs {
     /// Exclude biases and LayerNorm weights from weight decay (the original decays everything).
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub decay_exclude_bias_layernorm: bool,
+    /// Also checkpoint every N optimizer steps (0: only at the end of each epoch and on a stop).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_steps: u64,
+    /// Complete checkpoints kept besides the best one.
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
     /// Stop after this many optimizer steps (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,

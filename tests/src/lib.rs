@@ -121,12 +121,17 @@ pub struct CoordinatorProc {
 impl CoordinatorProc {
     /// Starts `coordinator --listen 127.0.0.1:0 --state-dir DIR ARGS…` and waits until it listens.
     pub fn start(state_dir: &Path, args: &[&str]) -> Self {
+        Self::start_listening(state_dir, "127.0.0.1:0", args)
+    }
+
+    /// Like `start`, on a given address (a restarted coordinator keeps its address).
+    pub fn start_listening(state_dir: &Path, listen: &str, args: &[&str]) -> Self {
         let addr_file = state_dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::File::create(state_dir.with_extension("coordinator.log")).ok();
         let mut command = Command::new(binary("coordinator"));
         command
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .args(["--listen", listen, "--state-dir"])
             .arg(state_dir)
             .args(args)
             .stdout(Stdio::null());
@@ -303,4 +308,27 @@ pub fn max_weight_diff(a: &Path, b: &Path) -> f64 {
         }
     }
     worst
+}
+
+/// Training flags for a long-running job on the tiny model (Korean HateSpeech train set, many
+/// epochs), so a test can act on a job that is busy.
+pub fn busy_training_flags(output_dir: &Path) -> Vec<String> {
+    let data = shared_data().join("korean-hate-speech/labeled/train.tsv");
+    [
+        "--model_name_or_path",
+        tiny_model().to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        output_dir.to_str().unwrap(),
+        "--max_seq_len",
+        "32",
+        "--num_train_epochs",
+        "100",
+        "--logging_steps",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

@@ -63,7 +63,7 @@ fn run_job(dir: &Path, tag: &str, config: &Path, workers: u32, extra: &[&str]) -
         .args(extra)
         .env("KORMLM_CACHE", dir.join("cache"));
     let output = run(&mut command);
-    let logs = std::fs::read_dir(state.join("logs/job-1"))
+    let logs = std::fs::read_dir(state.join("logs/job-1/attempt-1"))
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())

@@ -11,17 +11,17 @@ fn registration_status_loss_and_restart() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let cpu_demo = config("cpu-demo.json");
-    let mut coordinator = CoordinatorProc::start(
-        &state,
-        &[
-            "--config",
-            cpu_demo.to_str().unwrap(),
-            "--world_size",
-            "2",
-            "--worker-timeout-ms",
-            "2000",
-        ],
-    );
+    let flags = busy_training_flags(&dir.path().join("out"));
+    let mut args = vec![
+        "--config",
+        cpu_demo.to_str().unwrap(),
+        "--world_size",
+        "2",
+        "--worker-timeout-ms",
+        "2000",
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    let mut coordinator = CoordinatorProc::start(&state, &args);
     let status = coordinator.status(None);
     assert_eq!(status["state"], "PENDING");
     assert_eq!(status["train_batch_size"], 32, "16 per rank x 2 ranks");
@@ -154,17 +154,18 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let mut c = CoordinatorProc::start(
-        &state,
-        &[
-            "--config",
-            config("cpu-demo.json").to_str().unwrap(),
-            "--num_workers",
-            "2",
-            "--device",
-            "cpu",
-        ],
-    );
+    let cpu_demo = config("cpu-demo.json");
+    let flags = busy_training_flags(&dir.path().join("out"));
+    let mut args = vec![
+        "--config",
+        cpu_demo.to_str().unwrap(),
+        "--num_workers",
+        "2",
+        "--device",
+        "cpu",
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    let mut c = CoordinatorProc::start(&state, &args);
     let status = wait_for("spawned workers to register", Duration::from_secs(30), || {
         let s = c.status(None);
         (s["state"] == "RUNNING").then_some(s)
@@ -176,7 +177,7 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
         .map(|w| w["pid"].as_u64().unwrap() as u32)
         .collect();
     assert!(pids.iter().all(|p| pid_alive(*p)));
-    assert!(state.join("logs/job-1/rank-0.log").is_file());
+    assert!(state.join("logs/job-1/attempt-1/rank-0.log").is_file());
 
     // A graceful kill stops the workers; the job ends KILLED.
     let out = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url, "--json"]));

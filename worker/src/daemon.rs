@@ -6,7 +6,8 @@ use crate::job;
 use crate::train::{ProgressEvent, TrainSummary};
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{
-    Assignment, CommandKind, DeviceKind, EarlyStopState, Progress, RegisterRequest, TaskKind, WorkerReport,
+    Assignment, CheckpointRef, CommandKind, DeviceKind, EarlyStopState, Progress, RegisterRequest, TaskKind,
+    WorkerReport,
 };
 use kormlm_proto::PROTOCOL_VERSION;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,10 +186,22 @@ fn to_proto(event: &ProgressEvent) -> (Progress, EarlyStopState) {
     )
 }
 
+fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_loss: Option<f64>) -> CheckpointRef {
+    CheckpointRef {
+        tag: format!("step-{step}"),
+        path: path.clone(),
+        global_step: *step,
+        world_size: assignment.world_size,
+        val_loss,
+        created_unix_ms: now_ms(),
+    }
+}
+
 async fn heartbeat_session(
     client: &mut WorkerServiceClient<Channel>,
     assignment: &Assignment,
     work: &mut Option<Work>,
+    starting: &mut Option<tokio::task::JoinHandle<Result<Work, DaemonError>>>,
 ) -> Result<SessionEnd, DaemonError> {
     let interval = Duration::from_millis(u64::from(assignment.heartbeat_interval_ms.max(10)));
     let (tx, rx) = tokio::sync::mpsc::channel::<WorkerReport>(8);
@@ -211,6 +224,15 @@ async fn heartbeat_session(
             finished,
             failure,
             early_stop,
+            checkpoint: event
+                .as_ref()
+                .and_then(|e| e.checkpoint.as_ref())
+                .map(|c| checkpoint_ref(c, assignment, None)),
+            best_checkpoint: event.as_ref().and_then(|e| {
+                e.best_checkpoint
+                    .as_ref()
+                    .map(|c| checkpoint_ref(c, assignment, e.best_val_loss))
+            }),
         }
     };
     tx.send(report(work, false, String::new()))
@@ -230,7 +252,25 @@ async fn heartbeat_session(
                 None => std::future::pending::<()>().await,
             }
         };
+        let started = async {
+            match starting.as_mut() {
+                Some(handle) => handle.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            joined = started => {
+                *starting = None;
+                match joined.map_err(|e| DaemonError::Job(format!("the start-up task failed: {e}"))).and_then(|r| r) {
+                    Ok(w) => *work = Some(w),
+                    Err(e) => {
+                        // Tell the coordinator why, then give up.
+                        let _ = tx.send(report(work, false, e.to_string())).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Err(e);
+                    }
+                }
+            }
             _ = tick.tick() => {
                 if tx.send(report(work, false, String::new())).await.is_err() {
                     return Ok(SessionEnd::Disconnected("heartbeat stream closed".into()));
@@ -328,6 +368,7 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     );
     let mut checked_device = None;
     let mut work: Option<Work> = None;
+    let mut starting: Option<tokio::task::JoinHandle<Result<Work, DaemonError>>> = None;
     loop {
         let (mut client, assignment) = register(&options, &info).await?;
         let device = assigned_device(&assignment);
@@ -344,29 +385,14 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
             incarnation = assignment.incarnation,
             "registered"
         );
-        if work.is_none() {
-            match start_work(&mut client, &assignment, &options.coordinator).await {
-                Ok(w) => work = Some(w),
-                Err(e) => {
-                    // Tell the coordinator why, then give up.
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    let _ = tx
-                        .send(WorkerReport {
-                            job_id: assignment.job_id.clone(),
-                            rank: assignment.rank,
-                            incarnation: assignment.incarnation,
-                            sent_unix_ms: now_ms(),
-                            failure: e.to_string(),
-                            ..Default::default()
-                        })
-                        .await;
-                    drop(tx);
-                    let _ = client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-                    return Err(e);
-                }
-            }
+        if work.is_none() && starting.is_none() {
+            let (client, assignment, url) = (client.clone(), assignment.clone(), options.coordinator.clone());
+            starting = Some(tokio::spawn(async move {
+                let mut client = client;
+                start_work(&mut client, &assignment, &url).await
+            }));
         }
-        match heartbeat_session(&mut client, &assignment, &mut work).await? {
+        match heartbeat_session(&mut client, &assignment, &mut work, &mut starting).await? {
             SessionEnd::Finished => return Ok(Outcome::Done),
             SessionEnd::Disconnected(reason) => {
                 tracing::warn!(%reason, "lost the coordinator; registering again");

@@ -39,6 +39,7 @@ pub fn collective_timeout() -> Duration {
 }
 
 pub struct Prepared {
+    pub resume_from: Option<PathBuf>,
     pub args: TrainArgs,
     pub config: ResolvedConfig,
     pub device: Device,
@@ -61,6 +62,7 @@ pub fn prepare(assignment: &Assignment) -> Result<Prepared, JobError> {
         assignment.output_dir.clone()
     });
     Ok(Prepared {
+        resume_from: (!assignment.resume_from.is_empty()).then(|| PathBuf::from(&assignment.resume_from)),
         args,
         config,
         device,
@@ -152,6 +154,7 @@ pub fn run_training(
         device: prepared.device,
         output_dir: prepared.output_dir.clone(),
         cache_dir,
+        resume_from: prepared.resume_from.clone(),
     };
     let summary = train::train(
         &job,

@@ -85,7 +85,7 @@ enum Command {
         batch_size: usize,
     },
     /// Train in this one process (world size 1), like the original ds_main.py.
-    Train(TrainCommand),
+    Train(Box<TrainCommand>),
     /// Show libtorch, CUDA and NCCL as this worker sees them.
     Info {
         /// Print JSON.
@@ -105,6 +105,9 @@ struct TrainCommand {
     /// Where tokenised corpora are cached (default: ~/.cache/kormlm/tokens).
     #[arg(long = "cache_dir")]
     cache_dir: Option<PathBuf>,
+    /// Continue from this checkpoint directory (OUTPUT_DIR/checkpoints/step-N).
+    #[arg(long = "resume_from")]
+    resume_from: Option<PathBuf>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -118,7 +121,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { json }) => info(json),
-        Some(Command::Train(command)) => train(command),
+        Some(Command::Train(command)) => train(*command),
         Some(Command::Tokenize {
             model,
             max_seq_len,
@@ -195,6 +198,7 @@ fn train(command: TrainCommand) -> anyhow::Result<()> {
         device,
         output_dir: output_dir.clone(),
         cache_dir: command.cache_dir.or_else(default_cache_dir),
+        resume_from: command.resume_from,
     };
     let summary = kormlm_worker::train::train(&job, &mut SingleRank, &mut |_| {}, &|| false)?;
     eprintln!(

@@ -2,6 +2,7 @@
 //! the loop that ties them together.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod eval;
 pub mod plan;
 pub mod run;

@@ -3,6 +3,7 @@
 //! layout. The same loop runs in one process (`worker train`) and on every rank of a job.
 
 use super::batch::collate;
+use super::checkpoint::{self, CheckpointError, TrainerState};
 use super::eval::{evaluate, EvalSums};
 use super::plan::{epoch_order, StepShape};
 use super::trainer::Trainer;
@@ -30,6 +31,8 @@ pub enum TrainError {
     Dataset(#[from] DatasetError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{path}: {message}")]
     Output { path: String, message: String },
     #[error("training: {0}")]
@@ -54,6 +57,8 @@ pub struct TrainJob<'a> {
     pub output_dir: PathBuf,
     /// Tokenised corpora are cached here.
     pub cache_dir: Option<PathBuf>,
+    /// A checkpoint directory to continue from.
+    pub resume_from: Option<PathBuf>,
 }
 
 /// Live progress, for progress bars and heartbeats.
@@ -76,6 +81,10 @@ pub struct ProgressEvent {
     pub loss_scale: f64,
     pub skipped_steps: u64,
     pub optimizer_state_bytes: u64,
+    /// The newest complete checkpoint and its global step.
+    pub checkpoint: Option<(String, u64)>,
+    /// The checkpoint holding the best weights so far.
+    pub best_checkpoint: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -183,7 +192,23 @@ pub fn train(
     let args = job.args;
     let (rank, world) = (comm.rank(), comm.world_size());
     let leader = rank == 0;
-    let loaded = LoadedModel::load(&args.model_name_or_path, args.revision.as_deref(), job.device)?;
+    let resume = match &job.resume_from {
+        None => None,
+        Some(dir) => Some(match checkpoint::read_state(dir) {
+            Ok(state) => (dir.clone(), state),
+            Err(e) => {
+                let root = dir.parent().unwrap_or(Path::new("."));
+                let fallback = checkpoint::latest_complete(root).ok_or(e)?;
+                tracing::warn!(requested = %dir.display(), using = %fallback.display(), "checkpoint unreadable; using the newest complete one");
+                let state = checkpoint::read_state(&fallback)?;
+                (fallback, state)
+            }
+        }),
+    };
+    let loaded = match &resume {
+        Some((dir, _)) => LoadedModel::load(dir.join("model").to_str().unwrap_or_default(), None, job.device)?,
+        None => LoadedModel::load(&args.model_name_or_path, args.revision.as_deref(), job.device)?,
+    };
     let spec = CorpusSpec::from_data_path(&args.data_path)?;
     let corpus = spec.load()?;
     if corpus.train.is_empty() {
@@ -233,7 +258,30 @@ pub fn train(
             (0, padded)
         }
     });
+    if let Some((dir, state)) = &resume {
+        checkpoint::restore_optimizer(&mut trainer, dir, state)?;
+        if leader {
+            tracing::info!(checkpoint = %dir.display(), epoch = state.epoch, step = state.next_step, "resuming");
+        }
+    }
     let optimizer_state_bytes = trainer.optimizer.state_bytes() + trainer.optimizer.len as u64 * 4;
+    let checkpoint_root = job.output_dir.join("checkpoints");
+    let partitions: Vec<checkpoint::PartitionRange> = {
+        let shard = trainer.optimizer.len;
+        (0..world)
+            .map(|r| checkpoint::PartitionRange {
+                rank: r,
+                start: if zero { r as i64 * shard } else { 0 },
+                len: shard,
+            })
+            .collect()
+    };
+    // With stage 0 every rank holds the whole state; one copy is enough.
+    let partitions: Vec<checkpoint::PartitionRange> = if zero {
+        partitions
+    } else {
+        partitions.into_iter().take(1).collect()
+    };
 
     let log_path = job.output_dir.join("training_log.jsonl");
     let mut log = Log {
@@ -246,7 +294,12 @@ pub fn train(
         let params = json!({"args": args, "config": job.config, "corpus": corpus.report});
         let params_path = job.output_dir.join("params.json");
         std::fs::write(&params_path, format!("{params:#}\n")).map_err(|e| out_err(&params_path, e))?;
-        log.file = Some(std::fs::File::create(&log_path).map_err(|e| out_err(&log_path, e))?);
+        let file = if resume.is_some() {
+            std::fs::OpenOptions::new().create(true).append(true).open(&log_path)
+        } else {
+            std::fs::File::create(&log_path)
+        };
+        log.file = Some(file.map_err(|e| out_err(&log_path, e))?);
     }
 
     let pad = trainer.loaded.tokenizer.special().pad;
@@ -255,11 +308,43 @@ pub fn train(
         optimizer_state_bytes,
         ..Default::default()
     };
-    let mut best: Option<f64> = None;
-    let mut best_epoch = None;
-    let mut stop_count = 0u32;
-    let mut history = Vec::new();
-    let mut early_stopped = false;
+    let mut best: Option<f64> = resume.as_ref().and_then(|(_, s)| s.best_val_loss);
+    let mut best_epoch = resume.as_ref().and_then(|(_, s)| s.best_epoch);
+    let mut stop_count = resume.as_ref().map_or(0, |(_, s)| s.stop_count);
+    let mut history = resume
+        .as_ref()
+        .map_or_else(Vec::new, |(_, s)| s.val_loss_history.clone());
+    let mut early_stopped = resume.as_ref().is_some_and(|(_, s)| s.early_stopped);
+    let (start_epoch, mut start_step) = resume.as_ref().map_or((0, 0), |(_, s)| (s.epoch, s.next_step));
+    progress.global_step = trainer.steps + trainer.skipped_steps;
+    progress.best_val_loss = best;
+    progress.stop_count = stop_count;
+    progress.val_loss_history = history.clone();
+    progress.early_stopped = early_stopped;
+    let state_at = |trainer: &Trainer,
+                    epoch: u32,
+                    next_step: u64,
+                    best: Option<f64>,
+                    best_epoch: Option<u32>,
+                    stop_count: u32,
+                    history: &[f64],
+                    early_stopped: bool| TrainerState {
+        version: 1,
+        epoch,
+        next_step,
+        steps: trainer.steps,
+        skipped_steps: trainer.skipped_steps,
+        scaler: trainer.scaler.clone(),
+        best_val_loss: best,
+        best_epoch,
+        stop_count,
+        val_loss_history: history.to_vec(),
+        early_stopped,
+        world_size: world,
+        partitions: partitions.clone(),
+        numel: trainer.flat.numel,
+        seed: args.seed,
+    };
     let (mut window_loss, mut window_masked, mut window_samples, mut window_tokens) = (0.0, 0.0, 0u64, 0u64);
     let mut window_start = Instant::now();
     let mut epochs_run = 0;
@@ -276,11 +361,15 @@ pub fn train(
         b
     });
 
-    'epochs: for epoch in 0..args.num_train_epochs {
+    'epochs: for epoch in start_epoch..args.num_train_epochs {
+        if early_stopped {
+            break;
+        }
         epochs_run = epoch + 1;
         progress.epoch = epoch;
         let order = epoch_order(train_set.len(), args.seed, u64::from(epoch));
-        for step in 0..steps_per_epoch as usize {
+        let first_step = std::mem::take(&mut start_step) as usize;
+        for step in first_step..steps_per_epoch as usize {
             // Masked-token count of the whole global step, so every micro-batch on every rank
             // divides by the same number (masking is deterministic, so no communication).
             let mut step_masked = 0usize;
@@ -373,9 +462,29 @@ pub fn train(
             // Every rank must leave at the same step, so the stop request is agreed on.
             let mut stop = [f64::from(u8::from(should_stop()))];
             comm.all_reduce_scalars(&mut stop)?;
+            let periodic = args.checkpoint_steps > 0 && progress.global_step.is_multiple_of(args.checkpoint_steps);
+            if (stop[0] > 0.0 || periodic) && step + 1 < steps_per_epoch as usize {
+                let state = state_at(
+                    &trainer,
+                    epoch,
+                    step as u64 + 1,
+                    best,
+                    best_epoch,
+                    stop_count,
+                    &history,
+                    false,
+                );
+                let dir = checkpoint::save(&trainer, &state, comm, &checkpoint_root, args.keep_checkpoints)?;
+                progress.checkpoint = Some((dir.display().to_string(), progress.global_step));
+                on_progress(&progress);
+            }
             if stop[0] > 0.0 {
                 stopped_by_request = true;
-                break 'epochs;
+                if step + 1 < steps_per_epoch as usize {
+                    break 'epochs;
+                }
+                // At the last step of an epoch the regular epoch end (evaluation, checkpoint) runs.
+                break;
             }
         }
 
@@ -415,7 +524,28 @@ pub fn train(
         if leader {
             tracing::info!(epoch, val_loss, val_accuracy = sums.accuracy(), best = ?best, stop_count, "evaluation");
         }
+        let state = state_at(
+            &trainer,
+            epoch + 1,
+            0,
+            best,
+            best_epoch,
+            stop_count,
+            &history,
+            early_stopped,
+        );
+        let dir = checkpoint::save(&trainer, &state, comm, &checkpoint_root, args.keep_checkpoints)?;
+        progress.checkpoint = Some((dir.display().to_string(), progress.global_step));
+        if improved {
+            if leader {
+                checkpoint::mark_best(&checkpoint_root, &dir)?;
+            }
+            progress.best_checkpoint = progress.checkpoint.clone();
+        }
         on_progress(&progress);
+        if stopped_by_request {
+            break;
+        }
         if early_stopped {
             if leader {
                 tracing::info!(epoch, stop_count, "EARLY STOPPED");

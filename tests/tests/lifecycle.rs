@@ -1,0 +1,255 @@
+//! Job life cycle with real processes: kill and resume (also onto another world size and past a
+//! damaged checkpoint), a coordinator killed and restarted, a worker killed with restarts left,
+//! and an early-stopped job that stays finished.
+
+use kormlm_e2e::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn config(dir: &Path) -> PathBuf {
+    let path = dir.join("ds.json");
+    std::fs::write(
+        &path,
+        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
+            "zero_optimization": {"stage": 2}}"#,
+    )
+    .unwrap();
+    path
+}
+
+fn job_args(dir: &Path, out: &Path, workers: u32, epochs: u32) -> Vec<String> {
+    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    [
+        "--config",
+        config(dir).to_str().unwrap(),
+        "--num_workers",
+        &workers.to_string(),
+        "--device",
+        "cpu",
+        "--model_name_or_path",
+        tiny_model().to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--max_seq_len",
+        "32",
+        "--num_train_epochs",
+        &epochs.to_string(),
+        "--logging_steps",
+        "1",
+        "--seed",
+        "7",
+        "--max_stop_number",
+        "10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(state: &Path, args: &[String]) -> CoordinatorProc {
+    std::fs::create_dir_all(state).unwrap();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    CoordinatorProc::start(state, &refs)
+}
+
+/// Loss per global step from a training log (the last record wins when a step was logged twice).
+fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
+    log.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["type"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn wait_state(c: &CoordinatorProc, state: &str, timeout: Duration) -> Value {
+    wait_for(&format!("job-1 to be {state}"), timeout, || {
+        let s = c.status(Some("job-1"));
+        assert!(
+            !(s["state"] == "FAILED" && state != "FAILED"),
+            "job failed: {s}\n{}",
+            c.log()
+        );
+        (s["state"] == state).then_some(s)
+    })
+}
+
+fn client(c: &CoordinatorProc, args: &[&str]) -> std::process::Output {
+    run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]))
+}
+
+/// Kills job-1 after its first evaluation, mid-epoch; returns the step it stopped at.
+fn kill_mid_epoch(c: &CoordinatorProc) -> u64 {
+    wait_for(
+        "the first evaluation and a few more steps",
+        Duration::from_secs(120),
+        || {
+            let s = c.status(Some("job-1"));
+            let evaluated = s["val_loss_history"].as_array().is_some_and(|h| !h.is_empty());
+            (evaluated && s["global_step"].as_u64().unwrap_or(0) >= 32).then_some(())
+        },
+    );
+    let out = client(c, &["kill", "--job", "job-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = wait_state(c, "KILLED", Duration::from_secs(60));
+    let checkpoint = &status["latest_checkpoint"];
+    assert!(
+        checkpoint["path"].as_str().is_some(),
+        "a checkpoint is registered: {status}"
+    );
+    status["global_step"].as_u64().unwrap()
+}
+
+#[test]
+fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let epochs = 3;
+
+    // The uninterrupted reference.
+    let reference = d.join("reference");
+    let mut args = job_args(d, &reference, 2, epochs);
+    args.push("--exit-when-done".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(Command::new(binary("coordinator")).args(&refs).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        d.join("ref-state").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = losses(&reference);
+
+    // Killed mid-epoch, resumed with the same two workers.
+    let resumed = d.join("resumed");
+    let c = start(&d.join("state-a"), &job_args(d, &resumed, 2, epochs));
+    let stopped_at = kill_mid_epoch(&c);
+    assert!(stopped_at < *expected.keys().last().unwrap());
+    let before = c.status(Some("job-1"));
+    let out = client(&c, &["resume", "--job", "job-1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(120));
+    assert_eq!(done["restarts"], 1);
+    // The early-stop counters and history carried over.
+    let history = done["val_loss_history"].as_array().unwrap();
+    assert_eq!(history.len(), epochs as usize);
+    assert_eq!(history[0], before["val_loss_history"][0]);
+    let got = losses(&resumed);
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (step, loss) in &got {
+        let diff = (loss - expected[step]).abs();
+        assert!(
+            diff <= 1e-5,
+            "step {step}: loss {loss} vs {} uninterrupted",
+            expected[step]
+        );
+    }
+    let diff = max_weight_diff(
+        &reference.join("final/model.safetensors"),
+        &resumed.join("final/model.safetensors"),
+    );
+    eprintln!("kill at step {stopped_at} + resume (2 workers): max abs weight diff {diff:e}");
+    assert!(diff <= 1e-5, "{diff}");
+
+    // Killed mid-epoch, its newest checkpoint damaged, resumed on ONE worker.
+    let other = d.join("other");
+    let c2 = start(&d.join("state-b"), &job_args(d, &other, 2, epochs));
+    let stopped_at = kill_mid_epoch(&c2);
+    let latest = PathBuf::from(c2.status(Some("job-1"))["latest_checkpoint"]["path"].as_str().unwrap());
+    let optim = latest.join("optim-rank1.safetensors");
+    let bytes = std::fs::read(&optim).unwrap();
+    std::fs::write(&optim, &bytes[..bytes.len() / 2]).unwrap();
+    let out = client(&c2, &["resume", "--job", "job-1", "--world_size", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = wait_state(&c2, "SUCCEEDED", Duration::from_secs(180));
+    assert_eq!(done["world_size"], 1);
+    assert_eq!(done["workers"].as_array().unwrap().len(), 1);
+    let diff = max_weight_diff(
+        &reference.join("final/model.safetensors"),
+        &other.join("final/model.safetensors"),
+    );
+    eprintln!("kill at step {stopped_at}, damaged checkpoint, resume on 1 worker: max abs weight diff {diff:e}");
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_finds_its_job_and_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let args = job_args(d, &d.join("out"), 2, 4);
+    let mut c = start(&state, &args);
+    let before = wait_for("training progress", Duration::from_secs(120), || {
+        let s = c.status(Some("job-1"));
+        (s["global_step"].as_u64().unwrap_or(0) >= 5).then_some(s)
+    });
+    c.proc.signal(Signal::SIGKILL);
+    c.proc.wait_exit(Duration::from_secs(10));
+    let listen = c.url.trim_start_matches("http://").to_string();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let restarted = CoordinatorProc::start_listening(&state, &listen, &refs);
+    let status = restarted.status(Some("job-1"));
+    assert!(status["global_step"].as_u64().unwrap() >= before["global_step"].as_u64().unwrap());
+    let done = wait_state(&restarted, "SUCCEEDED", Duration::from_secs(180));
+    assert_eq!(done["restarts"], 0, "the workers carried on; nothing was restarted");
+    assert!(done["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|w| w["incarnation"].as_u64().unwrap() >= 2));
+}
+
+#[test]
+fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = job_args(d, &d.join("out"), 2, 3);
+    args.extend([
+        "--max_restarts".to_string(),
+        "1".to_string(),
+        "--checkpoint_steps".to_string(),
+        "5".to_string(),
+    ]);
+    let c = start(&d.join("state"), &args);
+    let running = wait_for("a checkpoint", Duration::from_secs(120), || {
+        let s = c.status(Some("job-1"));
+        s["latest_checkpoint"]["path"].as_str().is_some().then_some(s)
+    });
+    let pid = running["workers"][1]["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(180));
+    assert_eq!(done["restarts"], 1, "{done}");
+}
+
+#[test]
+fn an_early_stopped_job_stays_succeeded_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = job_args(d, &d.join("out"), 1, 40);
+    let patience = args.iter().position(|a| a == "--max_stop_number").unwrap();
+    args[patience + 1] = "1".into();
+    let lr = args.iter().position(|a| a == "--config").unwrap();
+    let hot = d.join("hot.json");
+    std::fs::write(
+        &hot,
+        r#"{"train_batch_size": 16, "optimizer": {"type": "AdamW", "params": {"lr": 3e-2, "weight_decay": 0.0}}}"#,
+    )
+    .unwrap();
+    args[lr + 1] = hot.to_str().unwrap().into();
+    let c = start(&d.join("state"), &args);
+    let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(300));
+    assert_eq!(done["early_stopped"], true, "{done}");
+    assert_eq!(done["stop_count"], 1);
+    let out = client(&c, &["resume", "--job", "job-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already SUCCEEDED (early stopped)"));
+    assert_eq!(c.status(Some("job-1"))["state"], "SUCCEEDED");
+}

@@ -1,0 +1,266 @@
+//! Checkpoints: full weights in Hugging Face layout (rank 0), each rank's optimizer partition,
+//! and the trainer state. Every rank writes into a temporary directory; after a barrier rank 0
+//! adds the weights and state and renames the directory, so a checkpoint directory that exists
+//! is complete. Resuming re-partitions the optimizer state for any world size.
+
+use super::trainer::Trainer;
+use crate::comm::Collective;
+use crate::optim::loss_scale::DynamicLossScaler;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {message}")]
+    Io { path: String, message: String },
+    #[error("checkpoint {path} is incomplete or damaged: {message}")]
+    Invalid { path: String, message: String },
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> CheckpointError {
+    CheckpointError::Invalid {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Where one rank's optimizer partition sits in the flat buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRange {
+    pub rank: usize,
+    pub start: i64,
+    pub len: i64,
+}
+
+/// Everything besides tensors needed to continue exactly where a run stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub version: u32,
+    /// Epoch to continue in, and the first step of it not yet taken.
+    pub epoch: u32,
+    pub next_step: u64,
+    /// Optimizer steps taken (the scheduler iteration and AdamW's step count).
+    pub steps: u64,
+    pub skipped_steps: u64,
+    pub scaler: Option<DynamicLossScaler>,
+    pub best_val_loss: Option<f64>,
+    pub best_epoch: Option<u32>,
+    pub stop_count: u32,
+    pub val_loss_history: Vec<f64>,
+    pub early_stopped: bool,
+    pub world_size: usize,
+    pub partitions: Vec<PartitionRange>,
+    /// Real (unpadded) parameter elements, to check the model matches.
+    pub numel: i64,
+    pub seed: u64,
+}
+
+fn optim_file(rank: usize) -> String {
+    format!("optim-rank{rank}.safetensors")
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+/// Writes a checkpoint collectively; returns its directory (on every rank).
+pub fn save(
+    trainer: &Trainer,
+    state: &TrainerState,
+    comm: &mut dyn Collective,
+    root: &Path,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    let tag = format!("step-{}", state.steps + state.skipped_steps);
+    let final_dir = root.join(&tag);
+    let tmp = root.join(format!(".{tag}.tmp"));
+    let exists = final_dir.join(STATE_FILE).is_file();
+    if !exists {
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        let path = tmp.join(optim_file(comm.rank()));
+        let tensors = [
+            (
+                "exp_avg".to_string(),
+                trainer.optimizer.exp_avg.to_device(tch::Device::Cpu),
+            ),
+            (
+                "exp_avg_sq".to_string(),
+                trainer.optimizer.exp_avg_sq.to_device(tch::Device::Cpu),
+            ),
+        ];
+        crate::model::weights::write_safetensors(&tensors, &path).map_err(|e| io(&path, e))?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(&path, e))?;
+    }
+    // Barrier: every rank's partition is on disk before rank 0 commits.
+    let mut done = [1.0];
+    comm.all_reduce_scalars(&mut done)?;
+    if comm.rank() == 0 && !exists {
+        if (done[0] as usize) != comm.world_size() {
+            return Err(invalid(&tmp, "not every rank confirmed its optimizer partition"));
+        }
+        trainer.loaded.save(&tmp.join("model")).map_err(|e| io(&tmp, e))?;
+        let text = serde_json::to_string_pretty(state).expect("state serialises");
+        write_atomically(&tmp.join(STATE_FILE), &text)?;
+        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+        write_atomically(&root.join("latest"), &tag)?;
+        prune(root, keep, state);
+    }
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` checkpoints, never the best one (named in `best`).
+fn prune(root: &Path, keep: usize, state: &TrainerState) {
+    let best = std::fs::read_to_string(root.join("best")).ok();
+    let mut tags: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")
+                .and_then(|n| n.parse().ok())
+                .map(|n| (n, e.path()))
+        })
+        .collect();
+    tags.sort();
+    let current = state.steps + state.skipped_steps;
+    let cut = tags.len().saturating_sub(keep.max(1));
+    for (step, path) in &tags[..cut] {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if *step == current || best.as_deref().map(str::trim) == Some(name.as_str()) {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// Marks `dir` (a checkpoint under `root`) as the best one, so pruning keeps it.
+pub fn mark_best(root: &Path, dir: &Path) -> Result<(), CheckpointError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    write_atomically(&root.join("best"), &name)
+}
+
+/// Reads and checks a checkpoint's trainer state.
+pub fn read_state(dir: &Path) -> Result<TrainerState, CheckpointError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| invalid(dir, format!("{STATE_FILE}: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| invalid(dir, format!("{STATE_FILE}: {e}")))?;
+    if state.version != STATE_VERSION {
+        return Err(invalid(
+            dir,
+            format!("state version {}, this worker reads {STATE_VERSION}", state.version),
+        ));
+    }
+    let mut files: Vec<PathBuf> = state.partitions.iter().map(|p| dir.join(optim_file(p.rank))).collect();
+    files.push(dir.join("model").join(crate::model::weights::SAFETENSORS));
+    for file in files {
+        let bytes = std::fs::read(&file).map_err(|e| invalid(dir, format!("{}: {e}", file.display())))?;
+        safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| invalid(dir, format!("{} is damaged: {e}", file.display())))?;
+    }
+    Ok(state)
+}
+
+/// Loads the optimizer moments for this rank's range from all saved partitions (any world size).
+pub fn restore_optimizer(trainer: &mut Trainer, dir: &Path, state: &TrainerState) -> Result<(), CheckpointError> {
+    if state.numel != trainer.flat.numel {
+        return Err(invalid(
+            dir,
+            format!(
+                "it holds {} parameters, the model has {}",
+                state.numel, trainer.flat.numel
+            ),
+        ));
+    }
+    let padded = trainer.flat.padded_numel();
+    let full_m = Tensor::zeros(
+        [padded.max(state.partitions.iter().map(|p| p.start + p.len).max().unwrap_or(0))],
+        (Kind::Float, tch::Device::Cpu),
+    );
+    let full_v = full_m.zeros_like();
+    for p in &state.partitions {
+        let path = dir.join(optim_file(p.rank));
+        let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .map_err(|e| invalid(dir, format!("{}: {e}", path.display())))?
+            .into_iter()
+            .collect();
+        for (name, full) in [("exp_avg", &full_m), ("exp_avg_sq", &full_v)] {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| invalid(dir, format!("{} lacks {name}", path.display())))?;
+            if t.size() != [p.len] {
+                return Err(invalid(
+                    dir,
+                    format!(
+                        "{}: {name} has shape {:?}, expected [{}]",
+                        path.display(),
+                        t.size(),
+                        p.len
+                    ),
+                ));
+            }
+            full.narrow(0, p.start, p.len).copy_(t);
+        }
+    }
+    let (start, len) = (trainer.optimizer.start, trainer.optimizer.len);
+    let device = trainer.device;
+    trainer.optimizer.exp_avg = full_m.narrow(0, start, len).to_device(device).contiguous();
+    trainer.optimizer.exp_avg_sq = full_v.narrow(0, start, len).to_device(device).contiguous();
+    trainer.optimizer.step = state.steps;
+    trainer.steps = state.steps;
+    trainer.skipped_steps = state.skipped_steps;
+    if let (Some(s), Some(saved)) = (trainer.scaler.as_mut(), state.scaler.clone()) {
+        *s = saved;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint under `root` (by the `latest` pointer, falling back to the
+/// newest `step-N` directory whose state reads), skipping damaged ones with a warning.
+pub fn latest_complete(root: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")
+                .and_then(|n| n.parse().ok())
+                .map(|n| (n, e.path()))
+        })
+        .collect();
+    candidates.sort();
+    for (_, dir) in candidates.into_iter().rev() {
+        match read_state(&dir) {
+            Ok(_) => return Some(dir),
+            Err(e) => tracing::warn!(error = %e, "skipping a damaged checkpoint"),
+        }
+    }
+    None
+}
