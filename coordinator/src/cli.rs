@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// not a loopback address.
     #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// With --token: let status, watch and list answer without the token.
+    #[arg(long = "open-status")]
+    pub open_status: bool,
     /// The worker binary to start (default: `worker` next to this binary).
     #[arg(long = "worker-bin")]
     pub worker_bin: Option<PathBuf>,

@@ -47,19 +47,24 @@ fn print_status(status: &JobStatus, json: bool) {
 
 pub async fn status(args: StatusArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let status = client
-        .get_job_status(GetJobStatusRequest {
+    let request = with_token(
+        GetJobStatusRequest {
             job_id: args.job.unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
+        },
+        &args.client,
+    )?;
+    let status = client.get_job_status(request).await?.into_inner();
     print_status(&status, args.client.json);
     Ok(0)
 }
 
 pub async fn list(args: ListArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let jobs = client.list_jobs(ListJobsRequest {}).await?.into_inner().jobs;
+    let jobs = client
+        .list_jobs(with_token(ListJobsRequest {}, &args.client)?)
+        .await?
+        .into_inner()
+        .jobs;
     if args.client.json {
         let all: Vec<_> = jobs.iter().map(status_view::to_json).collect();
         println!("{}", serde_json::Value::Array(all));
@@ -82,41 +87,76 @@ pub async fn list(args: ListArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn progress_line(status: &JobStatus) -> String {
+    let p = status.progress.unwrap_or_default();
+    let state = JobState::try_from(status.state)
+        .unwrap_or(JobState::Unspecified)
+        .as_str_name();
+    format!(
+        "{} {:<9} epoch {} step {}/{} loss {} val {} {:.1} samples/s",
+        status.job_id,
+        state,
+        p.epoch,
+        p.global_step,
+        p.total_steps,
+        p.train_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        p.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        p.samples_per_s
+    )
+}
+
+/// Follows a job until it ends: a live progress bar (steps, loss, samples/s, ETA) on a
+/// terminal, one line per change otherwise, JSON lines with --json.
 pub async fn watch(args: StatusArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let mut stream = client
-        .watch_job(WatchJobRequest {
+    let request = with_token(
+        WatchJobRequest {
             job_id: args.job.unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
+        },
+        &args.client,
+    )?;
+    let mut stream = client.watch_job(request).await?.into_inner();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !args.client.json;
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                .expect("a valid template"),
+        );
+        bar
+    });
     let mut last = None;
+    let mut final_state = JobState::Unspecified;
     while let Some(status) = stream.message().await? {
+        final_state = JobState::try_from(status.state).unwrap_or(JobState::Unspecified);
         if args.client.json {
             println!("{}", status_view::to_json(&status));
-        } else {
-            let p = status.progress.unwrap_or_default();
-            let state = JobState::try_from(status.state)
-                .unwrap_or(JobState::Unspecified)
-                .as_str_name();
-            let line = format!(
-                "{} {:<9} epoch {} step {}/{} loss {} val {} {:.1} samples/s",
-                status.job_id,
-                state,
+            continue;
+        }
+        let p = status.progress.unwrap_or_default();
+        if let Some(bar) = &bar {
+            bar.set_length(p.total_steps.max(1));
+            bar.set_position(p.global_step);
+            bar.set_prefix(format!("{} {}", status.job_id, final_state.as_str_name()));
+            bar.set_message(format!(
+                "epoch {} loss {} val {} {:.1} samples/s",
                 p.epoch,
-                p.global_step,
-                p.total_steps,
                 p.train_loss.map_or("-".into(), |v| format!("{v:.4}")),
                 p.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
                 p.samples_per_s
-            );
+            ));
+        } else {
+            let line = progress_line(&status);
             if last.as_ref() != Some(&line) {
                 println!("{line}");
                 last = Some(line);
             }
         }
     }
-    Ok(0)
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(if final_state == JobState::Succeeded { 0 } else { 1 })
 }
 
 pub async fn kill(args: KillArgs) -> Result<i32> {

@@ -63,12 +63,14 @@ impl JobService for JobApi {
     }
 
     async fn get_job_status(&self, request: Request<GetJobStatusRequest>) -> Result<Response<JobStatus>, Status> {
+        self.coordinator.check_read_token(&token_of(&request))?;
         Ok(Response::new(self.coordinator.status(&request.into_inner().job_id)?))
     }
 
     type WatchJobStream = StatusStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.coordinator.check_read_token(&token_of(&request))?;
         let mut job_id = request.into_inner().job_id;
         let first = self.coordinator.status(&job_id)?;
         job_id = first.job_id.clone();
@@ -95,7 +97,8 @@ impl JobService for JobApi {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn list_jobs(&self, _request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        self.coordinator.check_read_token(&token_of(&request))?;
         Ok(Response::new(ListJobsResponse {
             jobs: self.coordinator.list(),
         }))

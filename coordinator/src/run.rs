@@ -172,6 +172,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
         worker_timeout: Duration::from_millis(args.worker_timeout_ms.max(100)),
         token: args.token.clone(),
+        open_status: args.open_status,
         ..Settings::default()
     };
     let coordinator = Coordinator::load(store, settings)?;

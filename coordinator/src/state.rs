@@ -25,6 +25,8 @@ pub struct Settings {
     pub worker_timeout: Duration,
     /// Shared secret required from workers and for mutating calls; `None`: open.
     pub token: Option<String>,
+    /// With a token: read-only calls (status, watch, list) need no token.
+    pub open_status: bool,
     /// How long a rendezvous waits for all ranks.
     pub rendezvous_timeout: Duration,
 }
@@ -35,6 +37,7 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_millis(1000),
             worker_timeout: Duration::from_millis(5000),
             token: None,
+            open_status: false,
             rendezvous_timeout: Duration::from_secs(300),
         }
     }
@@ -338,6 +341,14 @@ impl Coordinator {
     /// The job workers register with: the oldest one that is not finished.
     fn active_job(inner: &mut Inner) -> Option<&mut Job> {
         inner.jobs.values_mut().find(|j| j.is_active())
+    }
+
+    /// Read-only calls need the token too, unless the coordinator runs with --open-status.
+    pub fn check_read_token(&self, token: &str) -> Result<(), Status> {
+        if self.settings.open_status {
+            return Ok(());
+        }
+        self.check_token(token)
     }
 
     fn check_token(&self, token: &str) -> Result<(), Status> {

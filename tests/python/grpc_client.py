@@ -41,6 +41,9 @@ def main() -> None:
     print("status", status.job_id, kormlm_pb2.JobState.Name(status.state))
     listed = jobs.ListJobs(kormlm_pb2.ListJobsRequest(), timeout=5)
     print("jobs", len(listed.jobs))
+    for update in jobs.WatchJob(kormlm_pb2.WatchJobRequest(job_id=status.job_id), timeout=5):
+        print("watch", update.job_id, kormlm_pb2.JobState.Name(update.state), update.progress.global_step)
+        break
 
 
 if __name__ == "__main__":

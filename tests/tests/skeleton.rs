@@ -230,4 +230,44 @@ fn generic_grpc_clients_see_health_reflection_and_status() {
     assert!(stdout.contains("health SERVING"), "{stdout}");
     assert!(stdout.contains("reflection kormlm.v1.JobService"), "{stdout}");
     assert!(stdout.contains("status job-1 PENDING"), "{stdout}");
+    assert!(stdout.contains("watch job-1 PENDING 0"), "{stdout}");
+}
+
+#[test]
+fn a_token_guards_workers_and_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let cpu_demo = config("cpu-demo.json");
+    let c = CoordinatorProc::start(
+        &state,
+        &[
+            "--config",
+            cpu_demo.to_str().unwrap(),
+            "--world_size",
+            "1",
+            "--token",
+            "s3cret",
+        ],
+    );
+    let status = |extra: &[&str]| {
+        run(Command::new(binary("coordinator"))
+            .args(["status", "--addr", &c.url])
+            .args(extra))
+    };
+    let denied = status(&[]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("requires a token"));
+    assert!(status(&["--token", "s3cret"]).status.success());
+    let out = run(Command::new(binary("worker"))
+        .args(["--rank", "0", "--coordinator", &c.url])
+        .env_remove("KORMLM_TOKEN"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("requires a token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kill = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url]));
+    assert!(!kill.status.success());
 }
