@@ -1,6 +1,7 @@
 //! kormlm worker: runs ELECTRA masked-LM work through libtorch, either as a daemon that takes
 //! its assignment from the coordinator or as standalone commands.
 
+pub mod augment;
 pub mod comm;
 pub mod corpus;
 pub mod daemon;

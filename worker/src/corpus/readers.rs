@@ -107,7 +107,7 @@ fn lines(path: &Path) -> Result<Vec<String>, CorpusError> {
 }
 
 /// Removes one level of CSV quoting: `"a ""b"""` → `a "b"`.
-fn unquote(field: &str) -> Option<String> {
+pub(crate) fn unquote(field: &str) -> Option<String> {
     let inner = field.strip_prefix('"')?.strip_suffix('"')?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars().peekable();

@@ -1,0 +1,130 @@
+//! `worker augment` on hand-written tricky inputs: row counts, labels, determinism, the tail of
+//! a long line, and clear errors.
+
+use kormlm_e2e::*;
+use std::path::Path;
+use std::process::Command;
+
+fn augment(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
+    run(Command::new(binary("worker"))
+        .args(["augment", "--model", tiny_model().to_str().unwrap()])
+        .args(["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()])
+        .args(["--threshold", "0.3", "--mlm_prob", "0.3"])
+        .args(extra))
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).from_path(path).unwrap();
+    reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn tricky_lines_keep_their_rows_and_long_lines_keep_their_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_tail = "꼬리 부분은 그대로 남아야 한다";
+    let long = format!("{} {long_tail}", "영화 정말 재밌다 배우 연기 최고 ".repeat(20));
+    let input = dir.path().join("tricky.txt");
+    std::fs::write(&input, format!("\n?!...\n😂😂😂\n굿\n{long}\n").as_bytes()).unwrap();
+    let output = dir.path().join("out.csv");
+    let out = augment(&input, &output, &["--num_augmentations", "3", "--max_seq_len", "32"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["sentences"], 5);
+    let rows = csv_rows(&output);
+    assert_eq!(rows[0], vec!["text", "augmented_1", "augmented_2", "augmented_3"]);
+    assert_eq!(rows.len(), 6, "one output row per input row");
+    assert_eq!(rows[1], vec!["", "", "", ""], "an empty line passes through");
+    assert!(
+        rows[3][1..].iter().all(|v| v == "😂😂😂"),
+        "only emoji: nothing to mask ({:?})",
+        rows[3]
+    );
+    for variant in &rows[5][1..] {
+        assert!(
+            variant.ends_with(long_tail),
+            "the tail beyond the window is kept: {variant}"
+        );
+    }
+    assert!(
+        rows[5][1..].iter().any(|v| *v != long),
+        "the window itself is augmented"
+    );
+}
+
+#[test]
+fn same_seed_same_bytes_and_labels_stay_with_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("labeled.csv");
+    let mut text = String::from("id,comments,label\n");
+    for (i, doc) in nsmc_docs(40).iter().enumerate() {
+        let doc = if i == 3 {
+            format!("\"따옴표 \"\"안\"\"\t탭, 쉼표 {doc}\"")
+        } else {
+            format!("\"{}\"", doc.replace('"', "\"\""))
+        };
+        text.push_str(&format!("{i},{doc},{}\n", i % 2));
+    }
+    std::fs::write(&input, text).unwrap();
+    let (a, b, c) = (
+        dir.path().join("a.csv"),
+        dir.path().join("b.csv"),
+        dir.path().join("c.csv"),
+    );
+    for (path, seed) in [(&a, "1"), (&b, "1"), (&c, "2")] {
+        let out = augment(&input, path, &["--num_augmentations", "2", "--seed", seed]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same seed, same bytes"
+    );
+    assert_ne!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&c).unwrap(),
+        "another seed, other variants"
+    );
+    let rows = csv_rows(&a);
+    assert_eq!(rows.len(), 41);
+    for (i, row) in rows[1..].iter().enumerate() {
+        assert_eq!(row[0], i.to_string());
+        assert_eq!(row[2], (i % 2).to_string(), "label of row {i}");
+    }
+    assert!(rows[4][1].contains("따옴표 \"안\"\t탭, 쉼표"));
+    let changed = rows[1..].iter().filter(|r| r[3] != r[1]).count();
+    assert!(changed > 20, "most sentences get a new variant ({changed} of 40)");
+    // JSONL output carries every column plus the variants.
+    let jsonl = dir.path().join("a.jsonl");
+    let out = augment(&input, &jsonl, &["--num_augmentations", "2", "--seed", "1"]);
+    assert!(out.status.success());
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&jsonl).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["label"], "0");
+    assert_eq!(first["augmented"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_missing_column_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.tsv");
+    std::fs::write(&input, "문장\t라벨\n안녕\t1\n").unwrap();
+    let out = augment(&input, &dir.path().join("o.csv"), &["--column", "text"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no column `text`") && err.contains("문장"), "{err}");
+}
+
+fn nsmc_docs(n: usize) -> Vec<String> {
+    std::fs::read_to_string(shared_data().join("nsmc/ratings_test.txt"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(1))
+        .filter(|d| d.split_whitespace().count() >= 3 && !d.contains('"'))
+        .take(n)
+        .map(str::to_string)
+        .collect()
+}
