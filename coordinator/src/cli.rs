@@ -1,6 +1,7 @@
 //! Command-line definitions of the `coordinator` binary.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kormlm_proto::augment_args::AugmentArgs;
 use kormlm_proto::train_args::TrainArgs;
 use std::path::PathBuf;
 
@@ -96,8 +97,19 @@ pub struct ServeArgs {
     /// The worker binary to start (default: `worker` next to this binary).
     #[arg(long = "worker-bin")]
     pub worker_bin: Option<PathBuf>,
+    /// What the job does: train (fine-tune) or augment (--input rows, split across workers).
+    #[arg(long, value_enum, default_value = "train")]
+    pub task: TaskArg,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub augment: AugmentArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskArg {
+    Train,
+    Augment,
 }
 
 #[derive(Debug, Args)]

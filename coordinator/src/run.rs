@@ -1,7 +1,7 @@
 //! `coordinator --config …`: open the state, start or adopt the job, serve, launch workers,
 //! and (with --exit-when-done) exit with the job's outcome.
 
-use crate::cli::{DeviceArg, ServeArgs};
+use crate::cli::{DeviceArg, ServeArgs, TaskArg};
 use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
@@ -92,8 +92,16 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
 /// Builds the job spec from the flags and the config file (validated here, so a bad config
 /// stops the coordinator before it listens).
 fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec>> {
-    let Some(path) = &args.config else {
-        return Ok(None);
+    let augment = args.task == TaskArg::Augment;
+    if augment && (args.augment.input.is_none() || args.augment.output.is_none()) {
+        return Err(flag("--task augment", "needs --input FILE and --output FILE"));
+    }
+    // Augmentation uses no optimizer; a one-sample batch satisfies the batch rule.
+    let augment_config = std::path::PathBuf::from("(augmentation)");
+    let path = match (&args.config, augment) {
+        (Some(path), _) => path,
+        (None, true) => &augment_config,
+        (None, false) => return Ok(None),
     };
     let planned = (!placements.is_empty()).then_some(placements.len() as u32);
     let world_size = match (args.world_size, planned) {
@@ -112,8 +120,11 @@ fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec
     if world_size == 0 {
         return Err(flag("--world_size", "must be at least 1"));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| flag("--config", format!("cannot read {}: {e}", path.display())))?;
+    let text = if args.config.is_none() {
+        r#"{"train_micro_batch_size_per_gpu": 1}"#.to_string()
+    } else {
+        std::fs::read_to_string(path).map_err(|e| flag("--config", format!("cannot read {}: {e}", path.display())))?
+    };
     let source = path.display().to_string();
     let parsed = DsConfig::parse(&text, &source)?;
     parsed.config.resolve_batch(world_size, &source)?;
@@ -126,13 +137,17 @@ fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec
         DeviceArg::Auto if uses_gpus => DeviceKind::Cuda,
         _ => DeviceKind::Cpu,
     };
+    let mut job_args = args.train.to_map();
+    if augment {
+        job_args.extend(args.augment.to_map());
+    }
     Ok(Some(JobSpec {
-        task: TaskKind::Train as i32,
+        task: if augment { TaskKind::Augment } else { TaskKind::Train } as i32,
         ds_config_json: text,
         ds_config_path: source,
         world_size,
         device: device as i32,
-        args: args.train.to_map().into_iter().collect(),
+        args: job_args.into_iter().collect(),
         max_restarts: args.max_restarts,
         placements: placements
             .iter()

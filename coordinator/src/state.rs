@@ -638,6 +638,21 @@ impl Coordinator {
         }
         match job.state() {
             JobState::Stopping => self.set_state(job, JobState::Killed, "killed on request; all workers exited".into()),
+            JobState::Running if job.spec().task == TaskKind::Augment as i32 => {
+                // Every worker wrote its parts; join them in input order.
+                let output = kormlm_proto::augment_args::AugmentArgs::from_map(&job.spec().args)
+                    .ok()
+                    .and_then(|a| a.output)
+                    .unwrap_or_default();
+                match kormlm_proto::augment_parts::merge(&kormlm_proto::augment_parts::parts_dir(&output), &output) {
+                    Ok(parts) => self.set_state(
+                        job,
+                        JobState::Succeeded,
+                        format!("all workers finished; {parts} part(s) merged into {}", output.display()),
+                    ),
+                    Err(e) => self.set_state(job, JobState::Failed, format!("merging the augmentation parts: {e}")),
+                }
+            }
             JobState::Running => self.set_state(job, JobState::Succeeded, "all workers finished".into()),
             _ => Ok(()),
         }

@@ -6,6 +6,8 @@
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
 //! * [`train_args`]: the original project's training flags.
 
+pub mod augment_args;
+pub mod augment_parts;
 pub mod ds_config;
 pub mod train_args;
 

@@ -113,6 +113,9 @@ impl TrainArgs {
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
         let mut argv = Vec::new();
         for (name, value) in map {
+            if name.starts_with(crate::augment_args::KEY_PREFIX) {
+                continue;
+            }
             argv.push(format!("--{name}"));
             argv.push(value.clone());
         }

@@ -4,6 +4,7 @@
 use kormlm_e2e::*;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 fn augment(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
     run(Command::new(binary("worker"))
@@ -127,4 +128,117 @@ fn nsmc_docs(n: usize) -> Vec<String> {
         .take(n)
         .map(str::to_string)
         .collect()
+}
+
+fn write_docs(path: &Path, n: usize) {
+    let text = std::fs::read_to_string(shared_data().join("nsmc/ratings_train.txt")).unwrap();
+    let docs: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(1))
+        .take(n)
+        .collect();
+    std::fs::write(path, docs.join("\n") + "\n").unwrap();
+}
+
+fn augment_job(state: &Path, input: &Path, output: &Path) -> CoordinatorProc {
+    std::fs::create_dir_all(state).unwrap();
+    let model = tiny_model();
+    CoordinatorProc::start(
+        state,
+        &[
+            "--task",
+            "augment",
+            "--num_workers",
+            "2",
+            "--device",
+            "cpu",
+            "--model_name_or_path",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--seed",
+            "5",
+            "--max_seq_len",
+            "64",
+            "--threshold",
+            "0.3",
+            "--mlm_prob",
+            "0.3",
+            "--num_augmentations",
+            "2",
+        ],
+    )
+}
+
+#[test]
+fn a_distributed_augmentation_job_equals_worker_augment_and_survives_kill_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.txt");
+    write_docs(&input, 6000);
+    let reference = dir.path().join("reference.csv");
+    let out = augment(
+        &input,
+        &reference,
+        &["--seed", "5", "--max_seq_len", "64", "--num_augmentations", "2"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Straight through.
+    let straight = dir.path().join("straight.csv");
+    let c = augment_job(&dir.path().join("state-a"), &input, &straight);
+    wait_for("the augmentation job", Duration::from_secs(300), || {
+        let s = c.status(Some("job-1"));
+        assert_ne!(s["state"], "FAILED", "{s}");
+        (s["state"] == "SUCCEEDED").then_some(())
+    });
+    same_file(&straight, &reference);
+
+    // Killed after some parts, resumed: no row lost or duplicated.
+    let resumed = dir.path().join("resumed.csv");
+    let c = augment_job(&dir.path().join("state-b"), &input, &resumed);
+    let parts = kormlm_proto::augment_parts::parts_dir(&resumed);
+    wait_for("a first part", Duration::from_secs(120), || {
+        std::fs::read_dir(&parts)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+            .then_some(())
+    });
+    let kill = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url]));
+    assert!(kill.status.success(), "{}", String::from_utf8_lossy(&kill.stderr));
+    wait_for("KILLED", Duration::from_secs(120), || {
+        (c.status(Some("job-1"))["state"] == "KILLED").then_some(())
+    });
+    let resume = run(Command::new(binary("coordinator")).args(["resume", "--job", "job-1", "--addr", &c.url]));
+    assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
+    wait_for("SUCCEEDED after resume", Duration::from_secs(300), || {
+        let s = c.status(Some("job-1"));
+        assert_ne!(s["state"], "FAILED", "{s}");
+        (s["state"] == "SUCCEEDED").then_some(())
+    });
+    same_file(&resumed, &reference);
+    assert_eq!(csv_rows(&resumed).len(), 6001);
+}
+
+/// Byte-identical files, reporting the first differing line otherwise.
+fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read_to_string(a).unwrap(), std::fs::read_to_string(b).unwrap());
+    if x != y {
+        let (line, (p, q)) = x
+            .lines()
+            .zip(y.lines())
+            .enumerate()
+            .find(|(_, (p, q))| p != q)
+            .unwrap_or((0, ("", "")));
+        panic!(
+            "{} differs from {} at line {}:\n{p}\n{q}\n({} vs {} lines)",
+            a.display(),
+            b.display(),
+            line + 1,
+            x.lines().count(),
+            y.lines().count()
+        );
+    }
 }

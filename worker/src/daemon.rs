@@ -3,7 +3,7 @@
 
 use crate::device::{self, DeviceInfo};
 use crate::job;
-use crate::train::{ProgressEvent, TrainSummary};
+use crate::train::ProgressEvent;
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{
     Assignment, CheckpointRef, CommandKind, DeviceKind, EarlyStopState, Progress, RegisterRequest, TaskKind,
@@ -156,7 +156,8 @@ enum SessionEnd {
 /// Work running on its own thread while the daemon heart-beats.
 struct Work {
     progress: tokio::sync::watch::Receiver<Option<ProgressEvent>>,
-    done: tokio::sync::watch::Receiver<Option<Result<TrainSummary, String>>>,
+    /// The finished work's summary (JSON), or why it failed.
+    done: tokio::sync::watch::Receiver<Option<Result<String, String>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -280,12 +281,7 @@ async fn heartbeat_session(
                 let outcome = work.as_ref().and_then(|w| w.done.borrow().clone()).expect("waited for Some");
                 let failure = match &outcome {
                     Ok(summary) => {
-                        tracing::info!(
-                            steps = summary.global_steps,
-                            best_val_loss = ?summary.best_val_loss,
-                            early_stopped = summary.early_stopped,
-                            "training finished"
-                        );
+                        tracing::info!(%summary, "work finished");
                         String::new()
                     }
                     Err(e) => e.clone(),
@@ -323,36 +319,60 @@ async fn heartbeat_session(
     }
 }
 
-/// Forms the group and starts training on its own thread.
+/// Starts the assigned work on its own thread: training (after forming the collective group)
+/// or this rank's chunks of an augmentation.
 async fn start_work(
     client: &mut WorkerServiceClient<Channel>,
     assignment: &Assignment,
     coordinator_url: &str,
 ) -> Result<Work, DaemonError> {
-    if TaskKind::try_from(assignment.task) != Ok(TaskKind::Train) {
-        return Err(DaemonError::Job(format!(
-            "task {:?} is not supported by this worker",
-            assignment.task
-        )));
-    }
-    let prepared = job::prepare(assignment).map_err(|e| DaemonError::Job(e.to_string()))?;
-    let group = job::form_group(client, assignment, prepared.device, coordinator_url)
-        .await
-        .map_err(|e| DaemonError::Job(e.to_string()))?;
     let (progress_tx, progress) = tokio::sync::watch::channel(None);
     let (done_tx, done) = tokio::sync::watch::channel(None);
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = stop.clone();
-    std::thread::Builder::new()
-        .name("train".into())
-        .spawn(move || {
-            let outcome = job::run_training(&prepared, group, progress_tx, thread_stop).map_err(|e| e.to_string());
-            if let Err(e) = &outcome {
-                tracing::error!(error = %e, "training failed");
-            }
-            done_tx.send_replace(Some(outcome));
-        })
-        .map_err(|e| DaemonError::Job(format!("cannot start the training thread: {e}")))?;
+    let spawn = |name: &str, work: Box<dyn FnOnce() -> Result<String, String> + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let outcome = work();
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %e, "work failed");
+                }
+                done_tx.send_replace(Some(outcome));
+            })
+            .map_err(|e| DaemonError::Job(format!("cannot start the work thread: {e}")))
+    };
+    match TaskKind::try_from(assignment.task) {
+        Ok(TaskKind::Train) => {
+            let prepared = job::prepare(assignment).map_err(|e| DaemonError::Job(e.to_string()))?;
+            let group = job::form_group(client, assignment, prepared.device, coordinator_url)
+                .await
+                .map_err(|e| DaemonError::Job(e.to_string()))?;
+            spawn(
+                "train",
+                Box::new(move || {
+                    job::run_training(&prepared, group, progress_tx, thread_stop)
+                        .map(|summary| serde_json::to_string(&summary).unwrap_or_default())
+                        .map_err(|e| e.to_string())
+                }),
+            )?;
+        }
+        Ok(TaskKind::Augment) => {
+            let assignment = assignment.clone();
+            spawn(
+                "augment",
+                Box::new(move || {
+                    job::run_augmentation(&assignment, progress_tx, thread_stop).map_err(|e| e.to_string())
+                }),
+            )?;
+        }
+        _ => {
+            return Err(DaemonError::Job(format!(
+                "task {:?} is not supported by this worker",
+                assignment.task
+            )))
+        }
+    }
     Ok(Work { progress, done, stop })
 }
 

@@ -166,3 +166,56 @@ pub fn run_training(
     )?;
     Ok(summary)
 }
+
+/// This rank's chunks of an augmentation job, one part file per chunk (parts that already
+/// exist, from an earlier attempt, are kept). Returns the summary as JSON.
+pub fn run_augmentation(
+    assignment: &Assignment,
+    progress: tokio::sync::watch::Sender<Option<ProgressEvent>>,
+    stop: Arc<AtomicBool>,
+) -> Result<String, JobError> {
+    use crate::augment::{parts, setup, Augmenter};
+    use crate::model::LoadedModel;
+    use kormlm_proto::augment_args::AugmentArgs;
+    let augment = AugmentArgs::from_map(&assignment.args).map_err(JobError::Assignment)?;
+    let train = TrainArgs::from_map(&assignment.args).map_err(JobError::Assignment)?;
+    let (table, format, output, options) =
+        setup(&augment, train.seed, train.max_seq_len as usize).map_err(JobError::Assignment)?;
+    let device = match DeviceKind::try_from(assignment.device) {
+        Ok(DeviceKind::Cuda) => Device::Cuda(assignment.cuda_devices.first().copied().unwrap_or(0) as usize),
+        _ => Device::Cpu,
+    };
+    let model = LoadedModel::load(&train.model_name_or_path, train.revision.as_deref(), device)
+        .map_err(|e| JobError::Assignment(e.to_string()))?;
+    let n = options.num_augmentations;
+    let augmenter = Augmenter::new(&model, options, device);
+    let chunks = parts::rank_chunks(
+        table.rows.len(),
+        assignment.rank as usize,
+        assignment.world_size as usize,
+    );
+    let total = chunks.len() as u64;
+    let mut done = 0u64;
+    let (summary, reused) = parts::run_parts(
+        &augmenter,
+        &table,
+        chunks,
+        &parts::PartsOutput {
+            dir: &parts::parts_dir(&output),
+            format,
+            num_augmentations: n,
+        },
+        &|| stop.load(Ordering::SeqCst),
+        &mut |_| {
+            done += 1;
+            progress.send_replace(Some(ProgressEvent {
+                global_step: done,
+                total_steps: total,
+                ..Default::default()
+            }));
+        },
+    )
+    .map_err(|e| JobError::Assignment(e.to_string()))?;
+    let summary = serde_json::json!({"summary": summary.finish(), "chunks": total, "reused_chunks": reused});
+    Ok(summary.to_string())
+}

@@ -1,4 +1,5 @@
 use clap::{Args, Parser, Subcommand};
+use kormlm_proto::augment_args::AugmentArgs;
 use kormlm_proto::ds_config::DsConfig;
 use kormlm_proto::train_args::TrainArgs;
 use kormlm_worker::comm::SingleRank;
@@ -103,43 +104,15 @@ struct AugmentCommand {
     model: String,
     #[arg(long)]
     revision: Option<String>,
-    /// Input file.
-    #[arg(long)]
-    input: PathBuf,
-    /// Output file (written to a temporary name, then renamed).
-    #[arg(long)]
-    output: PathBuf,
-    /// Input format: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile (default: from the file name).
-    #[arg(long)]
-    format: Option<String>,
-    /// Text column of CSV/TSV input (default: comments; 문장 for UnSmile; document for NSMC).
-    #[arg(long)]
-    column: Option<String>,
-    /// csv or jsonl (default: from the output file's extension).
-    #[arg(long = "output_format")]
-    output_format: Option<String>,
-    #[arg(long = "num_augmentations", default_value_t = 1)]
-    num_augmentations: usize,
-    /// Probability of masking each token.
-    #[arg(long = "mlm_prob", default_value_t = 0.15)]
-    mlm_prob: f64,
-    /// Candidates considered per mask.
-    #[arg(long, default_value_t = 5)]
-    k: usize,
-    /// Take the best candidate when its probability reaches this.
-    #[arg(long, default_value_t = 0.95)]
-    threshold: f64,
-    /// Retry unchanged sentences with a lower threshold (0.05 less each time, 3 times).
-    #[arg(long = "require_change")]
-    require_change: bool,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long = "batch_size", default_value_t = 32)]
-    batch_size: usize,
+    /// Model window in tokens, [CLS] and [SEP] included; text beyond it is kept unchanged.
     #[arg(long = "max_seq_len", default_value_t = 128)]
     max_seq_len: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    augment: AugmentArgs,
 }
 
 #[derive(Debug, Args)]
@@ -220,46 +193,22 @@ fn info(json: bool) -> anyhow::Result<()> {
 }
 
 fn augment(c: AugmentCommand) -> anyhow::Result<()> {
-    use kormlm_worker::augment::io::{read_table, write_output, OutputFormat};
-    use kormlm_worker::augment::{AugmentOptions, AugmentSummary, Augmenter};
-    use kormlm_worker::corpus::Format;
-    let format = match c.format.as_deref() {
-        None => Format::infer(&c.input),
-        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
-            anyhow::anyhow!("--format {name:?}: accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile")
-        })?,
-    };
-    let output_format = match c
-        .output_format
-        .as_deref()
-        .or_else(|| c.output.extension().and_then(|e| e.to_str()))
-    {
-        Some("jsonl") | Some("json") => OutputFormat::Jsonl,
-        Some("csv") | None => OutputFormat::Csv,
-        Some(other) => anyhow::bail!("--output_format {other:?}: accepted: csv, jsonl"),
-    };
-    let table = read_table(&c.input, format, c.column.as_deref())?;
+    use kormlm_worker::augment::io::write_output;
+    use kormlm_worker::augment::parts::CHUNK_ROWS;
+    use kormlm_worker::augment::{setup, AugmentSummary, Augmenter};
+    let (table, output_format, output, options) =
+        setup(&c.augment, c.seed, c.max_seq_len).map_err(|e| anyhow::anyhow!(e))?;
     let device = parse_device(&c.device)?;
     let model = LoadedModel::load(&c.model, c.revision.as_deref(), device)?;
-    let options = AugmentOptions {
-        mlm_prob: c.mlm_prob,
-        k: c.k,
-        threshold: c.threshold,
-        num_augmentations: c.num_augmentations.max(1),
-        seed: c.seed,
-        batch_size: c.batch_size.max(1),
-        max_seq_len: c.max_seq_len.max(3),
-        require_change_retries: if c.require_change { 3 } else { 0 },
-    };
+    let n = options.num_augmentations;
     let augmenter = Augmenter::new(&model, options, device);
     let texts = table.texts();
     let bar =
         std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| indicatif::ProgressBar::new(texts.len() as u64));
     let mut variants = Vec::with_capacity(texts.len());
     let mut summary = AugmentSummary::default();
-    const CHUNK: usize = 512;
-    for (n, chunk) in texts.chunks(CHUNK).enumerate() {
-        for (text, result) in chunk.iter().zip(augmenter.augment(chunk, (n * CHUNK) as u64)?) {
+    for (n, chunk) in texts.chunks(CHUNK_ROWS).enumerate() {
+        for (text, result) in chunk.iter().zip(augmenter.augment(chunk, (n * CHUNK_ROWS) as u64)?) {
             summary.add(text, &result);
             variants.push(result.variants);
         }
@@ -270,8 +219,8 @@ fn augment(c: AugmentCommand) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    write_output(&c.output, output_format, &table, &variants, c.num_augmentations.max(1))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", c.output.display()))?;
+    write_output(&output, output_format, &table, &variants, n)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
     let summary = summary.finish();
     eprintln!(
         "augmented {} sentences ({} variants): {:.1}% changed, {:.2} tokens changed on average, {} unchanged, {} skipped (no maskable token); wrote {}",
@@ -281,7 +230,7 @@ fn augment(c: AugmentCommand) -> anyhow::Result<()> {
         summary.mean_tokens_changed,
         summary.unchanged,
         summary.skipped,
-        c.output.display()
+        output.display()
     );
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

@@ -11,6 +11,7 @@
 //! longer than the model window keeps its tail unchanged.
 
 pub mod io;
+pub mod parts;
 
 use crate::masking::SplitMix64;
 use crate::model::LoadedModel;
@@ -37,6 +38,8 @@ pub enum AugmentError {
     Tokenizer(#[from] TokenizerError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("output: {0}")]
+    Output(String),
 }
 
 /// The result for one sentence.
@@ -166,13 +169,7 @@ impl<'a> Augmenter<'a> {
     }
 
     /// Fills the masks of one sentence from its candidates; returns the new ids and the edits.
-    fn fill(
-        &self,
-        original: &[u32],
-        masked: &[usize],
-        candidates: &[Candidates],
-        threshold: f64,
-    ) -> (Vec<u32>, usize) {
+    fn fill(&self, original: &[u32], masked: &[usize], candidates: &[Candidates], threshold: f64) -> (Vec<u32>, usize) {
         let tokenizer = &self.model.tokenizer;
         let token = |id: u32| tokenizer.id_to_token(id).unwrap_or_default();
         let mut ids = original.to_vec();
@@ -215,7 +212,9 @@ impl<'a> Augmenter<'a> {
             })
             .collect();
         let n = self.options.num_augmentations.max(1);
-        let attempts = 1 + self.options.require_change_retries + 2;
+        // Draws per variant: one, plus the --require_change retries, plus one more to make a
+        // second or later variant differ from the earlier ones.
+        let attempts = 1 + self.options.require_change_retries + usize::from(n > 1);
         for variant in 0..n {
             // Each sentence gets draws until its variant is new (or attempts run out).
             let mut pending: Vec<usize> = (0..texts.len()).filter(|i| !results[*i].skipped).collect();
@@ -225,6 +224,8 @@ impl<'a> Augmenter<'a> {
                     break;
                 }
                 let threshold = (self.options.threshold - 0.05 * attempt as f64).max(0.0);
+                // Similar lengths share a batch (less padding); the order is fixed, so results are too.
+                pending.sort_by_key(|&i| (prepared[i].ids.len(), i));
                 let mut draws = Vec::with_capacity(pending.len());
                 for &i in &pending {
                     let mut rng = SplitMix64::for_sample(
@@ -257,7 +258,8 @@ impl<'a> Augmenter<'a> {
                         let mut text = self.model.tokenizer.decode(&new_ids, true)?;
                         text.push_str(&prepared[i].tail);
                         let original = &texts[i];
-                        let duplicate = text == *original || results[i].variants.contains(&text);
+                        let unchanged = text == *original && self.options.require_change_retries > 0;
+                        let duplicate = unchanged || results[i].variants.contains(&text);
                         if chosen[i].is_none() || !duplicate {
                             chosen[i] = Some((text, edits));
                         }
@@ -283,6 +285,47 @@ impl<'a> Augmenter<'a> {
         }
         Ok(results)
     }
+}
+
+/// What an augmentation run needs, from the shared options: the input table, the output
+/// format, and the algorithm's options.
+pub fn setup(
+    args: &kormlm_proto::augment_args::AugmentArgs,
+    seed: u64,
+    max_seq_len: usize,
+) -> Result<(io::Table, io::OutputFormat, std::path::PathBuf, AugmentOptions), String> {
+    use crate::corpus::Format;
+    let input = args.input.clone().ok_or("--input is required: the file to augment")?;
+    let output = args
+        .output
+        .clone()
+        .ok_or("--output is required: where the augmented rows go")?;
+    let format = match args.format.as_deref() {
+        None => Format::infer(&input),
+        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string()))
+            .map_err(|_| format!("--format {name:?}: accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile"))?,
+    };
+    let output_format = match args
+        .output_format
+        .as_deref()
+        .or_else(|| output.extension().and_then(|e| e.to_str()))
+    {
+        Some("jsonl") | Some("json") => io::OutputFormat::Jsonl,
+        Some("csv") | None => io::OutputFormat::Csv,
+        Some(other) => return Err(format!("--output_format {other:?}: accepted: csv, jsonl")),
+    };
+    let table = io::read_table(&input, format, args.column.as_deref()).map_err(|e| e.to_string())?;
+    let options = AugmentOptions {
+        mlm_prob: args.mlm_prob,
+        k: args.k,
+        threshold: args.threshold,
+        num_augmentations: args.num_augmentations.max(1),
+        seed,
+        batch_size: args.batch_size.max(1),
+        max_seq_len: max_seq_len.max(3),
+        require_change_retries: if args.require_change { 3 } else { 0 },
+    };
+    Ok((table, output_format, output, options))
 }
 
 /// Totals for the summary line.

@@ -1,0 +1,102 @@
+//! Augmentation options, shared by `worker augment` and augmentation jobs
+//! (`coordinator --task augment`). In a job spec they travel as `augment.<name>` keys.
+
+use clap::{Args, Parser};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub const KEY_PREFIX: &str = "augment.";
+
+#[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
+#[command(rename_all = "snake_case", next_help_heading = "Augmentation")]
+pub struct AugmentArgs {
+    /// Input file: text, CSV/TSV, or one of the shared corpora's files.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Output file (written to a temporary name, then renamed).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Input format: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile (default: from the file name).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Text column of CSV/TSV input (default: comments; 문장 for UnSmile; document for NSMC).
+    #[arg(long)]
+    pub column: Option<String>,
+    /// csv or jsonl (default: from the output file's extension).
+    #[arg(long)]
+    pub output_format: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub num_augmentations: usize,
+    /// Probability of masking each token.
+    #[arg(long, default_value_t = 0.15)]
+    pub mlm_prob: f64,
+    /// Candidates considered per mask.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Take the best candidate when its probability reaches this.
+    #[arg(long, default_value_t = 0.95)]
+    pub threshold: f64,
+    /// Retry unchanged sentences with a lower threshold (0.05 less each time, 3 times).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub require_change: bool,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "augment-args", no_binary_name = true)]
+struct FromMap {
+    #[command(flatten)]
+    args: AugmentArgs,
+}
+
+impl AugmentArgs {
+    /// `augment.<name> -> value` entries.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let value = serde_json::to_value(self).expect("augmentation options serialise");
+        let mut map = BTreeMap::new();
+        if let serde_json::Value::Object(fields) = value {
+            for (name, v) in fields {
+                let text = match v {
+                    serde_json::Value::Null => continue,
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                map.insert(format!("{KEY_PREFIX}{name}"), text);
+            }
+        }
+        map
+    }
+
+    /// Parses the `augment.` entries of a job's arguments.
+    pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
+        let mut argv = Vec::new();
+        for (name, value) in map {
+            if let Some(name) = name.strip_prefix(KEY_PREFIX) {
+                argv.push(format!("--{name}"));
+                argv.push(value.clone());
+            }
+        }
+        FromMap::try_parse_from(argv)
+            .map(|p| p.args)
+            .map_err(|e| e.render().to_string().trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_round_trip() {
+        let mut map = AugmentArgs::from_map(&BTreeMap::new()).unwrap().to_map();
+        map.insert("augment.input".into(), "in.csv".into());
+        map.insert("augment.require_change".into(), "true".into());
+        map.insert("seed".into(), "3".into());
+        let args = AugmentArgs::from_map(&map).unwrap();
+        assert_eq!(args.input, Some(PathBuf::from("in.csv")));
+        assert!(args.require_change);
+        assert_eq!(AugmentArgs::from_map(&args.to_map()).unwrap(), args);
+    }
+}
