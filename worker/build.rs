@@ -13,6 +13,7 @@ fn main() {
         return;
     };
     let lib_dir = PathBuf::from(lib_dir);
+    compile_autocast_shim(&lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if let Some(torch_dir) = lib_dir.parent() {
         let nccl_dir = torch_dir.with_file_name("kormlm-nccl");
@@ -24,4 +25,23 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// Compiles `csrc/autocast.cpp` against the same libtorch headers tch uses.
+fn compile_autocast_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    let Some(torch_dir) = lib_dir.parent() else {
+        return;
+    };
+    let include = torch_dir.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .file("csrc/autocast.cpp")
+        .compile("kormlm_autocast");
 }

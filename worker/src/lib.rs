@@ -2,6 +2,7 @@
 //! its assignment from the coordinator or as standalone commands.
 
 pub mod augment;
+pub mod autocast;
 pub mod comm;
 pub mod corpus;
 pub mod daemon;

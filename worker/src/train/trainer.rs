@@ -16,23 +16,28 @@ pub enum Precision {
     Fp32,
     /// CUDA autocast with DeepSpeed's dynamic loss scaling.
     Fp16,
+    /// CUDA autocast in bfloat16 (no loss scaling needed).
+    Bf16,
 }
 
-/// Decides the precision from the config and the device.
+/// Decides the precision from the config and the device (`"auto"` means on with CUDA).
 pub fn precision(config: &ResolvedConfig, device: Device) -> Precision {
     let cuda = device.is_cuda();
-    let fp16 = match config.config.fp16.enabled {
+    let wanted = |t: Toggle| match t {
         Toggle::On | Toggle::Auto => cuda,
         Toggle::Off => false,
     };
-    if config.config.fp16.enabled == Toggle::On && !cuda {
-        tracing::warn!("fp16 needs CUDA; training in fp32 on the CPU");
+    for (name, toggle) in [("fp16", config.config.fp16.enabled), ("bf16", config.config.bf16)] {
+        if toggle == Toggle::On && !cuda {
+            tracing::warn!("{name} needs CUDA; training in fp32 on the CPU");
+        }
     }
-    if config.config.bf16 != Toggle::Off {
-        tracing::warn!("bf16 is not available through tch's autocast; training in fp32 (or fp16 when enabled)");
-    }
-    if fp16 {
+    if wanted(config.config.bf16) && config.config.bf16 == Toggle::On {
+        Precision::Bf16
+    } else if wanted(config.config.fp16.enabled) {
         Precision::Fp16
+    } else if wanted(config.config.bf16) {
+        Precision::Bf16
     } else {
         Precision::Fp32
     }
@@ -114,6 +119,9 @@ impl Trainer {
         let mask = args.decay_exclude_bias_layernorm.then(|| flat.decay_mask());
         let optimizer = AdamW::new(params, start, len, device, mask);
         let precision = precision(config, device);
+        if precision != Precision::Fp32 {
+            crate::autocast::set_cuda_autocast_bf16(precision == Precision::Bf16);
+        }
         Self {
             schedule: schedule(config, args, base_lr, total_steps),
             scaler: (precision == Precision::Fp16).then(|| DynamicLossScaler::from_config(&config.config.fp16)),
@@ -136,8 +144,8 @@ impl Trainer {
             return 0.0;
         }
         let model = &self.loaded.model;
-        let fp16 = self.precision == Precision::Fp16;
-        let loss_sum = tch::autocast(fp16, || {
+        let mixed = self.precision != Precision::Fp32;
+        let loss_sum = tch::autocast(mixed, || {
             let logits = model.logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, true);
             logits
                 .to_kind(Kind::Float)
@@ -194,5 +202,32 @@ impl Trainer {
         self.flat.gather_grads();
         let norm_sq = tch::no_grad(|| self.flat.grads.norm().double_value(&[])).powi(2);
         self.apply(norm_sq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kormlm_proto::ds_config::DsConfig;
+
+    fn resolved(json: &str) -> ResolvedConfig {
+        DsConfig::parse(json, "t.json")
+            .unwrap()
+            .config
+            .resolve(1, "t.json")
+            .unwrap()
+    }
+
+    #[test]
+    fn precision_follows_config_and_device() {
+        let fp16_auto = resolved(r#"{"train_batch_size": 8, "fp16": {"enabled": "auto"}}"#);
+        let bf16 = resolved(r#"{"train_batch_size": 8, "bf16": {"enabled": true}}"#);
+        assert_eq!(precision(&fp16_auto, Device::Cpu), Precision::Fp32);
+        assert_eq!(precision(&bf16, Device::Cpu), Precision::Fp32);
+        assert_eq!(precision(&fp16_auto, Device::Cuda(0)), Precision::Fp16);
+        assert_eq!(precision(&bf16, Device::Cuda(0)), Precision::Bf16);
+        // The libtorch shim is linked and callable without a GPU.
+        crate::autocast::set_cuda_autocast_bf16(true);
+        crate::autocast::set_cuda_autocast_bf16(false);
     }
 }
