@@ -242,3 +242,40 @@ fn same_file(a: &Path, b: &Path) {
         );
     }
 }
+
+#[test]
+fn the_quality_report_covers_the_grid() {
+    let out = run(Command::new(binary("worker"))
+        .args(["augment-report", "--model", tiny_model().to_str().unwrap()])
+        .args([
+            "--input",
+            shared_data()
+                .join("korean-hate-speech/labeled/dev.tsv")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["--limit", "60", "--mlm_probs", "0.1,0.3", "--thresholds", "0.5,0.9"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sentences"], 60);
+    let accuracy = report["masked_token_top1_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy));
+    let grid = report["grid"].as_array().unwrap();
+    assert_eq!(grid.len(), 4);
+    for point in grid {
+        let histogram: u64 = point["edits_histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(histogram, 60);
+    }
+    let mean = |p: f64| {
+        grid.iter()
+            .filter(|g| g["mlm_prob"] == p)
+            .map(|g| g["mean_tokens_changed"].as_f64().unwrap())
+            .sum::<f64>()
+    };
+    assert!(mean(0.3) > mean(0.1), "masking more replaces more");
+}

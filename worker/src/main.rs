@@ -87,6 +87,8 @@ enum Command {
     },
     /// Augment sentences with a masked-LM: writes the input rows plus N variants each.
     Augment(Box<AugmentCommand>),
+    /// Report augmentation quality on a dev set for a grid of --mlm_probs × --thresholds.
+    AugmentReport(Box<AugmentReportCommand>),
     /// Train in this one process (world size 1), like the original ds_main.py.
     Train(Box<TrainCommand>),
     /// Show libtorch, CUDA and NCCL as this worker sees them.
@@ -113,6 +115,21 @@ struct AugmentCommand {
     device: String,
     #[command(flatten)]
     augment: AugmentArgs,
+}
+
+#[derive(Debug, Args)]
+struct AugmentReportCommand {
+    #[command(flatten)]
+    run: AugmentCommand,
+    /// Masking probabilities to try.
+    #[arg(long = "mlm_probs", value_delimiter = ',', default_value = "0.1,0.15,0.2")]
+    mlm_probs: Vec<f64>,
+    /// Thresholds to try.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,0.95")]
+    thresholds: Vec<f64>,
+    /// Use at most this many sentences of the input.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +161,7 @@ fn main() {
         Some(Command::Info { json }) => info(json),
         Some(Command::Train(command)) => train(*command),
         Some(Command::Augment(command)) => augment(*command),
+        Some(Command::AugmentReport(command)) => augment_report(*command),
         Some(Command::Tokenize {
             model,
             max_seq_len,
@@ -233,6 +251,43 @@ fn augment(c: AugmentCommand) -> anyhow::Result<()> {
         output.display()
     );
     println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn augment_report(c: AugmentReportCommand) -> anyhow::Result<()> {
+    use kormlm_worker::augment::report::quality_report;
+    use kormlm_worker::augment::setup;
+    let mut args = c.run.augment.clone();
+    args.output.get_or_insert_with(|| PathBuf::from("unused.csv"));
+    let (table, _, _, options) = setup(&args, c.run.seed, c.run.max_seq_len).map_err(|e| anyhow::anyhow!(e))?;
+    let device = parse_device(&c.run.device)?;
+    let model = LoadedModel::load(&c.run.model, c.run.revision.as_deref(), device)?;
+    let texts: Vec<String> = table
+        .texts()
+        .into_iter()
+        .filter(|t| !t.trim().is_empty())
+        .take(c.limit)
+        .collect();
+    let report = quality_report(&model, &texts, &options, &c.mlm_probs, &c.thresholds, device)?;
+    eprintln!(
+        "{} sentences, masked-token top-1 accuracy {:.4} over {} tokens",
+        report.sentences, report.masked_token_top1_accuracy, report.masked_tokens
+    );
+    eprintln!(
+        "{:>8} {:>9} {:>8} {:>11}  edits 0/1/2/3/4+",
+        "mlm_prob", "threshold", "changed", "mean edits"
+    );
+    for g in &report.grid {
+        eprintln!(
+            "{:>8} {:>9} {:>7.1}% {:>11.2}  {:?}",
+            g.mlm_prob,
+            g.threshold,
+            100.0 * g.changed_share,
+            g.mean_tokens_changed,
+            g.edits_histogram
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 
 pub mod io;
 pub mod parts;
+pub mod report;
 
 use crate::masking::SplitMix64;
 use crate::model::LoadedModel;
