@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job. Provisions libtorch, builds, then runs the system end to end on this machine:
-# a coordinator with two CPU workers on the CPU demo config, its status, and a clean stop.
+# The main job: provisions libtorch, builds, and runs the system end to end on this machine —
+# a WordPiece vocabulary and a small ELECTRA trained from scratch on the embedded demo corpus
+# by a coordinator with two CPU workers (live progress, early stopping), then augmentation of
+# held-back sentences with the best model.
 #
 # Usage: ./run.sh [OUTPUT_DIR]   (default: ./out)
 set -euo pipefail
@@ -8,37 +10,48 @@ cd "$(dirname "$0")"
 out=${1:-out}
 scripts/build.sh
 bin=target/release
-state="$out/state"
-rm -rf "$state"
+rm -rf "$out"
 mkdir -p "$out"
-echo "==> starting: coordinator --config configs/cpu-demo.json --num_workers 2 --device cpu"
-"$bin/coordinator" --config configs/cpu-demo.json --num_workers 2 --device cpu \
-    --listen 127.0.0.1:0 --state-dir "$state" --exit-when-done 2> "$out/coordinator.log" &
+corpus=configs/demo/corpus.txt
+head -n -100 "$corpus" > "$out/train.txt"
+tail -n 100 "$corpus" > "$out/heldout.txt"
+
+echo "==> worker tokenizer-train (cased BERT WordPiece on the demo corpus)"
+"$bin/worker" tokenizer-train --input "$out/train.txt" --vocab_size 2000 --output "$out/tokenizer"
+echo "==> worker init-model (a small random ELECTRA)"
+"$bin/worker" init-model --tokenizer "$out/tokenizer" --output "$out/init-model"
+
+echo "==> coordinator --config configs/cpu-demo.json --num_workers 2 --device cpu --exit-when-done"
+"$bin/coordinator" --config configs/cpu-demo.json --num_workers 2 --device cpu --exit-when-done \
+    --listen 127.0.0.1:0 --state-dir "$out/state" \
+    --model_name_or_path "$out/init-model" --data_path "$out/train.txt" --output_dir "$out/training" \
+    --max_seq_len 48 --num_train_epochs 12 --max_stop_number 2 --logging_steps 20 \
+    2> "$out/coordinator.log" > /dev/null &
 coordinator_pid=$!
 trap 'kill $coordinator_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-    [ -f "$state/coordinator.addr" ] && break
+for _ in $(seq 1 200); do
+    [ -f "$out/state/coordinator.addr" ] && break
     sleep 0.1
 done
-addr=$(cat "$state/coordinator.addr")
-for _ in $(seq 1 300); do
-    "$bin/coordinator" status --addr "$addr" --json 2>/dev/null | grep -q '"state":"RUNNING"' && break
-    sleep 0.1
-done
-echo "==> coordinator status --addr $addr"
-"$bin/coordinator" status --addr "$addr"
-echo "==> coordinator kill --job job-1"
-"$bin/coordinator" kill --job job-1 --addr "$addr" > /dev/null
-wait "$coordinator_pid" || true
+"$bin/coordinator" watch --addr "$(cat "$out/state/coordinator.addr")" || true
+status=0
+wait "$coordinator_pid" || status=$?
 trap - EXIT
-echo "==> coordinator list (after the job ended)"
-"$bin/coordinator" --state-dir "$state" --listen 127.0.0.1:0 > /dev/null 2>&1 &
-viewer=$!
-for _ in $(seq 1 100); do
-    [ -f "$state/coordinator.addr" ] && "$bin/coordinator" list --addr "$(cat "$state/coordinator.addr")" > "$out/jobs.txt" 2>/dev/null && break
-    sleep 0.1
-done
-kill "$viewer" 2>/dev/null || true
-wait "$viewer" 2>/dev/null || true
-cat "$out/jobs.txt"
-echo "==> logs: $out/coordinator.log, $state/logs/"
+if [ "$status" != 0 ] || [ ! -f "$out/training/summary.json" ]; then
+    echo "training did not succeed (exit $status); see $out/coordinator.log and $out/state/logs/" >&2
+    exit 1
+fi
+echo "==> training summary ($out/training/summary.json)"
+cat "$out/training/summary.json"
+
+echo "==> worker augment (held-back sentences, best model)"
+"$bin/worker" augment --model "$out/training/best" --input "$out/heldout.txt" \
+    --output "$out/augmented.csv" --num_augmentations 2 --threshold 0.5 --mlm_prob 0.2 --seed 1 > "$out/augment-summary.json"
+python3 - "$out/augmented.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1], encoding="utf-8")))
+for row in rows[1:16]:
+    print(f"{row[0]}\n    -> {row[1]}\n    -> {row[2]}")
+print(f"... {len(rows) - 1} sentences in {sys.argv[1]}")
+PY
+echo "==> outputs in $out: training/best (model), training/training_log.jsonl, augmented.csv"

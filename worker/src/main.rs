@@ -89,6 +89,44 @@ enum Command {
     Augment(Box<AugmentCommand>),
     /// Report augmentation quality on a dev set for a grid of --mlm_probs × --thresholds.
     AugmentReport(Box<AugmentReportCommand>),
+    /// Train a cased BERT WordPiece vocabulary on text files (one sentence per line).
+    TokenizerTrain {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long = "vocab_size", default_value_t = 8000)]
+        vocab_size: usize,
+        #[arg(long = "min_frequency", default_value_t = 2)]
+        min_frequency: u64,
+        /// Directory for vocab.txt, tokenizer.json and the tokenizer configs.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Create a randomly initialised ELECTRA masked-LM (Hugging Face layout) for a tokenizer,
+    /// to train from scratch.
+    InitModel {
+        /// Directory with the tokenizer (from tokenizer-train).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long = "embedding_size", default_value_t = 64)]
+        embedding_size: i64,
+        #[arg(long = "hidden_size", default_value_t = 128)]
+        hidden_size: i64,
+        #[arg(long = "num_hidden_layers", default_value_t = 2)]
+        num_hidden_layers: i64,
+        #[arg(long = "num_attention_heads", default_value_t = 4)]
+        num_attention_heads: i64,
+        #[arg(long = "intermediate_size", default_value_t = 256)]
+        intermediate_size: i64,
+        #[arg(long = "max_position_embeddings", default_value_t = 128)]
+        max_position_embeddings: i64,
+        /// Dropout of hidden states and attention probabilities.
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Train in this one process (world size 1), like the original ds_main.py.
     Train(Box<TrainCommand>),
     /// Show libtorch, CUDA and NCCL as this worker sees them.
@@ -161,6 +199,36 @@ fn main() {
         Some(Command::Info { json }) => info(json),
         Some(Command::Train(command)) => train(*command),
         Some(Command::Augment(command)) => augment(*command),
+        Some(Command::TokenizerTrain {
+            input,
+            vocab_size,
+            min_frequency,
+            output,
+        }) => tokenizer_train(&input, vocab_size, min_frequency, &output),
+        Some(Command::InitModel {
+            tokenizer,
+            output,
+            embedding_size,
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            intermediate_size,
+            max_position_embeddings,
+            dropout,
+            seed,
+        }) => {
+            let config = serde_json::json!({
+                "embedding_size": embedding_size,
+                "hidden_size": hidden_size,
+                "num_hidden_layers": num_hidden_layers,
+                "num_attention_heads": num_attention_heads,
+                "intermediate_size": intermediate_size,
+                "max_position_embeddings": max_position_embeddings,
+                "hidden_dropout_prob": dropout,
+                "attention_probs_dropout_prob": dropout,
+            });
+            init_model(&tokenizer, &output, config, seed)
+        }
         Some(Command::AugmentReport(command)) => augment_report(*command),
         Some(Command::Tokenize {
             model,
@@ -288,6 +356,30 @@ fn augment_report(c: AugmentReportCommand) -> anyhow::Result<()> {
         );
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn tokenizer_train(input: &[PathBuf], vocab_size: usize, min_frequency: u64, output: &Path) -> anyhow::Result<()> {
+    let tokenizer = kormlm_worker::tokenizer::train_wordpiece(input, vocab_size, min_frequency)?;
+    std::fs::create_dir_all(output).map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
+    tokenizer.save(output)?;
+    eprintln!(
+        "vocabulary of {} tokens written to {}",
+        tokenizer.vocab_size(),
+        output.display()
+    );
+    Ok(())
+}
+
+fn init_model(tokenizer: &Path, output: &Path, mut config: serde_json::Value, seed: u64) -> anyhow::Result<()> {
+    use kormlm_worker::model::ElectraConfig;
+    let tokenizer = MlmTokenizer::from_dir(tokenizer)?;
+    config["vocab_size"] = (tokenizer.vocab_size() as i64).into();
+    config["pad_token_id"] = i64::from(tokenizer.special().pad).into();
+    let config: ElectraConfig = serde_json::from_value(config)?;
+    let model = LoadedModel::random(config, tokenizer, tch::Device::Cpu, seed);
+    model.save(output)?;
+    eprintln!("random ELECTRA masked-LM written to {}", output.display());
     Ok(())
 }
 

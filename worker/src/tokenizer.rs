@@ -356,6 +356,43 @@ impl MlmTokenizer {
     }
 }
 
+/// Trains a cased BERT WordPiece vocabulary (special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]`
+/// first) on text files, one sentence per line.
+pub fn train_wordpiece(
+    files: &[std::path::PathBuf],
+    vocab_size: usize,
+    min_frequency: u64,
+) -> Result<MlmTokenizer, TokenizerError> {
+    use tokenizers::models::wordpiece::WordPieceTrainer;
+    use tokenizers::models::TrainerWrapper;
+    let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer: TrainerWrapper = WordPieceTrainer::builder()
+        .vocab_size(vocab_size)
+        .min_frequency(min_frequency)
+        .special_tokens(specials)
+        .continuing_subword_prefix("##".into())
+        .show_progress(false)
+        .build()
+        .into();
+    let mut tokenizer = Tokenizer::new(WordPiece::default());
+    tokenizer.with_normalizer(Some(BertNormalizer::new(true, true, None, false)));
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    for f in files {
+        if !f.is_file() {
+            return Err(file_err(f, "no such file"));
+        }
+    }
+    tokenizer
+        .train_from_files(&mut trainer, names)
+        .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
+    let vocab: HashMap<String, u32> = tokenizer.get_vocab(false);
+    MlmTokenizer::from_vocab(vocab)
+}
+
 /// transformers' `clean_up_tokenization`.
 pub fn clean_up_tokenization(text: &str) -> String {
     text.replace(" .", ".")

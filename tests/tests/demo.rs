@@ -1,0 +1,113 @@
+//! The demo path of `./run.sh` on a smaller setting: vocabulary training, a random ELECTRA,
+//! distributed training with two CPU workers, augmentation, and the model reloading in
+//! transformers.
+
+use kormlm_e2e::*;
+use std::process::Command;
+
+#[test]
+fn vocabulary_model_training_and_augmentation_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = std::fs::read_to_string(workspace_root().join("configs/demo/corpus.txt")).unwrap();
+    let lines: Vec<&str> = corpus.lines().collect();
+    assert!(lines.len() >= 2000, "the embedded corpus has a few thousand sentences");
+    std::fs::write(d.join("train.txt"), lines[..800].join("\n") + "\n").unwrap();
+    std::fs::write(d.join("held.txt"), lines[lines.len() - 20..].join("\n") + "\n").unwrap();
+    let worker = |args: &[&str]| {
+        let out = run(Command::new(binary("worker")).args(args));
+        assert!(
+            out.status.success(),
+            "worker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let p = |name: &str| d.join(name).to_str().unwrap().to_string();
+    worker(&[
+        "tokenizer-train",
+        "--input",
+        &p("train.txt"),
+        "--vocab_size",
+        "800",
+        "--output",
+        &p("tok"),
+    ]);
+    let vocab = std::fs::read_to_string(d.join("tok/vocab.txt")).unwrap();
+    assert_eq!(
+        vocab.lines().take(5).collect::<Vec<_>>(),
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    );
+    worker(&[
+        "init-model",
+        "--tokenizer",
+        &p("tok"),
+        "--output",
+        &p("init"),
+        "--hidden_size",
+        "64",
+        "--intermediate_size",
+        "128",
+    ]);
+
+    let state = d.join("state");
+    let out = run(Command::new(binary("coordinator"))
+        .args([
+            "--config",
+            config("cpu-demo.json").to_str().unwrap(),
+            "--num_workers",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--exit-when-done",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .args([
+            "--model_name_or_path",
+            &p("init"),
+            "--data_path",
+            &p("train.txt"),
+            "--output_dir",
+            &p("training"),
+        ])
+        .args(["--max_seq_len", "32", "--num_train_epochs", "3", "--logging_steps", "5"])
+        .env("KORMLM_CACHE", d.join("cache")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("training/summary.json")).unwrap()).unwrap();
+    let history: Vec<f64> = summary["val_loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(history.len(), 3);
+    assert!(history[2] < history[0], "dev loss falls: {history:?}");
+
+    let out = worker(&[
+        "augment",
+        "--model",
+        &p("training/best"),
+        "--input",
+        &p("held.txt"),
+        "--output",
+        &p("aug.csv"),
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["sentences"], 20);
+
+    let reload = run(Command::new(oracle_python()).args([
+        "-c",
+        "import sys; from transformers import AutoModelForMaskedLM, AutoTokenizer; \
+         m = AutoModelForMaskedLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); \
+         print(type(m).__name__, len(t))",
+        &p("training/best"),
+    ]));
+    assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
+    assert!(String::from_utf8_lossy(&reload.stdout).starts_with("ElectraForMaskedLM"));
+}
