@@ -90,6 +90,7 @@ fn fixture() -> &'static Fixture {
 fn logits_match_transformers_with_embeddings_project_safetensors() {
     let f = fixture();
     let diff = logits_diff(&f.path("proj"), f.dir.path(), "proj");
+    eprintln!("logits max abs diff (embeddings_project, safetensors): {diff:e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -97,6 +98,7 @@ fn logits_match_transformers_with_embeddings_project_safetensors() {
 fn logits_match_transformers_without_project_pytorch_bin() {
     let f = fixture();
     let diff = logits_diff(&f.path("bin"), f.dir.path(), "bin");
+    eprintln!("logits max abs diff (no projection, pytorch_model.bin): {diff:e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -105,6 +107,7 @@ fn logits_match_transformers_sharded_safetensors() {
     let f = fixture();
     assert!(f.path("sharded/model.safetensors.index.json").is_file());
     let diff = logits_diff(&f.path("sharded"), f.dir.path(), "sharded");
+    eprintln!("logits max abs diff (sharded safetensors): {diff:e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -119,6 +122,7 @@ fn kormlm_saved_model_loads_in_transformers_with_identical_logits() {
     assert_eq!(config["architectures"], serde_json::json!(["ElectraForMaskedLM"]));
     assert!(saved.join("model.safetensors").is_file() && saved.join("vocab.txt").is_file());
     let diff = logits_diff(&saved, f.dir.path(), "resaved");
+    eprintln!("logits max abs diff (saved by kormlm, loaded by transformers): {diff:e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
