@@ -128,10 +128,9 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Deletes all but the newest `keep` checkpoints, never the best one (named in `best`).
-fn prune(root: &Path, keep: usize, state: &TrainerState) {
-    let best = std::fs::read_to_string(root.join("best")).ok();
-    let mut tags: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+/// The `step-N` checkpoint directories under `root`, oldest first.
+fn step_dirs(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut dirs: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
@@ -142,7 +141,14 @@ fn prune(root: &Path, keep: usize, state: &TrainerState) {
                 .map(|n| (n, e.path()))
         })
         .collect();
-    tags.sort();
+    dirs.sort();
+    dirs
+}
+
+/// Deletes all but the newest `keep` checkpoints, never the best one (named in `best`).
+fn prune(root: &Path, keep: usize, state: &TrainerState) {
+    let best = std::fs::read_to_string(root.join("best")).ok();
+    let tags = step_dirs(root);
     let current = state.steps + state.skipped_steps;
     let cut = tags.len().saturating_sub(keep.max(1));
     for (step, path) in &tags[..cut] {
@@ -244,18 +250,7 @@ pub fn restore_optimizer(trainer: &mut Trainer, dir: &Path, state: &TrainerState
 /// The newest complete checkpoint under `root` (by the `latest` pointer, falling back to the
 /// newest `step-N` directory whose state reads), skipping damaged ones with a warning.
 pub fn latest_complete(root: &Path) -> Option<PathBuf> {
-    let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix("step-")
-                .and_then(|n| n.parse().ok())
-                .map(|n| (n, e.path()))
-        })
-        .collect();
-    candidates.sort();
+    let candidates = step_dirs(root);
     for (_, dir) in candidates.into_iter().rev() {
         match read_state(&dir) {
             Ok(_) => return Some(dir),
