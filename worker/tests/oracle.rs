@@ -7,23 +7,10 @@ use common::*;
 use kormlm_worker::model::{ElectraConfig, LoadedModel, ModelError};
 use serde_json::Value;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use tch::Device;
-
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
 
 /// Vocabulary and models, made once per test binary.
 fn fixture() -> &'static Fixture {

@@ -14,23 +14,10 @@ use kormlm_worker::optim::schedule::Schedule;
 use kormlm_worker::train::batch::collate;
 use kormlm_worker::train::trainer::Trainer;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Tensor};
-
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
 
 /// A vocabulary and a tiny model without dropout, made once per test binary.
 fn fixture() -> &'static Fixture {

@@ -77,3 +77,18 @@ pub fn logits_diff(model_dir: &Path, work: &Path, tag: &str) -> f64 {
     // Padding positions are not compared (transformers' padded rows use a different mask fill).
     max_abs_diff(&(ours * &mask), &(expected["logits"].shallow_clone() * &mask))
 }
+
+/// A temporary directory of fixtures made once per test binary.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
