@@ -429,9 +429,9 @@ fn train(command: TrainCommand) -> anyhow::Result<()> {
 /// Lines are read and processed in chunks of this many, so input of any size streams.
 const CHUNK_LINES: usize = 4096;
 
-fn tokenize(model: &str, max_seq_len: Option<usize>, decode: bool) -> anyhow::Result<()> {
-    let tokenizer = MlmTokenizer::from_dir(Path::new(model))?;
-    let max_len = max_seq_len.unwrap_or(tokenizer.model_max_length());
+/// Streams stdin in chunks of lines through `per_chunk`, which returns one output line per
+/// input line; the output goes to stdout.
+fn map_stdin_lines(mut per_chunk: impl FnMut(&[String]) -> anyhow::Result<Vec<String>>) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -442,13 +442,7 @@ fn tokenize(model: &str, max_seq_len: Option<usize>, decode: bool) -> anyhow::Re
             break;
         }
         line_no += lines.len();
-        let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
-        for ids in tokenizer.encode_batch(&texts, Some(max_len))? {
-            let line = if decode {
-                serde_json::json!({ "input_ids": ids, "decoded": tokenizer.decode(&ids, true)? })
-            } else {
-                serde_json::json!({ "input_ids": ids })
-            };
+        for line in per_chunk(&lines)? {
             writeln!(out, "{line}")?;
         }
     }
@@ -456,25 +450,31 @@ fn tokenize(model: &str, max_seq_len: Option<usize>, decode: bool) -> anyhow::Re
     Ok(())
 }
 
+fn tokenize(model: &str, max_seq_len: Option<usize>, decode: bool) -> anyhow::Result<()> {
+    let tokenizer = MlmTokenizer::from_dir(Path::new(model))?;
+    let max_len = max_seq_len.unwrap_or(tokenizer.model_max_length());
+    map_stdin_lines(|lines| {
+        let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut out = Vec::with_capacity(lines.len());
+        for ids in tokenizer.encode_batch(&texts, Some(max_len))? {
+            let line = if decode {
+                serde_json::json!({ "input_ids": ids, "decoded": tokenizer.decode(&ids, true)? })
+            } else {
+                serde_json::json!({ "input_ids": ids })
+            };
+            out.push(line.to_string());
+        }
+        Ok(out)
+    })
+}
+
 fn fill_mask(model: &str, revision: Option<&str>, device: &str, options: FillMaskOptions) -> anyhow::Result<()> {
     let device = parse_device(device)?;
     let loaded = LoadedModel::load(model, revision, device)?;
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut line_no = 1;
-    loop {
-        let lines = read_chunk(&mut input, CHUNK_LINES, line_no, "stdin")?;
-        if lines.is_empty() {
-            break;
-        }
-        line_no += lines.len();
-        for result in kormlm_worker::fill_mask::fill_mask(&loaded, &lines, &options, device)? {
-            writeln!(out, "{result}")?;
-        }
-    }
-    out.flush()?;
-    Ok(())
+    map_stdin_lines(|lines| {
+        let results = kormlm_worker::fill_mask::fill_mask(&loaded, lines, &options, device)?;
+        Ok(results.iter().map(ToString::to_string).collect())
+    })
 }
 
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
