@@ -244,6 +244,7 @@ async fn heartbeat_session(
         Err(status) => return Ok(SessionEnd::Disconnected(status.message().to_string())),
     };
     let mut tick = tokio::time::interval(interval);
+    let mut stop_when_started = false;
     loop {
         let done_changed = async {
             match work.as_mut() {
@@ -263,7 +264,12 @@ async fn heartbeat_session(
             joined = started => {
                 *starting = None;
                 match joined.map_err(|e| DaemonError::Job(format!("the start-up task failed: {e}"))).and_then(|r| r) {
-                    Ok(w) => *work = Some(w),
+                    Ok(w) => {
+                        if stop_when_started {
+                            w.stop.store(true, Ordering::SeqCst);
+                        }
+                        *work = Some(w);
+                    }
                     Err(e) => {
                         // Tell the coordinator why, then give up.
                         let _ = tx.send(report(work, false, e.to_string())).await;
@@ -296,6 +302,9 @@ async fn heartbeat_session(
                         tracing::info!(reason = %command.reason, "stopping after the current step");
                         match work {
                             Some(w) => w.stop.store(true, Ordering::SeqCst),
+                            // Still starting: the work stops after its first step, together with
+                            // its peers, instead of leaving them alone in a collective.
+                            None if starting.is_some() => stop_when_started = true,
                             None => {
                                 let _ = tx.send(report(work, true, String::new())).await;
                                 tokio::time::sleep(Duration::from_millis(50)).await;
