@@ -107,7 +107,7 @@ fn lines(path: &Path) -> Result<Vec<String>, CorpusError> {
 }
 
 /// Removes one level of CSV quoting: `"a ""b"""` → `a "b"`.
-pub(crate) fn unquote(field: &str) -> Option<String> {
+fn unquote(field: &str) -> Option<String> {
     let inner = field.strip_prefix('"')?.strip_suffix('"')?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars().peekable();
@@ -120,7 +120,32 @@ pub(crate) fn unquote(field: &str) -> Option<String> {
     Some(out)
 }
 
-fn read_nsmc(path: &Path) -> Result<ReadResult, CorpusError> {
+/// Rows with named columns; `text_column` indexes the column holding the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub headers: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub text_column: usize,
+}
+
+impl Table {
+    pub fn texts(&self) -> Vec<String> {
+        self.rows.iter().map(|r| r[self.text_column].clone()).collect()
+    }
+}
+
+fn column_index(path: &Path, headers: &[String], column: &str) -> Result<usize, CorpusError> {
+    headers
+        .iter()
+        .position(|h| h == column)
+        .ok_or_else(|| CorpusError::Column {
+            path: path.display().to_string(),
+            column: column.to_string(),
+            found: headers.to_vec(),
+        })
+}
+
+fn read_nsmc(path: &Path, column: &str) -> Result<Table, CorpusError> {
     // The published train/test files were written by pandas twice; ratings.txt once.
     let passes = if path.file_name().is_some_and(|n| n == "ratings.txt") {
         1
@@ -128,19 +153,21 @@ fn read_nsmc(path: &Path) -> Result<ReadResult, CorpusError> {
         2
     };
     let all = lines(path)?;
-    let mut result = ReadResult::default();
-    for (i, line) in all.iter().enumerate() {
-        let fields: Vec<&str> = line.split('\t').collect();
-        if i == 0 {
-            if fields != ["id", "document", "label"] {
-                return Err(read_error(
-                    path,
-                    1,
-                    "expected the NSMC header `id<TAB>document<TAB>label`",
-                ));
-            }
-            continue;
-        }
+    let headers: Vec<String> = all
+        .first()
+        .map(|h| h.split('\t').map(str::to_string).collect())
+        .unwrap_or_default();
+    if headers != ["id", "document", "label"] {
+        return Err(read_error(
+            path,
+            1,
+            "expected the NSMC header `id<TAB>document<TAB>label`",
+        ));
+    }
+    let text_column = column_index(path, &headers, column)?;
+    let mut rows = Vec::with_capacity(all.len());
+    for (i, line) in all.iter().enumerate().skip(1) {
+        let mut fields: Vec<String> = line.split('\t').map(str::to_string).collect();
         if fields.len() != 3 {
             return Err(read_error(
                 path,
@@ -148,20 +175,23 @@ fn read_nsmc(path: &Path) -> Result<ReadResult, CorpusError> {
                 format!("expected 3 tab-separated fields, found {}", fields.len()),
             ));
         }
-        let mut text = fields[1].to_string();
-        if text.contains('"') {
+        if fields[1].contains('"') {
             for _ in 0..passes {
-                text = unquote(&text)
+                fields[1] = unquote(&fields[1])
                     .ok_or_else(|| read_error(path, i + 1, "a document with `\"` is not validly CSV-quoted"))?;
             }
         }
-        result.push(text);
+        rows.push(fields);
     }
-    Ok(result)
+    Ok(Table {
+        headers,
+        rows,
+        text_column,
+    })
 }
 
-/// A delimited file with a header, read with CSV quoting rules; returns the named column.
-fn read_delimited(path: &Path, delimiter: u8, column: &str, quoting: bool) -> Result<ReadResult, CorpusError> {
+/// A delimited file with a header, read with CSV quoting rules (or none).
+fn read_delimited(path: &Path, delimiter: u8, column: &str, quoting: bool) -> Result<Table, CorpusError> {
     let bytes = std::fs::read(path).map_err(|e| CorpusError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -180,51 +210,63 @@ fn read_delimited(path: &Path, delimiter: u8, column: &str, quoting: bool) -> Re
         .iter()
         .map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').to_string())
         .collect();
-    let index = headers
-        .iter()
-        .position(|h| h == column)
-        .ok_or_else(|| CorpusError::Column {
-            path: path.display().to_string(),
-            column: column.to_string(),
-            found: headers.clone(),
-        })?;
-    let mut result = ReadResult::default();
+    let text_column = column_index(path, &headers, column)?;
+    let mut rows = Vec::new();
     for record in reader.byte_records() {
         let record = record.map_err(|e| {
             let line = e.position().map_or(0, |p| p.line() as usize);
             read_error(path, line, e.to_string())
         })?;
         let line = record.position().map_or(0, |p| p.line() as usize);
-        let field = record.get(index).unwrap_or_default();
-        let text = std::str::from_utf8(field).map_err(|e| {
-            read_error(
-                path,
-                line,
-                format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
-            )
-        })?;
-        result.push(text.to_string());
+        let fields = record
+            .iter()
+            .map(|field| {
+                std::str::from_utf8(field).map(str::to_string).map_err(|e| {
+                    read_error(
+                        path,
+                        line,
+                        format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<String>, CorpusError>>()?;
+        rows.push(fields);
     }
-    Ok(result)
+    Ok(Table {
+        headers,
+        rows,
+        text_column,
+    })
 }
 
-fn read_text(path: &Path) -> Result<ReadResult, CorpusError> {
-    let mut result = ReadResult::default();
-    for line in lines(path)? {
-        result.push(line);
-    }
-    Ok(result)
+fn read_text(path: &Path) -> Result<Table, CorpusError> {
+    Ok(Table {
+        headers: vec!["text".into()],
+        rows: lines(path)?.into_iter().map(|l| vec![l]).collect(),
+        text_column: 0,
+    })
 }
 
-/// Reads one source; `column` overrides the text column of delimited formats.
-pub fn read(path: &Path, format: Format, column: Option<&str>) -> Result<ReadResult, CorpusError> {
+/// Reads a file with all its columns; `column` overrides the text column of delimited formats
+/// (default `comments`; `문장` for UnSmile; `document` for NSMC).
+pub fn read_table(path: &Path, format: Format, column: Option<&str>) -> Result<Table, CorpusError> {
     match format {
-        Format::Nsmc => read_nsmc(path),
+        Format::Nsmc => read_nsmc(path, column.unwrap_or("document")),
         Format::Khs | Format::Tsv => read_delimited(path, b'\t', column.unwrap_or("comments"), true),
         Format::Csv => read_delimited(path, b',', column.unwrap_or("comments"), true),
         Format::Unsmile => read_delimited(path, b'\t', column.unwrap_or("문장"), false),
         Format::KhsUnlabeled | Format::Text => read_text(path),
     }
+}
+
+/// Reads one source's texts, counting the rows without text.
+pub fn read(path: &Path, format: Format, column: Option<&str>) -> Result<ReadResult, CorpusError> {
+    let table = read_table(path, format, column)?;
+    let mut result = ReadResult::default();
+    for mut row in table.rows {
+        result.push(row.swap_remove(table.text_column));
+    }
+    Ok(result)
 }
 
 #[cfg(test)]
