@@ -54,30 +54,12 @@ struct FromMap {
 impl AugmentArgs {
     /// `augment.<name> -> value` entries.
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        let value = serde_json::to_value(self).expect("augmentation options serialise");
-        let mut map = BTreeMap::new();
-        if let serde_json::Value::Object(fields) = value {
-            for (name, v) in fields {
-                let text = match v {
-                    serde_json::Value::Null => continue,
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                map.insert(format!("{KEY_PREFIX}{name}"), text);
-            }
-        }
-        map
+        crate::flag_map::to_map(self, KEY_PREFIX)
     }
 
     /// Parses the `augment.` entries of a job's arguments.
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
-        let mut argv = Vec::new();
-        for (name, value) in map {
-            if let Some(name) = name.strip_prefix(KEY_PREFIX) {
-                argv.push(format!("--{name}"));
-                argv.push(value.clone());
-            }
-        }
+        let argv = crate::flag_map::to_argv(map, |name| name.strip_prefix(KEY_PREFIX));
         FromMap::try_parse_from(argv)
             .map(|p| p.args)
             .map_err(|e| e.render().to_string().trim().to_string())

@@ -9,6 +9,7 @@
 pub mod augment_args;
 pub mod augment_parts;
 pub mod ds_config;
+mod flag_map;
 pub mod train_args;
 
 #[allow(clippy::all, clippy::pedantic)]

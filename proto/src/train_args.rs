@@ -90,35 +90,15 @@ impl Default for TrainArgs {
 impl TrainArgs {
     /// The flags as `name -> value` text (absent options are left out).
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        let value = serde_json::to_value(self).expect("training flags always serialise");
-        let mut map = BTreeMap::new();
-        if let serde_json::Value::Object(fields) = value {
-            for (name, v) in fields {
-                match v {
-                    serde_json::Value::Null => {}
-                    serde_json::Value::String(s) => {
-                        map.insert(name, s);
-                    }
-                    other => {
-                        map.insert(name, other.to_string());
-                    }
-                }
-            }
-        }
-        map
+        crate::flag_map::to_map(self, "")
     }
 
     /// Parses a `name -> value` map with the same rules as the command line; errors name the
-    /// flag and what it accepts.
+    /// flag and what it accepts. Augmentation entries (`augment.…`) are not training flags.
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
-        let mut argv = Vec::new();
-        for (name, value) in map {
-            if name.starts_with(crate::augment_args::KEY_PREFIX) {
-                continue;
-            }
-            argv.push(format!("--{name}"));
-            argv.push(value.clone());
-        }
+        let argv = crate::flag_map::to_argv(map, |name| {
+            (!name.starts_with(crate::augment_args::KEY_PREFIX)).then_some(name)
+        });
         FromMap::try_parse_from(argv)
             .map(|parsed| parsed.args)
             .map_err(|e| e.render().to_string().trim().to_string())
