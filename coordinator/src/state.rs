@@ -43,6 +43,9 @@ impl Default for Settings {
     }
 }
 
+/// Extra time a restarted coordinator gives the workers it finds in its records.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
+
 /// How long a reported collective failure waits for the loss of the peer that caused it.
 const COLLECTIVE_FAILURE_GRACE: Duration = Duration::from_secs(2);
 
@@ -143,7 +146,9 @@ impl Coordinator {
     /// Loads every job and worker record from the store.
     pub fn load(store: Store, settings: Settings) -> Result<Arc<Self>> {
         let mut jobs = BTreeMap::new();
-        let started = Instant::now();
+        // Workers of a previous coordinator get extra time to notice the restart and register
+        // again (they back off up to 2 s between attempts) before the timeout applies.
+        let started = Instant::now() + RECONNECT_GRACE;
         for (number, record) in store.jobs()? {
             let workers = store
                 .workers(number)?
