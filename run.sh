@@ -54,4 +54,9 @@ for row in rows[1:16]:
     print(f"{row[0]}\n    -> {row[1]}\n    -> {row[2]}")
 print(f"... {len(rows) - 1} sentences in {sys.argv[1]}")
 PY
-echo "==> outputs in $out: training/best (model), training/training_log.jsonl, augmented.csv"
+echo "==> outputs in $out:"
+echo "    training/best/              best model (Hugging Face layout)"
+echo "    training/training_log.jsonl training log (train and eval records)"
+echo "    training/loss_curve.png     train and dev loss per epoch"
+echo "    augmented.csv               held-back sentences and their augmentations"
+echo "    coordinator.log, state/logs coordinator and worker logs"

@@ -88,6 +88,24 @@ fn vocabulary_model_training_and_augmentation_from_scratch() {
         .collect();
     assert_eq!(history.len(), 3);
     assert!(history[2] < history[0], "dev loss falls: {history:?}");
+    let png = std::fs::read(d.join("training/loss_curve.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "a loss-curve PNG"
+    );
+    let log = std::fs::read_to_string(d.join("training/training_log.jsonl")).unwrap();
+    let epoch_train_losses: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "eval")
+        .filter_map(|r| r["train_loss"].as_f64())
+        .collect();
+    assert_eq!(
+        epoch_train_losses.len(),
+        3,
+        "every evaluation carries the epoch's train loss"
+    );
+    assert!(epoch_train_losses[2] < epoch_train_losses[0], "{epoch_train_losses:?}");
 
     let out = worker(&[
         "augment",

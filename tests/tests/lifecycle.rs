@@ -70,6 +70,16 @@ fn losses(out: &Path) -> BTreeMap<u64, f64> {
         .collect()
 }
 
+/// Mean training loss per epoch, from the evaluation records (the last record of an epoch wins).
+fn epoch_train_losses(out: &Path) -> BTreeMap<u64, f64> {
+    let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
+    log.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["type"] == "eval")
+        .map(|r| (r["epoch"].as_u64().unwrap(), r["train_loss"].as_f64().unwrap()))
+        .collect()
+}
+
 fn wait_state(c: &CoordinatorProc, state: &str, timeout: Duration) -> Value {
     wait_for(&format!("job-1 to be {state}"), timeout, || {
         let s = c.status(Some("job-1"));
@@ -152,6 +162,18 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
             expected[step]
         );
     }
+    // The epoch means include the steps before the kill (their sums are in the checkpoint).
+    let (want, have) = (epoch_train_losses(&reference), epoch_train_losses(&resumed));
+    assert_eq!(want.len(), epochs as usize);
+    assert_eq!(have.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (epoch, loss) in &have {
+        assert!(
+            (loss - want[epoch]).abs() <= 1e-5,
+            "epoch {epoch}: train loss {loss} vs {}",
+            want[epoch]
+        );
+    }
+    assert!(resumed.join("loss_curve.png").is_file());
     let diff = max_weight_diff(
         &reference.join("final/model.safetensors"),
         &resumed.join("final/model.safetensors"),

@@ -60,6 +60,12 @@ pub struct TrainerState {
     pub best_epoch: Option<u32>,
     pub stop_count: u32,
     pub val_loss_history: Vec<f64>,
+    /// Masked-token loss sum and count of the epoch so far, so a resumed epoch reports the
+    /// same mean training loss as an uninterrupted one.
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub epoch_masked: f64,
     pub early_stopped: bool,
     pub world_size: usize,
     pub partitions: Vec<PartitionRange>,

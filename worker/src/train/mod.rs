@@ -5,6 +5,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod eval;
 pub mod plan;
+pub mod plot;
 pub mod run;
 pub mod trainer;
 

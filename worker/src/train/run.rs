@@ -6,6 +6,7 @@ use super::batch::collate;
 use super::checkpoint::{self, CheckpointError, TrainerState};
 use super::eval::{evaluate, EvalSums};
 use super::plan::{epoch_order, StepShape};
+use super::plot;
 use super::trainer::Trainer;
 use crate::comm::{Collective, CommError};
 use crate::corpus::{CorpusError, CorpusSpec};
@@ -316,6 +317,10 @@ pub fn train(
         .map_or_else(Vec::new, |(_, s)| s.val_loss_history.clone());
     let mut early_stopped = resume.as_ref().is_some_and(|(_, s)| s.early_stopped);
     let (start_epoch, mut start_step) = resume.as_ref().map_or((0, 0), |(_, s)| (s.epoch, s.next_step));
+    // (loss sum, masked tokens) of the current epoch, over all ranks.
+    let mut epoch_loss = resume
+        .as_ref()
+        .map_or((0.0, 0.0), |(_, s)| (s.epoch_loss_sum, s.epoch_masked));
     progress.global_step = trainer.steps + trainer.skipped_steps;
     progress.best_val_loss = best;
     progress.stop_count = stop_count;
@@ -328,6 +333,7 @@ pub fn train(
                     best_epoch: Option<u32>,
                     stop_count: u32,
                     history: &[f64],
+                    epoch_loss: (f64, f64),
                     early_stopped: bool| TrainerState {
         version: 1,
         epoch,
@@ -339,6 +345,8 @@ pub fn train(
         best_epoch,
         stop_count,
         val_loss_history: history.to_vec(),
+        epoch_loss_sum: epoch_loss.0,
+        epoch_masked: epoch_loss.1,
         early_stopped,
         world_size: world,
         partitions: partitions.clone(),
@@ -369,6 +377,9 @@ pub fn train(
         progress.epoch = epoch;
         let order = epoch_order(train_set.len(), args.seed, u64::from(epoch));
         let first_step = std::mem::take(&mut start_step) as usize;
+        if first_step == 0 {
+            epoch_loss = (0.0, 0.0);
+        }
         for step in first_step..steps_per_epoch as usize {
             // Masked-token count of the whole global step, so every micro-batch on every rank
             // divides by the same number (masking is deterministic, so no communication).
@@ -414,6 +425,8 @@ pub fn train(
             comm.all_reduce_scalars(&mut sums)?;
             window_loss += sums[0];
             window_masked += step_masked as f64;
+            epoch_loss.0 += sums[0];
+            epoch_loss.1 += step_masked as f64;
             window_samples += global_samples;
             window_tokens += sums[1] as u64;
             progress.global_step = trainer.steps + trainer.skipped_steps;
@@ -472,6 +485,7 @@ pub fn train(
                     best_epoch,
                     stop_count,
                     &history,
+                    epoch_loss,
                     false,
                 );
                 let dir = checkpoint::save(&trainer, &state, comm, &checkpoint_root, args.keep_checkpoints)?;
@@ -515,6 +529,7 @@ pub fn train(
             "step": progress.global_step,
             "val_loss": val_loss,
             "val_accuracy": sums.accuracy(),
+            "train_loss": (epoch_loss.1 > 0.0).then(|| epoch_loss.0 / epoch_loss.1),
             "best_val_loss": best,
             "improved": improved,
             "stop_count": stop_count,
@@ -523,6 +538,11 @@ pub fn train(
         }))?;
         if leader {
             tracing::info!(epoch, val_loss, val_accuracy = sums.accuracy(), best = ?best, stop_count, "evaluation");
+            // A plot that cannot be drawn is not worth stopping a training run for.
+            let png = job.output_dir.join(plot::LOSS_CURVE_FILE);
+            if let Err(e) = plot::plot_log(&log_path, &png) {
+                tracing::warn!(error = %e, "loss-curve plot not written");
+            }
         }
         let state = state_at(
             &trainer,
@@ -532,6 +552,7 @@ pub fn train(
             best_epoch,
             stop_count,
             &history,
+            (0.0, 0.0),
             early_stopped,
         );
         let dir = checkpoint::save(&trainer, &state, comm, &checkpoint_root, args.keep_checkpoints)?;
