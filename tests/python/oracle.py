@@ -195,8 +195,10 @@ def cmd_train_step(args):
     batches = load_file(args.batches)
     micro = sorted(int(k.split("_")[-1]) for k in batches if k.startswith("labels_"))
     total = sum(int((batches[f"labels_{k}"] != -100).sum()) for k in micro)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                            weight_decay=args.weight_decay)
+    # DeepSpeed's Adam with adam_w_mode false is torch's Adam: L2 decay added to the gradient.
+    optimizer = torch.optim.Adam if args.l2 else torch.optim.AdamW
+    opt = optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                    weight_decay=args.weight_decay)
     for k in micro:
         logits = model(input_ids=batches[f"input_ids_{k}"], attention_mask=batches[f"attention_mask_{k}"]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batches[f"labels_{k}"].reshape(-1),
@@ -308,6 +310,7 @@ def main():
     p.add_argument("--eps", type=float, default=1e-6)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=0.0)
+    p.add_argument("--l2", action="store_true")
     p = sub.add_parser("schedules")
     p.add_argument("--n", type=int, default=200)
     p = sub.add_parser("loss-scale")

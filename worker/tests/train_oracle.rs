@@ -59,6 +59,11 @@ fn resolved(json: &str) -> ResolvedConfig {
 /// Builds masked micro-batches in Rust, runs one kormlm step and one PyTorch AdamW step from the
 /// same weights, and returns the largest weight difference.
 fn step_difference(micro_batches: usize, clip: f64, tag: &str) -> f64 {
+    step_difference_with(micro_batches, clip, tag, false)
+}
+
+/// `l2`: DeepSpeed's `Adam` with `adam_w_mode: false`, against `torch.optim.Adam`.
+fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) -> f64 {
     let f = fixture();
     let loaded = LoadedModel::load(&f.s("tiny"), None, Device::Cpu).unwrap();
     let docs = nsmc_documents(16);
@@ -96,20 +101,28 @@ fn step_difference(micro_batches: usize, clip: f64, tag: &str) -> f64 {
     let batch_path = f.path(&format!("{tag}.batches.safetensors"));
     Tensor::write_safetensors(&tensors, &batch_path).unwrap();
     let expected_path = f.path(&format!("{tag}.expected.safetensors"));
-    oracle(&[
+    let (clip_text, tiny) = (clip.to_string(), f.s("tiny"));
+    let mut oracle_args = vec![
         "train-step",
-        &f.s("tiny"),
+        &tiny,
         batch_path.to_str().unwrap(),
         expected_path.to_str().unwrap(),
         "--lr",
         "1e-3",
         "--clip",
-        &clip.to_string(),
-    ]);
+        &clip_text,
+    ];
+    let optimizer = if l2 {
+        // A large decay, so the L2 term matters in the comparison.
+        oracle_args.extend(["--l2", "--weight_decay", "0.5"]);
+        r#""type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.5, "adam_w_mode": false}"#
+    } else {
+        r#""type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}"#
+    };
+    oracle(&oracle_args);
 
     let config = resolved(&format!(
-        r#"{{"train_batch_size": 16, "gradient_clipping": {clip},
-            "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}}}}}}"#
+        r#"{{"train_batch_size": 16, "gradient_clipping": {clip}, "optimizer": {{{optimizer}}}}}"#
     ));
     let mut trainer = Trainer::new(loaded, &config, &TrainArgs::default(), 1, 64, |n| (0, n));
     for batch in &batches {
@@ -153,6 +166,13 @@ fn adamw_step_with_accumulation_and_clipping_matches_pytorch() {
     let diff = step_difference(2, 0.05, "accum");
     eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
     assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
+#[test]
+fn adam_with_l2_decay_matches_pytorch_adam() {
+    let l2 = step_difference_with(1, 0.0, "adam-l2", true);
+    eprintln!("Adam (adam_w_mode false) step vs torch.optim.Adam: max abs weight diff {l2:e}");
+    assert!(l2 <= 1e-5, "max abs weight diff {l2}");
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! AdamW over a range of the flat buffers, with the arithmetic of `torch.optim.AdamW`.
+//! AdamW over a range of the flat buffers, with the arithmetic of `torch.optim.AdamW` — or, for
+//! DeepSpeed's `Adam` with `adam_w_mode: false`, of `torch.optim.Adam` (L2 weight decay added to
+//! the gradient).
 
 use tch::{Kind, Tensor};
 
@@ -7,6 +9,8 @@ pub struct AdamWParams {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
+    /// AdamW's decoupled decay of the weights; false: L2, `weight_decay · p` added to the gradient.
+    pub decoupled: bool,
 }
 
 /// State for elements `[start, start + len)` of the flat buffers.
@@ -50,6 +54,7 @@ impl AdamW {
             betas: (b1, b2),
             eps,
             weight_decay,
+            decoupled,
         } = self.params;
         self.step += 1;
         let bias_correction1 = 1.0 - b1.powi(self.step as i32);
@@ -57,9 +62,19 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         tch::no_grad(|| {
             let mut p = flat_params.narrow(0, self.start, self.len);
-            let g = flat_grads.narrow(0, self.start, self.len);
+            let mut g = flat_grads.narrow(0, self.start, self.len);
             let tmp = &mut self.scratch;
             match &self.decay_mask {
+                _ if weight_decay == 0.0 => {}
+                _ if !decoupled => {
+                    tmp.copy_(&p);
+                    let _ = tmp.g_mul_scalar_(weight_decay);
+                    if let Some(mask) = &self.decay_mask {
+                        let _ = tmp.g_mul_(mask);
+                    }
+                    // The gradient partition is consumed by this step and zeroed before the next.
+                    let _ = g.g_add_(tmp);
+                }
                 None => {
                     let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
                 }

@@ -7,7 +7,7 @@ use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::flat::FlatParams;
 use crate::optim::loss_scale::DynamicLossScaler;
 use crate::optim::schedule::Schedule;
-use kormlm_proto::ds_config::{ResolvedConfig, Toggle};
+use kormlm_proto::ds_config::{OptimizerKind, ResolvedConfig, Toggle};
 use kormlm_proto::train_args::TrainArgs;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -75,6 +75,7 @@ pub fn optimizer_settings(config: &ResolvedConfig, args: &TrainArgs) -> (AdamWPa
                 betas: o.betas,
                 eps: o.eps,
                 weight_decay: o.weight_decay,
+                decoupled: o.kind != OptimizerKind::Adam { adam_w_mode: false },
             },
             o.lr,
         ),
@@ -83,6 +84,7 @@ pub fn optimizer_settings(config: &ResolvedConfig, args: &TrainArgs) -> (AdamWPa
                 betas: (0.9, 0.999),
                 eps: args.eps,
                 weight_decay: args.weight_decay,
+                decoupled: true,
             },
             args.learning_rate,
         ),
