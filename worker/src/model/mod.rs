@@ -136,12 +136,28 @@ impl LoadedModel {
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         weights::write_safetensors(&tensors, &tmp.join(weights::SAFETENSORS))?;
         self.tokenizer.save(&tmp)?;
+        sync_dir_and_files(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         if dir.exists() {
             std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
         }
         std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ModelError::io(parent, e))?;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
     }
+}
+
+/// Flushes a freshly written model directory to disk before it is renamed into place, so a
+/// model reported as saved survives a crash of the machine.
+fn sync_dir_and_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
