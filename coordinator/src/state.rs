@@ -356,7 +356,7 @@ impl Coordinator {
         self.check_token(token)
     }
 
-    fn check_token(&self, token: &str) -> Result<(), Status> {
+    pub fn check_token(&self, token: &str) -> Result<(), Status> {
         match &self.settings.token {
             Some(expected) if expected != token => Err(Status::unauthenticated(
                 "this coordinator requires a token: pass --token or set KORMLM_TOKEN to the coordinator's secret",
@@ -1173,6 +1173,7 @@ mod tests {
             attempt: 1,
             nccl_unique_id: if rank == 0 { vec![7; 128] } else { vec![] },
             ring_address: format!("127.0.0.1:{}", 9000 + rank),
+            token: String::new(),
         };
         let (a, b) = tokio::join!(c.rendezvous(request(1)), c.rendezvous(request(0)));
         let (a, b) = (a.unwrap(), b.unwrap());

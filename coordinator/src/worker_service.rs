@@ -37,7 +37,9 @@ impl WorkerService for WorkerApi {
     }
 
     async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<RendezvousInfo>, Status> {
-        Ok(Response::new(self.coordinator.rendezvous(request.into_inner()).await?))
+        let request = request.into_inner();
+        self.coordinator.check_token(&request.token)?;
+        Ok(Response::new(self.coordinator.rendezvous(request).await?))
     }
 
     type HeartbeatStream = CommandStream;
@@ -51,6 +53,7 @@ impl WorkerService for WorkerApi {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the heartbeat stream must start with a report"))?;
+        self.coordinator.check_token(&first.token)?;
         let (job_id, rank) = (first.job_id.clone(), first.rank);
         let (session, commands) = self.coordinator.attach(&job_id, rank, first.incarnation)?;
         self.coordinator.report(session, first)?;
@@ -71,5 +74,34 @@ impl WorkerService for WorkerApi {
         });
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(commands).map(Ok);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Settings;
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn rendezvous_needs_the_token_like_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            token: Some("secret".into()),
+            ..Settings::default()
+        };
+        let api = WorkerApi::new(Coordinator::load(Store::open(dir.path()).unwrap(), settings).unwrap());
+        let request = |token: &str| {
+            Request::new(RendezvousRequest {
+                job_id: "job-1".into(),
+                token: token.into(),
+                ..Default::default()
+            })
+        };
+        let refused = api.rendezvous(request("wrong")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        // With the right token the call reaches the job table (which has no job-1).
+        let other = api.rendezvous(request("secret")).await.unwrap_err();
+        assert_ne!(other.code(), tonic::Code::Unauthenticated, "{other:?}");
     }
 }

@@ -200,6 +200,7 @@ fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_los
 
 async fn heartbeat_session(
     client: &mut WorkerServiceClient<Channel>,
+    token: &str,
     assignment: &Assignment,
     work: &mut Option<Work>,
     starting: &mut Option<tokio::task::JoinHandle<Result<Work, DaemonError>>>,
@@ -216,6 +217,7 @@ async fn heartbeat_session(
             None => (None, None),
         };
         WorkerReport {
+            token: token.to_string(),
             job_id: assignment.job_id.clone(),
             rank: assignment.rank,
             incarnation: assignment.incarnation,
@@ -334,6 +336,7 @@ async fn start_work(
     client: &mut WorkerServiceClient<Channel>,
     assignment: &Assignment,
     coordinator_url: &str,
+    token: &str,
 ) -> Result<Work, DaemonError> {
     let (progress_tx, progress) = tokio::sync::watch::channel(None);
     let (done_tx, done) = tokio::sync::watch::channel(None);
@@ -354,7 +357,7 @@ async fn start_work(
     match TaskKind::try_from(assignment.task) {
         Ok(TaskKind::Train) => {
             let prepared = job::prepare(assignment).map_err(|e| DaemonError::Job(e.to_string()))?;
-            let group = job::form_group(client, assignment, prepared.device, coordinator_url)
+            let group = job::form_group(client, assignment, prepared.device, coordinator_url, token)
                 .await
                 .map_err(|e| DaemonError::Job(e.to_string()))?;
             spawn(
@@ -398,6 +401,7 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     let mut checked_device = None;
     let mut work: Option<Work> = None;
     let mut starting: Option<tokio::task::JoinHandle<Result<Work, DaemonError>>> = None;
+    let token = options.token.as_deref().unwrap_or_default();
     loop {
         let (mut client, assignment) = register(&options, &info).await?;
         let device = assigned_device(&assignment);
@@ -416,12 +420,13 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         );
         if work.is_none() && starting.is_none() {
             let (client, assignment, url) = (client.clone(), assignment.clone(), options.coordinator.clone());
+            let token = token.to_string();
             starting = Some(tokio::spawn(async move {
                 let mut client = client;
-                start_work(&mut client, &assignment, &url).await
+                start_work(&mut client, &assignment, &url, &token).await
             }));
         }
-        match heartbeat_session(&mut client, &assignment, &mut work, &mut starting).await? {
+        match heartbeat_session(&mut client, token, &assignment, &mut work, &mut starting).await? {
             SessionEnd::Finished => return Ok(Outcome::Done),
             SessionEnd::Disconnected(reason) => {
                 tracing::warn!(%reason, "lost the coordinator; registering again");
