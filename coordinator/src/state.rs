@@ -675,8 +675,9 @@ impl Coordinator {
             }
         }
         match job.state() {
-            JobState::Running if job.status().restarts < job.spec().max_restarts => {
-                let restarts = job.status().restarts + 1;
+            JobState::Running if job.status().automatic_restarts < job.spec().max_restarts => {
+                job.status_mut().automatic_restarts += 1;
+                let restarts = job.status().automatic_restarts;
                 self.restart(
                     job,
                     format!(
@@ -1125,6 +1126,37 @@ mod tests {
         s.ds_config_path = "cfg.json".into();
         let err = c.submit(s).unwrap_err();
         assert!(err.message().contains("30 != 4 * 3 * 2"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_user_resume_does_not_use_up_the_automatic_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c
+            .submit(JobSpec {
+                max_restarts: 1,
+                ..spec(2)
+            })
+            .unwrap();
+        let fail_rank_0 = || {
+            let a0 = c.register(register(0)).unwrap();
+            c.register(register(1)).unwrap();
+            let (session, _rx) = c.attach(&id, 0, a0.incarnation).unwrap();
+            (session, _rx)
+        };
+        let (session, _rx) = fail_rank_0();
+        c.kill(&id, false, "").unwrap();
+        c.detach(&id, 0, session, "stream closed".into());
+        assert_eq!(c.status(&id).unwrap().state, JobState::Killed as i32);
+        c.resume(&id, 0, "").unwrap();
+        let (session, _rx) = fail_rank_0();
+        c.detach(&id, 0, session, "stream closed".into());
+        let status = c.status(&id).unwrap();
+        assert_eq!(status.state, JobState::Pending as i32, "{}", status.message);
+        assert_eq!((status.restarts, status.automatic_restarts), (2, 1));
+        let (session, _rx) = fail_rank_0();
+        c.detach(&id, 0, session, "stream closed".into());
+        assert_eq!(c.status(&id).unwrap().state, JobState::Failed as i32);
     }
 
     #[test]

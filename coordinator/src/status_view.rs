@@ -71,6 +71,7 @@ pub fn to_json(status: &JobStatus) -> Value {
         "best_checkpoint": checkpoint(&status.best_checkpoint),
         "restarts": status.restarts,
         "max_restarts": status.max_restarts,
+        "automatic_restarts": status.automatic_restarts,
         "created_unix_ms": status.created_unix_ms,
         "started_unix_ms": status.started_unix_ms,
         "ended_unix_ms": status.ended_unix_ms,
