@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// The worker binary to start (default: `worker` next to this binary).
     #[arg(long = "worker-bin")]
     pub worker_bin: Option<PathBuf>,
+    /// Check the flags, the config and the launch plan, print them as JSON and exit without
+    /// starting anything.
+    #[arg(long = "dry-run", visible_alias = "dry_run")]
+    pub dry_run: bool,
     /// What the job does: train (fine-tune) or augment (--input rows, split across workers).
     #[arg(long, value_enum, default_value = "train")]
     pub task: TaskArg,

@@ -178,18 +178,45 @@ pub fn cpu_plan(n: u32) -> Vec<Placement> {
         .collect()
 }
 
-/// Whether `host` names this machine.
-pub fn is_local(host: &str) -> bool {
-    let me = nix::unistd::gethostname()
+fn this_host() -> String {
+    nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    host == "localhost" || host == "127.0.0.1" || host == me
+        .unwrap_or_default()
+}
+
+/// Whether `host` names this machine.
+pub fn is_local(host: &str) -> bool {
+    host == "localhost" || host == "127.0.0.1" || host == this_host()
+}
+
+/// The URL other hosts reach the coordinator on: a wildcard listen address (`0.0.0.0`, `[::]`)
+/// is replaced by this machine's host name.
+pub fn advertised_url(listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("http://{}:{}", this_host(), listen.port())
+    } else {
+        format!("http://{listen}")
+    }
+}
+
+/// The command that starts a rank on its host (the token travels in `KORMLM_TOKEN`, never on
+/// a command line).
+pub fn remote_worker_command(rank: u32, local_rank: u32, coordinator_url: &str) -> String {
+    format!("worker --rank {rank} --local_rank {local_rank} --coordinator {coordinator_url}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_hosts_get_a_reachable_url() {
+        let wildcard: std::net::SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        assert_eq!(advertised_url(wildcard), format!("http://{}:50051", this_host()));
+        let ip: std::net::SocketAddr = "10.1.2.3:7000".parse().unwrap();
+        assert_eq!(advertised_url(ip), "http://10.1.2.3:7000");
+    }
 
     fn pool() -> Vec<(String, Vec<u32>)> {
         vec![

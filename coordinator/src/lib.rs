@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod dry_run;
 pub mod error;
 pub mod job_service;
 pub mod launch_plan;

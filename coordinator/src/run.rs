@@ -2,6 +2,7 @@
 //! and (with --exit-when-done) exit with the job's outcome.
 
 use crate::cli::{DeviceArg, ServeArgs, TaskArg};
+use crate::dry_run;
 use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
@@ -91,7 +92,7 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
 
 /// Builds the job spec from the flags and the config file (validated here, so a bad config
 /// stops the coordinator before it listens).
-fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec>> {
+fn job_spec(args: &ServeArgs, placements: &[Placement], worker_binary: &std::path::Path) -> Result<Option<JobSpec>> {
     let augment = args.task == TaskArg::Augment;
     if augment && (args.augment.input.is_none() || args.augment.output.is_none()) {
         return Err(flag("--task augment", "needs --input FILE and --output FILE"));
@@ -135,6 +136,20 @@ fn job_spec(args: &ServeArgs, placements: &[Placement]) -> Result<Option<JobSpec
     let device = match args.device {
         DeviceArg::Cuda => DeviceKind::Cuda,
         DeviceArg::Auto if uses_gpus => DeviceKind::Cuda,
+        // External workers (no placements): their hosts are assumed to be like this one.
+        DeviceArg::Auto if placements.is_empty() => match local_gpu_count(worker_binary) {
+            Ok(n) if n > 0 => DeviceKind::Cuda,
+            Ok(_) => {
+                tracing::info!(
+                    "--device auto: no GPU on this host, so the workers train on CPU (--device cuda forces CUDA)"
+                );
+                DeviceKind::Cpu
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "--device auto: cannot probe this host's GPUs; the workers train on CPU (--device cuda forces CUDA)");
+                DeviceKind::Cpu
+            }
+        },
         _ => DeviceKind::Cpu,
     };
     let mut job_args = args.train.to_map();
@@ -181,7 +196,12 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     }
     let worker_binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
     let placements = placements(&args, &worker_binary)?;
-    let spec = job_spec(&args, &placements)?;
+    let spec = job_spec(&args, &placements, &worker_binary)?;
+    if args.dry_run {
+        let plan = dry_run::report(&args, &placements, spec.as_ref())?;
+        println!("{plan:#}");
+        return Ok(0);
+    }
     let store = Store::open(&args.state_dir)?;
     let settings = Settings {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
@@ -208,6 +228,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
 
     let (listener, local) = server::bind(&args.listen).await?;
     let url = format!("http://{local}");
+    let remote_url = launch_plan::advertised_url(local);
     let addr_file = args.state_dir.join("coordinator.addr");
     let tmp = args.state_dir.join("coordinator.addr.tmp");
     std::fs::write(&tmp, format!("{url}\n"))
@@ -234,13 +255,8 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             }
             let (local, remote): (Vec<_>, Vec<_>) = placements.iter().partition(|p| launch_plan::is_local(&p.host));
             for p in &remote {
-                tracing::warn!(
-                    host = %p.host,
-                    "start on {}: worker --rank {} --local_rank {} --coordinator {url}",
-                    p.host,
-                    p.rank,
-                    p.local_rank
-                );
+                let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url);
+                tracing::warn!(host = %p.host, "start on {}: {command}", p.host);
             }
             let slots: Vec<Slot> = local
                 .iter()
