@@ -12,8 +12,8 @@ cargo fmt --all -- --check
 echo "==> cargo clippy --all-targets -- -D warnings"
 # --release shares one build of libtorch's C++ bindings with the tests below.
 cargo clippy --release --workspace --all-targets -- -D warnings
-echo "==> cargo build (binaries for the end-to-end tests)"
-cargo build --release --workspace --bins
+echo "==> cargo build (binaries and examples for the end-to-end tests)"
+cargo build --release --workspace --bins --examples
 echo "==> cargo test"
 cargo test --release --workspace
 echo "==> all checks passed in $(( $(date +%s) - started )) s (after provisioning)"
