@@ -146,8 +146,25 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
     let before = c.status(Some("job-1"));
     let out = client(&c, &["resume", "--job", "job-1", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `watch` follows the job live (JSON lines) and returns when it ends.
+    let out = client(&c, &["watch", "--job", "job-1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let updates: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(updates.last().unwrap()["state"], "SUCCEEDED", "{updates:?}");
     let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(120));
     assert_eq!(done["restarts"], 1);
+    assert_eq!(
+        done["automatic_restarts"], 0,
+        "a user resume is not an automatic restart"
+    );
+    let out = client(&c, &["list", "--json"]);
+    let jobs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["job_id"], "job-1");
+    assert_eq!(jobs[0]["state"], "SUCCEEDED");
     // The early-stop counters and history carried over.
     let history = done["val_loss_history"].as_array().unwrap();
     assert_eq!(history.len(), epochs as usize);

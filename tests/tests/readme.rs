@@ -96,32 +96,53 @@ fn every_flag_of_every_command_is_in_the_configuration_reference() {
     );
 }
 
-/// The README's complete coordinator command lines for `configs/ds_config.json` (those without
-/// `...` placeholders), continuation lines joined.
-fn readme_gpu_commands() -> Vec<String> {
+/// The README's `target/release/coordinator --…` command lines (the ones that start a job),
+/// continuation lines joined.
+fn readme_coordinator_commands() -> Vec<String> {
     let text = readme();
     let mut commands = Vec::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
         let line = line.trim();
-        if let Some(mut command) = current.take() {
+        let starts = line.starts_with("target/release/coordinator --");
+        let Some(mut command) = current.take().or_else(|| starts.then(String::new)) else {
+            continue;
+        };
+        if !command.is_empty() {
             command.push(' ');
-            command.push_str(line.trim_end_matches('\\').trim());
-            if line.ends_with('\\') {
-                current = Some(command);
-            } else {
-                commands.push(command);
-            }
-        } else if line.starts_with("target/release/coordinator --config configs/ds_config.json") {
-            if line.ends_with('\\') {
-                current = Some(line.trim_end_matches('\\').trim().to_string());
-            } else {
-                commands.push(line.to_string());
-            }
+        }
+        command.push_str(line.trim_end_matches('\\').trim());
+        if line.ends_with('\\') {
+            current = Some(command);
+        } else {
+            commands.push(command);
         }
     }
-    commands.retain(|c| !c.contains("..."));
     commands
+}
+
+/// A README line made runnable: optional `[…]` parts dropped, placeholders filled in.
+fn concrete(command: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0;
+    for c in command.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("--config ...", "--config configs/cpu-demo.json")
+        .replace("...", "")
+        .split_whitespace()
+        .map(|w| match w {
+            "DIR" => "/models/mine",
+            "DATA" => "data/corpus.txt",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn dry_run(command_line: &str, extra: &[&str]) -> std::process::Output {
@@ -167,8 +188,21 @@ fn ranks(plan: &Value) -> Vec<(String, u64, String)> {
 }
 
 #[test]
+fn every_readme_coordinator_command_line_is_a_valid_job() {
+    let commands = readme_coordinator_commands();
+    assert!(commands.len() >= 7, "{commands:#?}");
+    for command in &commands {
+        let p = plan(&concrete(command));
+        assert!(p["job"]["world_size"].as_u64().unwrap() >= 1, "{command}: {p}");
+    }
+}
+
+#[test]
 fn the_readme_gpu_and_multi_host_command_lines_plan_as_documented() {
-    let commands = readme_gpu_commands();
+    let commands: Vec<String> = readme_coordinator_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("target/release/coordinator --config configs/ds_config.json") && !c.contains("..."))
+        .collect();
     assert_eq!(
         commands.len(),
         2,
