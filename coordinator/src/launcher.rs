@@ -50,6 +50,14 @@ impl LocalWorkers {
             pids: Vec::new(),
             waiters: Vec::new(),
         };
+        let threads = threads_per_worker(slots.len());
+        if let Some(n) = threads {
+            tracing::info!(
+                threads = n,
+                workers = slots.len(),
+                "OMP_NUM_THREADS={n} for each worker (set OMP_NUM_THREADS to choose)"
+            );
+        }
         for slot in slots {
             let log_path = log_dir.join(format!("rank-{}.log", slot.rank));
             let spawn_err = |message: String| CoordinatorError::Spawn {
@@ -73,6 +81,9 @@ impl LocalWorkers {
                 .process_group(0);
             if let Some(token) = &coordinator.settings().token {
                 command.env("KORMLM_TOKEN", token);
+            }
+            if let Some(n) = threads {
+                command.env("OMP_NUM_THREADS", n.to_string());
             }
             let child = tokio::process::Command::from(command)
                 .spawn()
@@ -152,4 +163,16 @@ pub async fn force_stop(workers: Vec<(String, u32)>) {
     signal_all(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_secs(5)).await;
     signal_all(Signal::SIGKILL);
+}
+
+/// The intra-op threads each of `workers` local processes gets: this machine's cores shared out,
+/// as torchrun does, because libtorch's default (every core, in every process) oversubscribes
+/// the CPU and its spinning threads slow CPU training down many times. `None` when the user
+/// set `OMP_NUM_THREADS` (it is inherited unchanged).
+pub fn threads_per_worker(workers: usize) -> Option<usize> {
+    if std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / workers.max(1)).max(1))
 }

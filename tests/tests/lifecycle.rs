@@ -263,6 +263,14 @@ fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain(
         s["latest_checkpoint"]["path"].as_str().is_some().then_some(s)
     });
     let pid = running["workers"][1]["pid"].as_u64().unwrap() as i32;
+    // Local workers share the cores instead of each taking all of them (libtorch's default).
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let threads = environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"OMP_NUM_THREADS=").map(|n| String::from_utf8_lossy(n).to_string()));
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let expected = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / 2).max(1).to_string());
+    assert_eq!(threads.as_deref(), Some(expected.as_str()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(180));
     assert_eq!(done["restarts"], 1, "{done}");
