@@ -158,6 +158,21 @@ fn draw(points: &[EpochLoss], tmp: &Path) -> Result<(), String> {
             .draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
             .map_err(|e| e.to_string())?;
     }
+    // The epoch whose model is kept as `best/` (the first lowest dev loss).
+    let best = points
+        .iter()
+        .fold(None::<&EpochLoss>, |b, p| match b {
+            Some(b) if b.dev <= p.dev => Some(b),
+            _ => Some(p),
+        })
+        .expect("points is not empty");
+    let x = f64::from(best.epoch);
+    let marker = BLACK.mix(0.45).stroke_width(2);
+    chart
+        .draw_series(LineSeries::new([(x, lo - margin), (x, hi + margin)], marker))
+        .map_err(|e| e.to_string())?
+        .label(format!("best dev loss (epoch {})", best.epoch))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], marker));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
