@@ -18,14 +18,15 @@ tail -n 100 "$corpus" > "$out/heldout.txt"
 
 echo "==> worker tokenizer-train (cased BERT WordPiece on the demo corpus)"
 "$bin/worker" tokenizer-train --input "$out/train.txt" --vocab_size 2000 --output "$out/tokenizer"
-echo "==> worker init-model (a small random ELECTRA)"
-"$bin/worker" init-model --tokenizer "$out/tokenizer" --output "$out/init-model"
+echo "==> worker init-model (a small random ELECTRA: 4 layers, hidden 256)"
+"$bin/worker" init-model --tokenizer "$out/tokenizer" --output "$out/init-model" \
+    --embedding_size 128 --hidden_size 256 --num_hidden_layers 4 --num_attention_heads 4 --intermediate_size 1024
 
 echo "==> coordinator --config configs/cpu-demo.json --num_workers 2 --device cpu --exit-when-done"
 "$bin/coordinator" --config configs/cpu-demo.json --num_workers 2 --device cpu --exit-when-done \
     --listen 127.0.0.1:0 --state-dir "$out/state" \
     --model_name_or_path "$out/init-model" --data_path "$out/train.txt" --output_dir "$out/training" \
-    --max_seq_len 48 --num_train_epochs 12 --max_stop_number 2 --logging_steps 20 \
+    --max_seq_len 48 --num_train_epochs 100 --max_stop_number 2 --logging_steps 20 \
     2> "$out/coordinator.log" > /dev/null &
 coordinator_pid=$!
 trap 'kill $coordinator_pid 2>/dev/null || true' EXIT
