@@ -117,7 +117,15 @@ async fn register(
         };
         match attempt.await {
             Ok(result) => return Ok(result),
-            Err(status) if status.code() == Code::Unavailable => {
+            // Connection-level failures (a coordinator going down or coming back mid-call
+            // surfaces as Unknown "transport error") are retried; the coordinator's own refusals
+            // use other codes.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                ) =>
+            {
                 if started.elapsed() >= options.reconnect_timeout {
                     return Err(DaemonError::Unreachable {
                         url,
