@@ -189,8 +189,34 @@ impl CoordinatorProc {
     }
 }
 
+/// The coordinator's log, then the last lines of every worker log it started (for failures).
 fn read_log(state_dir: &Path) -> String {
-    std::fs::read_to_string(state_dir.with_extension("coordinator.log")).unwrap_or_default()
+    let mut text = std::fs::read_to_string(state_dir.with_extension("coordinator.log")).unwrap_or_default();
+    let mut logs = Vec::new();
+    let mut dirs = vec![state_dir.join("logs")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                logs.push(path);
+            }
+        }
+    }
+    logs.sort();
+    for path in logs {
+        let content = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = content.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(25)..];
+        text += &format!(
+            "\n--- {} (last {} lines)\n{}\n",
+            path.display(),
+            tail.len(),
+            tail.join("\n")
+        );
+    }
+    text
 }
 
 /// Runs a command to completion and captures its output.

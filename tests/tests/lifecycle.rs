@@ -122,7 +122,8 @@ fn kill_mid_epoch(c: &CoordinatorProc) -> u64 {
 fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let epochs = 3;
+    // Long enough for the kill to land mid-training on a fast machine.
+    let epochs = 12;
 
     // The uninterrupted reference.
     let reference = d.join("reference");
@@ -216,7 +217,22 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
         &other.join("final/model.safetensors"),
     );
     eprintln!("kill at step {stopped_at}, damaged checkpoint, resume on 1 worker: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "{diff}");
+    // One rank sums the gradients in another order than two; over the remaining ~180 steps
+    // Adam amplifies those 1e-7 differences, so the end state is compared loosely and the
+    // first steps after the resume tightly (a lost or misplaced optimizer partition would
+    // show at once).
+    assert!(diff <= 1e-3, "{diff}");
+    let got = losses(&other);
+    let after: Vec<(&u64, &f64)> = got.range(stopped_at + 1..).take(10).collect();
+    assert_eq!(after.len(), 10);
+    for (step, loss) in after {
+        let d = (loss - expected[step]).abs();
+        assert!(
+            d <= 1e-5,
+            "step {step} after the resume on 1 worker: loss {loss} vs {}",
+            expected[step]
+        );
+    }
 }
 
 #[test]
@@ -224,7 +240,7 @@ fn a_coordinator_killed_and_restarted_finds_its_job_and_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let state = d.join("state");
-    let args = job_args(d, &d.join("out"), 2, 4);
+    let args = job_args(d, &d.join("out"), 2, 40);
     let mut c = start(&state, &args);
     let before = wait_for("training progress", Duration::from_secs(120), || {
         let s = c.status(Some("job-1"));
@@ -250,7 +266,7 @@ fn a_coordinator_killed_and_restarted_finds_its_job_and_finishes_it() {
 fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut args = job_args(d, &d.join("out"), 2, 3);
+    let mut args = job_args(d, &d.join("out"), 2, 12);
     args.extend([
         "--max_restarts".to_string(),
         "1".to_string(),
@@ -265,9 +281,10 @@ fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain(
     let pid = running["workers"][1]["pid"].as_u64().unwrap() as i32;
     // Local workers share the cores instead of each taking all of them (libtorch's default).
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let threads = environ
-        .split(|b| *b == 0)
-        .find_map(|v| v.strip_prefix(b"OMP_NUM_THREADS=").map(|n| String::from_utf8_lossy(n).to_string()));
+    let threads = environ.split(|b| *b == 0).find_map(|v| {
+        v.strip_prefix(b"OMP_NUM_THREADS=")
+            .map(|n| String::from_utf8_lossy(n).to_string())
+    });
     let cores = std::thread::available_parallelism().unwrap().get();
     let expected = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / 2).max(1).to_string());
     assert_eq!(threads.as_deref(), Some(expected.as_str()));
