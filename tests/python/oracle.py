@@ -55,13 +55,34 @@ def corpus_sentences(data):
     return out
 
 
+def cmd_vocab_text(args):
+    """tokenizers' WordPieceTrainer (no alphabet limit, as kormlm's tokenizer-train) on the lines
+    of a text file; writes OUT/vocab.txt in id order."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=args.size, min_frequency=2, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(read_lines(args.text), trainer)
+    vocab = tok.get_vocab()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in sorted(vocab, key=vocab.get)))
+
+
 def cmd_vocab(args):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
+    if args.text:
+        return cmd_vocab_text(args)
+
     tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
     tok.train_from_iterator(
-        corpus_sentences(args.data),
+        read_lines(args.text) if args.text else corpus_sentences(args.data),
         vocab_size=args.size,
         min_frequency=2,
         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
@@ -264,7 +285,8 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("vocab")
     p.add_argument("out")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="the shared corpora directory")
+    p.add_argument("--text", help="instead: a text file, one sentence per line")
     p.add_argument("--size", type=int, default=8000)
     p = sub.add_parser("model")
     p.add_argument("out")

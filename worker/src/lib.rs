@@ -16,3 +16,4 @@ pub mod model;
 pub mod optim;
 pub mod tokenizer;
 pub mod train;
+pub mod wordpiece_trainer;

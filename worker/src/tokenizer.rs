@@ -363,34 +363,16 @@ pub fn train_wordpiece(
     vocab_size: usize,
     min_frequency: u64,
 ) -> Result<MlmTokenizer, TokenizerError> {
-    use tokenizers::models::wordpiece::WordPieceTrainer;
-    use tokenizers::models::TrainerWrapper;
-    let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        .iter()
-        .map(|t| AddedToken::from(*t, true))
-        .collect();
-    let mut trainer: TrainerWrapper = WordPieceTrainer::builder()
-        .vocab_size(vocab_size)
-        .min_frequency(min_frequency)
-        .special_tokens(specials)
-        .continuing_subword_prefix("##".into())
-        .show_progress(false)
-        .build()
-        .into();
-    let mut tokenizer = Tokenizer::new(WordPiece::default());
-    tokenizer.with_normalizer(Some(BertNormalizer::new(true, true, None, false)));
-    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let mut words = std::collections::BTreeMap::new();
     for f in files {
-        if !f.is_file() {
-            return Err(file_err(f, "no such file"));
+        let text = std::fs::read(f).map_err(|e| file_err(f, e))?;
+        let text = String::from_utf8(text).map_err(|e| file_err(f, format!("not UTF-8: {e}")))?;
+        for line in text.lines() {
+            crate::wordpiece_trainer::count_words(line, &mut words)
+                .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
         }
     }
-    tokenizer
-        .train_from_files(&mut trainer, names)
-        .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
-    let vocab: HashMap<String, u32> = tokenizer.get_vocab(false);
-    MlmTokenizer::from_vocab(vocab)
+    MlmTokenizer::from_vocab(crate::wordpiece_trainer::train(&words, vocab_size, min_frequency))
 }
 
 /// transformers' `clean_up_tokenization`.

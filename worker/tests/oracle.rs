@@ -471,3 +471,46 @@ fn hub_ids_download_at_a_revision_then_work_offline_from_the_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn wordpiece_training_is_deterministic_and_agrees_with_the_tokenizers_trainer() {
+    let f = fixture();
+    let corpus = shared_data().join("korean-hate-speech/unlabeled/unlabeled_comments_5.txt");
+    oracle(&[
+        "vocab",
+        &f.s("wp-hf"),
+        "--text",
+        corpus.to_str().unwrap(),
+        "--size",
+        "8000",
+    ]);
+    let vocab = |dir: &str| -> Vec<String> {
+        let tokenizer = kormlm_worker::tokenizer::train_wordpiece(std::slice::from_ref(&corpus), 8000, 2).unwrap();
+        std::fs::create_dir_all(f.path(dir)).unwrap();
+        tokenizer.save(&f.path(dir)).unwrap();
+        let text = std::fs::read_to_string(f.path(dir).join("vocab.txt")).unwrap();
+        text.lines().map(str::to_string).collect()
+    };
+    let (first, second) = (vocab("wp-ours-1"), vocab("wp-ours-2"));
+    assert_eq!(first, second, "the same corpus gives the same vocabulary, ids included");
+    assert_eq!(first.len(), 8000);
+    assert_eq!(&first[..5], &["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]);
+    // The upstream trainer breaks ties between equally frequent merges by hash-map order, so the
+    // two agree up to those ties.
+    let theirs: std::collections::HashSet<String> = std::fs::read_to_string(f.path("wp-hf").join("vocab.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let common = first.iter().filter(|t| theirs.contains(*t)).count();
+    eprintln!(
+        "WordPiece vocabulary: {common} of {} tokens shared with the tokenizers trainer ({} there)",
+        first.len(),
+        theirs.len()
+    );
+    assert!(
+        common as f64 >= 0.99 * theirs.len() as f64,
+        "{common} of {}",
+        theirs.len()
+    );
+}
