@@ -951,7 +951,9 @@ impl Coordinator {
                 state_name(state)
             )));
         }
-        let connected = job.workers.values().filter(|w| w.session.is_some()).count();
+        // Registered workers whose heartbeat stream is not attached yet hear of the stop when it
+        // attaches (`attach`), so only a job without live workers ends at once.
+        let live = job.workers.values().filter(|w| w.live).count();
         let (command, reason) = if force {
             (CommandKind::Shutdown, "killed on request (--force)".to_string())
         } else {
@@ -960,7 +962,7 @@ impl Coordinator {
                 "kill requested: finishing the current step".to_string(),
             )
         };
-        if force || connected == 0 {
+        if force || live == 0 {
             self.set_state(job, JobState::Killed, reason.clone())
                 .map_err(store_status)?;
         } else {
@@ -1126,6 +1128,19 @@ mod tests {
         s.ds_config_path = "cfg.json".into();
         let err = c.submit(s).unwrap_err();
         assert!(err.message().contains("30 != 4 * 3 * 2"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_kill_before_the_heartbeats_attach_waits_for_the_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        let a0 = c.register(register(0)).unwrap();
+        c.register(register(1)).unwrap();
+        c.kill(&id, false, "").unwrap();
+        assert_eq!(c.status(&id).unwrap().state, JobState::Stopping as i32);
+        let (_, mut commands) = c.attach(&id, 0, a0.incarnation).unwrap();
+        assert_eq!(commands.try_recv().unwrap().kind, CommandKind::StopAfterStep as i32);
     }
 
     #[test]
