@@ -60,24 +60,25 @@ fn start(state: &Path, args: &[String]) -> CoordinatorProc {
     CoordinatorProc::start(state, &refs)
 }
 
-/// Loss per global step from a training log (the last record wins when a step was logged twice).
-fn losses(out: &Path) -> BTreeMap<u64, f64> {
+/// `value` by `key` from the training log's records of `kind` (the last record wins when a key
+/// was logged twice, as after a resume).
+fn log_values(out: &Path, kind: &str, key: &str, value: &str) -> BTreeMap<u64, f64> {
     let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
     log.lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["type"] == "train")
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .filter(|r| r["type"] == kind)
+        .map(|r| (r[key].as_u64().unwrap(), r[value].as_f64().unwrap()))
         .collect()
 }
 
-/// Mean training loss per epoch, from the evaluation records (the last record of an epoch wins).
+/// Loss per global step.
+fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    log_values(out, "train", "step", "loss")
+}
+
+/// Mean training loss per epoch, from the evaluation records.
 fn epoch_train_losses(out: &Path) -> BTreeMap<u64, f64> {
-    let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
-    log.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["type"] == "eval")
-        .map(|r| (r["epoch"].as_u64().unwrap(), r["train_loss"].as_f64().unwrap()))
-        .collect()
+    log_values(out, "eval", "epoch", "train_loss")
 }
 
 fn wait_state(c: &CoordinatorProc, state: &str, timeout: Duration) -> Value {

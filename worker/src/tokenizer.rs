@@ -25,6 +25,9 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// BERT's special tokens, in the order `from_vocab` and `tokenizer-train` put them first.
+pub const BERT_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
 fn file_err(path: &Path, message: impl ToString) -> TokenizerError {
     TokenizerError::File {
         path: path.display().to_string(),
@@ -165,7 +168,7 @@ impl MlmTokenizer {
             tokenize_chinese_chars: true,
             clean_up_tokenization_spaces: false,
             model_max_length: 512,
-            tokens: ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(str::to_string),
+            tokens: BERT_SPECIAL_TOKENS.map(str::to_string),
         };
         let inner = Self::build_wordpiece(vocab, &settings)?;
         Self::finish(inner, settings)
@@ -367,10 +370,8 @@ pub fn train_wordpiece(
     for f in files {
         let text = std::fs::read(f).map_err(|e| file_err(f, e))?;
         let text = String::from_utf8(text).map_err(|e| file_err(f, format!("not UTF-8: {e}")))?;
-        for line in text.lines() {
-            crate::wordpiece_trainer::count_words(line, &mut words)
-                .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
-        }
+        crate::wordpiece_trainer::count_words(text.lines(), &mut words)
+            .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
     }
     MlmTokenizer::from_vocab(crate::wordpiece_trainer::train(&words, vocab_size, min_frequency))
 }

@@ -5,26 +5,31 @@
 //! run (huggingface/tokenizers#1794). Here words are visited in sorted order and ties go to the
 //! lower ids, so the result depends only on the input.
 
+use crate::tokenizer::BERT_SPECIAL_TOKENS;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::{NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
-pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 const PREFIX: &str = "##";
 
 type Pair = (u32, u32);
 
-/// Counts the words of one line as BertTokenizerFast splits them (cased, Chinese characters apart).
-pub fn count_words(line: &str, counts: &mut BTreeMap<String, u64>) -> Result<(), String> {
+/// Counts the words of `lines` as BertTokenizerFast splits them (cased, Chinese characters apart).
+pub fn count_words<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    counts: &mut BTreeMap<String, u64>,
+) -> Result<(), String> {
     let normalizer = BertNormalizer::new(true, true, None, false);
-    let mut normalized = NormalizedString::from(line);
-    normalizer.normalize(&mut normalized).map_err(|e| e.to_string())?;
-    let mut pre = PreTokenizedString::from(normalized);
-    BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
-    for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Char) {
-        *counts.entry(word.to_string()).or_default() += 1;
+    for line in lines {
+        let mut normalized = NormalizedString::from(line);
+        normalizer.normalize(&mut normalized).map_err(|e| e.to_string())?;
+        let mut pre = PreTokenizedString::from(normalized);
+        BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+        for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Char) {
+            *counts.entry(word.to_string()).or_default() += 1;
+        }
     }
     Ok(())
 }
@@ -40,7 +45,7 @@ pub fn train(words: &BTreeMap<String, u64>, vocab_size: usize, min_frequency: u6
             (id_to_token.len() - 1) as u32
         })
     };
-    for token in SPECIAL_TOKENS {
+    for token in BERT_SPECIAL_TOKENS {
         add(token.to_string(), &mut id_to_token);
     }
     let alphabet: std::collections::BTreeSet<char> = words.keys().flat_map(|w| w.chars()).collect();
@@ -86,8 +91,8 @@ pub fn train(words: &BTreeMap<String, u64>, vocab_size: usize, min_frequency: u6
         let right = &id_to_token[pair.1 as usize];
         let merged = format!("{left}{}", right.strip_prefix(PREFIX).unwrap_or(right));
         let merged_id = add(merged, &mut id_to_token);
-        let mut touched: Vec<usize> = pair_words.remove(&pair).unwrap_or_default().into_iter().collect();
-        touched.sort_unstable();
+        // Visiting order does not matter: counts add up, and the queue orders by (count, pair).
+        let touched = pair_words.remove(&pair).unwrap_or_default();
         let mut grown: HashSet<Pair> = HashSet::new();
         for i in touched {
             let word = &mut symbols[i];
@@ -130,9 +135,7 @@ mod tests {
 
     fn words(lines: &[&str]) -> BTreeMap<String, u64> {
         let mut counts = BTreeMap::new();
-        for line in lines {
-            count_words(line, &mut counts).unwrap();
-        }
+        count_words(lines.iter().copied(), &mut counts).unwrap();
         counts
     }
 
@@ -145,7 +148,7 @@ mod tests {
         let mut by_id: Vec<(&u32, &String)> = vocab.iter().map(|(t, i)| (i, t)).collect();
         by_id.sort();
         let tokens: Vec<&str> = by_id.iter().map(|(_, t)| t.as_str()).collect();
-        assert_eq!(&tokens[..5], &SPECIAL_TOKENS);
+        assert_eq!(&tokens[..5], &BERT_SPECIAL_TOKENS);
         // Alphabet in char order, then continuation pieces, then the most frequent merges.
         assert_eq!(&tokens[5..8], &["!", "a", "b"]);
         assert!(tokens.contains(&"##b") && tokens.contains(&"##a"));
