@@ -2,13 +2,12 @@
 
 use crate::cli::{ClientArgs, KillArgs, ListArgs, ResumeArgs, StatusArgs};
 use crate::error::{CoordinatorError, Result};
-use crate::job_service::TOKEN_METADATA;
-use crate::state::now_ms;
 use crate::status_view;
 use kormlm_proto::v1::job_service_client::JobServiceClient;
 use kormlm_proto::v1::{
     GetJobStatusRequest, JobState, JobStatus, KillJobRequest, ListJobsRequest, ResumeJobRequest, WatchJobRequest,
 };
+use kormlm_proto::{now_ms, TOKEN_METADATA};
 use tonic::transport::Channel;
 
 async fn connect(args: &ClientArgs) -> Result<JobServiceClient<Channel>> {

@@ -6,14 +6,12 @@ use kormlm_proto::v1::{
     GetJobStatusRequest, JobState, JobStatus, KillJobRequest, KillJobResponse, ListJobsRequest, ListJobsResponse,
     ResumeJobRequest, ResumeJobResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
 };
+use kormlm_proto::TOKEN_METADATA;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-
-/// Metadata key carrying the shared secret on mutating calls.
-pub const TOKEN_METADATA: &str = "x-kormlm-token";
 
 pub struct JobApi {
     coordinator: Arc<Coordinator>,

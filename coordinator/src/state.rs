@@ -7,13 +7,13 @@ use kormlm_proto::ds_config::DsConfig;
 use kormlm_proto::train_args::TrainArgs;
 use kormlm_proto::v1::{
     Assignment, BatchSizes, CommandKind, CoordinatorCommand, DeviceKind, EarlyStopState, EventRecord, JobRecord,
-    JobSpec, JobState, JobStatus, Progress, RegisterRequest, RendezvousInfo, RendezvousRequest, ShardPlan, TaskKind,
-    WorkerInfo, WorkerReport, WorkerState,
+    JobSpec, JobState, JobStatus, Progress, RegisterRequest, RendezvousInfo, RendezvousRequest, TaskKind, WorkerInfo,
+    WorkerReport, WorkerState,
 };
-use kormlm_proto::PROTOCOL_VERSION;
+use kormlm_proto::{now_ms, PROTOCOL_VERSION};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
@@ -48,13 +48,6 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a reported collective failure waits for the loss of the peer that caused it.
 const COLLECTIVE_FAILURE_GRACE: Duration = Duration::from_secs(2);
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// A heartbeat stream of this coordinator process.
 struct Session {
@@ -427,6 +420,7 @@ impl Coordinator {
             optimizer_state_bytes: 0,
             reason: String::new(),
             incarnation,
+            failure_kind: 0,
         };
         self.store.put_worker(job.number, &info).map_err(store_status)?;
         self.event(
@@ -469,12 +463,6 @@ impl Coordinator {
             resolved_config_json: job.record.resolved_config_json.clone(),
             batch: Some(batch),
             args: spec.args.clone(),
-            shard: Some(ShardPlan {
-                seed: TrainArgs::from_map(&spec.args).map(|a| a.seed).unwrap_or(1),
-                global_micro_batch: batch.train_micro_batch_size_per_gpu * world,
-                offset_in_batch: request.rank * batch.train_micro_batch_size_per_gpu,
-                micro_batch: batch.train_micro_batch_size_per_gpu,
-            }),
             task: spec.task,
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
             incarnation,
@@ -1098,7 +1086,6 @@ mod tests {
         assert_eq!(c.status(&id).unwrap().state, JobState::Pending as i32);
         let a = c.register(register(1)).unwrap();
         assert_eq!((a.rank, a.world_size, a.batch.unwrap().train_batch_size), (1, 2, 8));
-        assert_eq!(a.shard.unwrap().offset_in_batch, 4);
         c.register(register(0)).unwrap();
         let status = c.status(&id).unwrap();
         assert_eq!(status.state, JobState::Running as i32);

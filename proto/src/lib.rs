@@ -4,12 +4,16 @@
 //!   `coordinator status|watch|list|kill|resume` commands and any generic gRPC client talk to;
 //!   `WorkerService` is what `worker` daemons talk to.
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
-//! * [`train_args`]: the original project's training flags.
+//! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's.
+//! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
+//! * [`failure`]: the kinds of failure workers report and the coordinator decides on.
 
 pub mod augment_args;
 pub mod augment_parts;
 pub mod ds_config;
+pub mod failure;
 mod flag_map;
+pub mod job_plan;
 pub mod train_args;
 
 #[allow(clippy::all, clippy::pedantic)]
@@ -22,3 +26,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("korm
 
 /// Wire-protocol version, sent by workers on registration and checked by the coordinator.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// gRPC metadata key carrying the shared secret on `JobService` calls.
+pub const TOKEN_METADATA: &str = "x-kormlm-token";
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it), the unit of every timestamp
+/// in the API.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

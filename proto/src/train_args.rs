@@ -88,6 +88,15 @@ impl Default for TrainArgs {
 }
 
 impl TrainArgs {
+    /// The run's output directory: `--output_dir`, else `MODEL_DIR/RUN_NAME` (the job id for a
+    /// job, `YYMMDD_HHMMSS` for `worker train`).
+    pub fn output_dir_or(&self, run_name: &str) -> std::path::PathBuf {
+        match &self.output_dir {
+            Some(dir) => std::path::PathBuf::from(dir),
+            None => std::path::Path::new(&self.model_dir).join(run_name),
+        }
+    }
+
     /// The flags as `name -> value` text (absent options are left out).
     pub fn to_map(&self) -> BTreeMap<String, String> {
         crate::flag_map::to_map(self, "")
@@ -133,6 +142,20 @@ mod tests {
         assert_eq!(map["max_steps"], "7");
         assert!(!TrainArgs::default().to_map().contains_key("revision"));
         assert_eq!(TrainArgs::from_map(&map).unwrap(), args);
+    }
+
+    #[test]
+    fn output_dir_rule() {
+        let args = TrainArgs {
+            model_dir: "runs".into(),
+            ..Default::default()
+        };
+        assert_eq!(args.output_dir_or("job-3"), std::path::Path::new("runs/job-3"));
+        let args = TrainArgs {
+            output_dir: Some("here".into()),
+            ..args
+        };
+        assert_eq!(args.output_dir_or("job-3"), std::path::Path::new("here"));
     }
 
     #[test]

@@ -5,14 +5,11 @@ use crate::device::{self, DeviceInfo};
 use crate::job;
 use crate::train::ProgressEvent;
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
-use kormlm_proto::v1::{
-    Assignment, CheckpointRef, CommandKind, DeviceKind, EarlyStopState, Progress, RegisterRequest, TaskKind,
-    WorkerReport,
-};
-use kormlm_proto::PROTOCOL_VERSION;
+use kormlm_proto::v1::{Assignment, CheckpointRef, CommandKind, DeviceKind, RegisterRequest, TaskKind, WorkerReport};
+use kormlm_proto::{now_ms, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tch::Device;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -52,13 +49,6 @@ pub enum DaemonError {
 pub enum Outcome {
     /// The job ended or the coordinator told this worker to stop.
     Done,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn hostname() -> String {
@@ -169,32 +159,6 @@ struct Work {
     stop: Arc<AtomicBool>,
 }
 
-fn to_proto(event: &ProgressEvent) -> (Progress, EarlyStopState) {
-    (
-        Progress {
-            epoch: event.epoch,
-            global_step: event.global_step,
-            total_steps: event.total_steps,
-            samples_in_epoch: event.samples_in_epoch,
-            train_loss: event.train_loss,
-            val_loss: event.val_loss,
-            val_accuracy: event.val_accuracy,
-            learning_rate: event.learning_rate,
-            samples_per_s: event.samples_per_s,
-            tokens_per_s: event.tokens_per_s,
-            loss_scale: event.loss_scale,
-            skipped_steps: event.skipped_steps,
-        },
-        EarlyStopState {
-            best_val_loss: event.best_val_loss,
-            stop_count: event.stop_count,
-            max_stop_number: 0,
-            early_stopped: event.early_stopped,
-            val_loss_history: event.val_loss_history.clone(),
-        },
-    )
-}
-
 fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_loss: Option<f64>) -> CheckpointRef {
     CheckpointRef {
         tag: format!("step-{step}"),
@@ -219,7 +183,7 @@ async fn heartbeat_session(
         let event = work.as_ref().and_then(|w| w.progress.borrow().clone());
         let (progress, early_stop) = match &event {
             Some(e) => {
-                let (p, s) = to_proto(e);
+                let (p, s) = e.to_proto();
                 (Some(p), Some(s))
             }
             None => (None, None),
@@ -234,6 +198,8 @@ async fn heartbeat_session(
             optimizer_state_bytes: event.as_ref().map_or(0, |e| e.optimizer_state_bytes),
             finished,
             failure,
+            // Classified by kind in the worker redesign; unset reads as INTERNAL.
+            failure_kind: 0,
             early_stop,
             checkpoint: event
                 .as_ref()

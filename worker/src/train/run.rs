@@ -15,6 +15,7 @@ use crate::masking::{MaskedSample, Masker, DEV_EPOCH};
 use crate::model::{LoadedModel, ModelError};
 use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::train_args::TrainArgs;
+use kormlm_proto::v1::{EarlyStopState, Progress};
 use serde::Serialize;
 use serde_json::json;
 use std::io::Write;
@@ -86,6 +87,35 @@ pub struct ProgressEvent {
     pub checkpoint: Option<(String, u64)>,
     /// The checkpoint holding the best weights so far.
     pub best_checkpoint: Option<(String, u64)>,
+}
+
+impl ProgressEvent {
+    /// The progress and early-stopping messages a heartbeat carries.
+    pub fn to_proto(&self) -> (Progress, EarlyStopState) {
+        (
+            Progress {
+                epoch: self.epoch,
+                global_step: self.global_step,
+                total_steps: self.total_steps,
+                samples_in_epoch: self.samples_in_epoch,
+                train_loss: self.train_loss,
+                val_loss: self.val_loss,
+                val_accuracy: self.val_accuracy,
+                learning_rate: self.learning_rate,
+                samples_per_s: self.samples_per_s,
+                tokens_per_s: self.tokens_per_s,
+                loss_scale: self.loss_scale,
+                skipped_steps: self.skipped_steps,
+            },
+            EarlyStopState {
+                best_val_loss: self.best_val_loss,
+                stop_count: self.stop_count,
+                max_stop_number: 0,
+                early_stopped: self.early_stopped,
+                val_loss_history: self.val_loss_history.clone(),
+            },
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,124 @@
+//! A job spec resolved for a world size: the one place where the DeepSpeed config is parsed and
+//! checked against DeepSpeed's batch rule and the flags are decoded. The coordinator resolves a
+//! spec when it starts (`coordinator --config …`), on `--dry-run`, on `SubmitJob` and on a resume
+//! with another world size; `worker train` resolves its own one-rank spec the same way.
+
+use crate::augment_args::AugmentArgs;
+use crate::ds_config::{ConfigError, DsConfig, ResolvedConfig};
+use crate::train_args::TrainArgs;
+use crate::v1::{JobSpec, TaskKind};
+
+/// The config an augmentation job uses when none is given: augmentation runs no optimizer, and a
+/// one-sample micro batch satisfies the batch rule for any world size.
+pub const AUGMENT_ONLY_CONFIG: &str = r#"{"train_micro_batch_size_per_gpu": 1}"#;
+
+/// What a spec does not allow, naming the key or flag.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("world_size must be at least 1")]
+    NoRanks,
+    #[error("{0}")]
+    Flags(String),
+}
+
+/// A job spec checked and decoded for one world size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPlan {
+    pub task: TaskKind,
+    /// The config with the batch triple inferred for `world_size`.
+    pub config: ResolvedConfig,
+    /// Unknown or ignored config keys, for the user.
+    pub warnings: Vec<String>,
+    pub train: TrainArgs,
+    /// The augmentation flags of an augmentation job.
+    pub augment: Option<AugmentArgs>,
+}
+
+/// The name config messages give the spec's config (its path, when it came from a file).
+pub fn config_source(spec: &JobSpec) -> &str {
+    if spec.ds_config_path.is_empty() {
+        "ds_config"
+    } else {
+        &spec.ds_config_path
+    }
+}
+
+impl JobPlan {
+    /// Parses the spec's config, applies DeepSpeed's batch rule for `world_size` ranks and decodes
+    /// the flags. An unspecified task is training.
+    pub fn resolve(spec: &JobSpec, world_size: u32) -> Result<Self, PlanError> {
+        if world_size == 0 {
+            return Err(PlanError::NoRanks);
+        }
+        let source = config_source(spec);
+        let parsed = DsConfig::parse(&spec.ds_config_json, source)?;
+        let config = parsed.config.resolve(world_size, source)?;
+        let train = TrainArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
+        let task = match TaskKind::try_from(spec.task) {
+            Ok(TaskKind::Augment) => TaskKind::Augment,
+            _ => TaskKind::Train,
+        };
+        let augment = match task {
+            TaskKind::Augment => Some(AugmentArgs::from_map(&spec.args).map_err(PlanError::Flags)?),
+            _ => None,
+        };
+        Ok(Self {
+            task,
+            config,
+            warnings: parsed.warnings,
+            train,
+            augment,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(config: &str) -> JobSpec {
+        JobSpec {
+            ds_config_json: config.into(),
+            ds_config_path: "cfg.json".into(),
+            world_size: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resolves_the_batch_rule_for_the_world_size() {
+        let plan = JobPlan::resolve(&spec(r#"{"train_micro_batch_size_per_gpu": 4}"#), 3).unwrap();
+        assert_eq!(plan.config.batch.train_batch_size, 12);
+        assert_eq!(plan.task, TaskKind::Train);
+        assert_eq!(plan.train, TrainArgs::default());
+        assert!(plan.augment.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_config_and_the_flag() {
+        let err = JobPlan::resolve(
+            &spec(r#"{"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}"#),
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cfg.json") && err.contains("30 != 4 * 3 * 2"), "{err}");
+        let mut bad = spec(AUGMENT_ONLY_CONFIG);
+        bad.args.insert("max_seq_len".into(), "long".into());
+        let err = JobPlan::resolve(&bad, 1).unwrap_err().to_string();
+        assert!(err.contains("--max_seq_len"), "{err}");
+        assert_eq!(JobPlan::resolve(&spec(AUGMENT_ONLY_CONFIG), 0), Err(PlanError::NoRanks));
+    }
+
+    #[test]
+    fn augmentation_jobs_carry_their_flags() {
+        let mut s = spec(AUGMENT_ONLY_CONFIG);
+        s.task = TaskKind::Augment as i32;
+        s.args.insert("augment.input".into(), "in.txt".into());
+        let plan = JobPlan::resolve(&s, 5).unwrap();
+        assert_eq!(plan.augment.unwrap().input, Some("in.txt".into()));
+        assert_eq!(plan.config.batch.train_batch_size, 5);
+    }
+}
