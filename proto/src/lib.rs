@@ -6,10 +6,12 @@
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
 //! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's.
 //! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
+//! * [`auth`]: the token every client call carries.
 //! * [`failure`]: the kinds of failure workers report and the coordinator decides on.
 
 pub mod augment_args;
 pub mod augment_parts;
+pub mod auth;
 pub mod ds_config;
 pub mod failure;
 mod flag_map;

@@ -4,6 +4,7 @@
 use crate::device::{self, DeviceInfo};
 use crate::job;
 use crate::train::ProgressEvent;
+use kormlm_proto::auth::TokenInterceptor;
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{Assignment, CheckpointRef, CommandKind, DeviceKind, RegisterRequest, TaskKind, WorkerReport};
 use kormlm_proto::{now_ms, PROTOCOL_VERSION};
@@ -11,7 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The worker's client of the coordinator; every call carries the token in its metadata.
+pub type CoordinatorClient = WorkerServiceClient<InterceptedService<Channel, TokenInterceptor>>;
 use tonic::Code;
 
 #[derive(Debug, Clone)]
@@ -67,14 +72,15 @@ fn normalise_url(url: &str) -> String {
 }
 
 /// Connects and registers, retrying while the coordinator is unreachable.
-async fn register(
-    options: &DaemonOptions,
-    info: &DeviceInfo,
-) -> Result<(WorkerServiceClient<Channel>, Assignment), DaemonError> {
+async fn register(options: &DaemonOptions, info: &DeviceInfo) -> Result<(CoordinatorClient, Assignment), DaemonError> {
     let url = normalise_url(&options.coordinator);
     let endpoint = Channel::from_shared(url.clone()).map_err(|e| DaemonError::BadUrl {
         url: url.clone(),
         message: e.to_string(),
+    })?;
+    let interceptor = TokenInterceptor::new(options.token.as_deref()).map_err(|e| DaemonError::BadUrl {
+        url: url.clone(),
+        message: format!("--token / KORMLM_TOKEN: {e}"),
     })?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
@@ -88,7 +94,7 @@ async fn register(
                 .connect()
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let mut client = WorkerServiceClient::new(channel);
+            let mut client = WorkerServiceClient::with_interceptor(channel, interceptor.clone());
             let assignment = client
                 .register(RegisterRequest {
                     rank: options.rank,
@@ -171,7 +177,7 @@ fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_los
 }
 
 async fn heartbeat_session(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut CoordinatorClient,
     token: &str,
     assignment: &Assignment,
     work: &mut Option<Work>,
@@ -307,7 +313,7 @@ async fn heartbeat_session(
 /// Starts the assigned work on its own thread: training (after forming the collective group)
 /// or this rank's chunks of an augmentation.
 async fn start_work(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut CoordinatorClient,
     assignment: &Assignment,
     coordinator_url: &str,
     token: &str,

@@ -8,14 +8,12 @@ use crate::comm::{Collective, SingleRank};
 use crate::train::{self, ProgressEvent, TrainJob, TrainSummary};
 use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::train_args::TrainArgs;
-use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{Assignment, DeviceKind, RendezvousRequest};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::Device;
-use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -80,7 +78,7 @@ fn ring_host(coordinator: &str) -> &'static str {
 
 /// Forms the group through the coordinator's rendezvous.
 pub async fn form_group(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut crate::daemon::CoordinatorClient,
     assignment: &Assignment,
     device: Device,
     coordinator_url: &str,
@@ -151,8 +149,8 @@ pub fn run_training(
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kormlm")))
         .map(|d| d.join("tokens"));
     let job = TrainJob {
-        args: &prepared.args,
-        config: &prepared.config,
+        args: prepared.args.clone(),
+        config: prepared.config.clone(),
         device: prepared.device,
         output_dir: prepared.output_dir.clone(),
         cache_dir,

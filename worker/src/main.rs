@@ -406,8 +406,8 @@ fn train(command: TrainCommand) -> anyhow::Result<()> {
         Path::new(&command.train.model_dir).join(run_dir_name(now))
     });
     let job = TrainJob {
-        args: &command.train,
-        config: &resolved,
+        args: command.train,
+        config: resolved,
         device,
         output_dir: output_dir.clone(),
         cache_dir: command.cache_dir.or_else(default_cache_dir),

@@ -51,9 +51,9 @@ fn out_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 }
 
 /// What a run is told to do.
-pub struct TrainJob<'a> {
-    pub args: &'a TrainArgs,
-    pub config: &'a ResolvedConfig,
+pub struct TrainJob {
+    pub args: TrainArgs,
+    pub config: ResolvedConfig,
     pub device: Device,
     /// Where the log, the best model and the summary go (written by rank 0).
     pub output_dir: PathBuf,
@@ -214,13 +214,13 @@ fn distributed_step(
 /// Runs the whole training. `on_progress` hears of every logged step and evaluation;
 /// `should_stop` is polled after every optimizer step (a kill request).
 pub fn train(
-    job: &TrainJob<'_>,
+    job: &TrainJob,
     comm: &mut dyn Collective,
     on_progress: &mut dyn FnMut(&ProgressEvent),
     should_stop: &dyn Fn() -> bool,
 ) -> Result<TrainSummary, TrainError> {
     let started = Instant::now();
-    let args = job.args;
+    let args = &job.args;
     let (rank, world) = (comm.rank(), comm.world_size());
     let leader = rank == 0;
     let resume = match &job.resume_from {
@@ -281,7 +281,7 @@ pub fn train(
     }
     let zero = job.config.config.zero.stage >= 1 && world > 1;
     tch::manual_seed(args.seed as i64);
-    let mut trainer = Trainer::new(loaded, job.config, args, total_steps, 64 * world as i64, |padded| {
+    let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, 64 * world as i64, |padded| {
         if zero {
             let shard = padded / world as i64;
             (rank as i64 * shard, shard)
