@@ -187,20 +187,6 @@ pub struct Parsed {
     pub warnings: Vec<String>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &[
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "optimizer",
-    "scheduler",
-    "fp16",
-    "bf16",
-    "bfloat16",
-    "gradient_clipping",
-    "zero_optimization",
-    "steps_per_print",
-];
-
 /// Keys DeepSpeed knows that kormlm accepts but does not act on.
 const IGNORED_KEYS: &[&str] = &[
     "wall_clock_breakdown",
@@ -241,11 +227,10 @@ impl DsConfig {
             source_name,
             warnings: Vec::new(),
         };
-        let root = reader.object(&value, "")?;
-        let config = reader.config(root)?;
+        let config = reader.config(&value)?;
         Ok(Parsed {
             config,
-            warnings: reader.warnings,
+            warnings: reader.warnings.into_iter().flatten().collect(),
         })
     }
 
@@ -333,10 +318,36 @@ impl ResolvedConfig {
     }
 }
 
-/// Walks the JSON tree with typed accessors that name the offending key.
+/// Walks the JSON tree with typed accessors that name the offending key. Every key is named once,
+/// where it is read: a section remembers the keys read from it, and the keys nobody read are
+/// reported as unknown when it is closed.
 struct Reader<'a> {
     source_name: &'a str,
-    warnings: Vec<String>,
+    /// One list per section, in the order the sections were opened, so warnings read top-down.
+    warnings: Vec<Vec<String>>,
+}
+
+/// One JSON object of the config being read.
+struct Section<'v> {
+    map: &'v Map<String, Value>,
+    prefix: String,
+    /// Keys read (or knowingly ignored) so far.
+    known: Vec<&'static str>,
+    slot: usize,
+}
+
+impl<'v> Section<'v> {
+    /// The raw value of `key`, which becomes a known key of this section.
+    fn get(&mut self, key: &'static str) -> Option<&'v Value> {
+        if !self.known.contains(&key) {
+            self.known.push(key);
+        }
+        self.map.get(key)
+    }
+
+    fn path(&self, key: &str) -> String {
+        join(&self.prefix, key)
+    }
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -356,6 +367,10 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn warn(&mut self, slot: usize, message: String) {
+        self.warnings[slot].push(format!("{}: {message}", self.source_name));
+    }
+
     fn object<'v>(&self, value: &'v Value, key: &str) -> Result<&'v Map<String, Value>, ConfigError> {
         value.as_object().ok_or_else(|| {
             let what = if key.is_empty() { "<root>" } else { key };
@@ -363,385 +378,376 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn warn_unknown(&mut self, map: &Map<String, Value>, prefix: &str, known: &[&str]) {
-        for key in map.keys() {
-            if !known.contains(&key.as_str()) {
-                let full = join(prefix, key);
-                self.warnings.push(format!(
-                    "{}: unknown key `{full}` ignored (known here: {})",
-                    self.source_name,
-                    known.join(", ")
-                ));
+    /// Starts reading the object `value` found at `prefix` ("" for the root).
+    fn open<'v>(&mut self, value: &'v Value, prefix: &str) -> Result<Section<'v>, ConfigError> {
+        let map = self.object(value, prefix)?;
+        self.warnings.push(Vec::new());
+        Ok(Section {
+            map,
+            prefix: prefix.to_string(),
+            known: Vec::new(),
+            slot: self.warnings.len() - 1,
+        })
+    }
+
+    /// The section under `key` of `parent`, if present.
+    fn child<'v>(&mut self, parent: &mut Section<'v>, key: &'static str) -> Result<Option<Section<'v>>, ConfigError> {
+        match parent.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => self.open(value, &parent.path(key)).map(Some),
+        }
+    }
+
+    /// Reports the keys of `section` that nothing read.
+    fn close(&mut self, mut section: Section<'_>) {
+        section.known.sort_unstable();
+        for key in section.map.keys() {
+            if !section.known.contains(&key.as_str()) {
+                let full = section.path(key);
+                let message = format!(
+                    "unknown key `{full}` ignored (known here: {})",
+                    section.known.join(", ")
+                );
+                self.warn(section.slot, message);
             }
         }
     }
 
-    fn number(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, ConfigError> {
-        match map.get(key) {
+    fn number(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<f64>, ConfigError> {
+        match s.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(other) => Err(self.err(&join(prefix, key), format!("expected a number, got {}", kind_of(other)))),
+            Some(other) => Err(self.err(&s.path(key), format!("expected a number, got {}", kind_of(other)))),
         }
     }
 
-    fn non_negative(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, ConfigError> {
-        let value = self.number(map, prefix, key)?;
+    fn non_negative(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<f64>, ConfigError> {
+        let value = self.number(s, key)?;
         if let Some(v) = value {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(self.err(&join(prefix, key), format!("expected a number >= 0, got {v}")));
+                return Err(self.err(&s.path(key), format!("expected a number >= 0, got {v}")));
             }
         }
         Ok(value)
     }
 
     /// Non-negative integers; DeepSpeed configs often write them as `2e8`.
-    fn integer(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<u64>, ConfigError> {
-        match self.number(map, prefix, key)? {
+    fn integer(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        match self.number(s, key)? {
             None => Ok(None),
             Some(v) if v >= 0.0 && v.fract() == 0.0 && v <= u64::MAX as f64 => Ok(Some(v as u64)),
-            Some(v) => Err(self.err(&join(prefix, key), format!("expected a non-negative integer, got {v}"))),
+            Some(v) => Err(self.err(&s.path(key), format!("expected a non-negative integer, got {v}"))),
         }
     }
 
-    fn batch_value(&self, map: &Map<String, Value>, key: &str) -> Result<Option<u32>, ConfigError> {
-        match self.integer(map, "", key)? {
+    fn small_integer(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<u32>, ConfigError> {
+        match self.integer(s, key)? {
             None => Ok(None),
             Some(v) => u32::try_from(v)
                 .map(Some)
-                .map_err(|_| self.err(key, format!("{v} is too large"))),
+                .map_err(|_| self.err(&s.path(key), format!("{v} is too large"))),
         }
     }
 
-    fn boolean(&self, map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<bool>, ConfigError> {
-        match map.get(key) {
+    fn boolean(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        match s.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.err(
-                &join(prefix, key),
-                format!("expected true or false, got {}", kind_of(other)),
-            )),
+            Some(other) => Err(self.err(&s.path(key), format!("expected true or false, got {}", kind_of(other)))),
         }
     }
 
-    fn toggle(&self, map: &Map<String, Value>, prefix: &str) -> Result<Toggle, ConfigError> {
-        match map.get("enabled") {
+    /// A section's `enabled` key: true, false or "auto".
+    fn toggle(&self, s: &mut Section<'_>) -> Result<Toggle, ConfigError> {
+        match s.get("enabled") {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(Toggle::Off),
             Some(Value::Bool(true)) => Ok(Toggle::On),
-            Some(Value::String(s)) if s == "auto" => Ok(Toggle::Auto),
+            Some(Value::String(v)) if v == "auto" => Ok(Toggle::Auto),
             Some(other) => Err(self.err(
-                &join(prefix, "enabled"),
+                &s.path("enabled"),
                 format!("expected true, false or \"auto\", got {}", value_text(other)),
             )),
         }
     }
 
-    fn config(&mut self, root: &Map<String, Value>) -> Result<DsConfig, ConfigError> {
-        let known: Vec<&str> = TOP_LEVEL_KEYS.iter().chain(IGNORED_KEYS).copied().collect();
-        self.warn_unknown(root, "", &known);
-        for key in IGNORED_KEYS {
-            if root.contains_key(*key) {
-                self.warnings.push(format!(
-                    "{}: key `{key}` is accepted but has no effect in kormlm",
-                    self.source_name
-                ));
-            }
+    /// A section's `type` key.
+    fn type_name(&self, s: &mut Section<'_>, accepted: &str) -> Result<String, ConfigError> {
+        let key = s.path("type");
+        match s.get("type") {
+            Some(Value::String(name)) => Ok(name.clone()),
+            Some(other) => Err(self.err(&key, format!("expected a string, got {}; {accepted}", kind_of(other)))),
+            None => Err(self.err(&key, format!("missing; {accepted}"))),
         }
-        let fp16 = self.fp16(root)?;
-        let bf16 = match root.get("bf16").or_else(|| root.get("bfloat16")) {
-            None | Some(Value::Null) => Toggle::Off,
-            Some(v) => {
-                let key = if root.contains_key("bf16") { "bf16" } else { "bfloat16" };
-                let section = self.object(v, key)?;
-                self.warn_unknown(section, key, &["enabled"]);
-                self.toggle(section, key)?
-            }
-        };
+    }
+
+    /// A section's `params` object (empty when absent).
+    fn params<'v>(&mut self, s: &mut Section<'v>) -> Result<Section<'v>, ConfigError> {
+        match self.child(s, "params")? {
+            Some(params) => Ok(params),
+            None => self.open(&EMPTY_OBJECT, &s.path("params")),
+        }
+    }
+
+    fn config(&mut self, root: &Value) -> Result<DsConfig, ConfigError> {
+        let mut r = self.open(root, "")?;
+        let slot = r.slot;
+        let ignored: Vec<&str> = IGNORED_KEYS
+            .iter()
+            .copied()
+            .filter(|key| r.get(key).is_some())
+            .collect();
+        let fp16 = self.fp16(&mut r)?;
+        let bf16 = self.bf16(&mut r)?;
         if fp16.enabled == Toggle::On && bf16 == Toggle::On {
             return Err(self.err("bf16.enabled", "bf16 cannot be combined with fp16.enabled = true"));
         }
+        let train_batch_size = self.small_integer(&mut r, "train_batch_size")?;
+        let train_micro_batch_size_per_gpu = self.small_integer(&mut r, "train_micro_batch_size_per_gpu")?;
+        let gradient_accumulation_steps = self.small_integer(&mut r, "gradient_accumulation_steps")?;
+        let optimizer = self.optimizer(&mut r)?;
+        let scheduler = self.scheduler(&mut r)?;
+        let gradient_clipping = self.non_negative(&mut r, "gradient_clipping")?.unwrap_or(0.0);
+        let zero = self.zero(&mut r)?;
+        let steps_per_print = self.integer(&mut r, "steps_per_print")?.unwrap_or(10);
+        // The root's warnings come first (its slot was opened first): unknown keys, then ignored ones.
+        self.close(r);
+        for key in ignored {
+            self.warn(slot, format!("key `{key}` is accepted but has no effect in kormlm"));
+        }
         Ok(DsConfig {
-            train_batch_size: self.batch_value(root, "train_batch_size")?,
-            train_micro_batch_size_per_gpu: self.batch_value(root, "train_micro_batch_size_per_gpu")?,
-            gradient_accumulation_steps: self.batch_value(root, "gradient_accumulation_steps")?,
-            optimizer: self.optimizer(root)?,
-            scheduler: self.scheduler(root)?,
+            train_batch_size,
+            train_micro_batch_size_per_gpu,
+            gradient_accumulation_steps,
+            optimizer,
+            scheduler,
             fp16,
             bf16,
-            gradient_clipping: self.non_negative(root, "", "gradient_clipping")?.unwrap_or(0.0),
-            zero: self.zero(root)?,
-            steps_per_print: self.integer(root, "", "steps_per_print")?.unwrap_or(10),
+            gradient_clipping,
+            zero,
+            steps_per_print,
         })
     }
 
-    fn optimizer(&mut self, root: &Map<String, Value>) -> Result<Option<OptimizerConfig>, ConfigError> {
-        let Some(section) = root.get("optimizer") else {
+    /// `bf16` (or its older name `bfloat16`): `{"enabled": …}`.
+    fn bf16(&mut self, root: &mut Section<'_>) -> Result<Toggle, ConfigError> {
+        let section = match self.child(root, "bf16")? {
+            Some(s) => {
+                root.get("bfloat16");
+                Some(s)
+            }
+            None => self.child(root, "bfloat16")?,
+        };
+        let Some(mut section) = section else {
+            return Ok(Toggle::Off);
+        };
+        let toggle = self.toggle(&mut section)?;
+        self.close(section);
+        Ok(toggle)
+    }
+
+    fn optimizer(&mut self, root: &mut Section<'_>) -> Result<Option<OptimizerConfig>, ConfigError> {
+        let Some(mut section) = self.child(root, "optimizer")? else {
             return Ok(None);
         };
-        let section = self.object(section, "optimizer")?;
-        self.warn_unknown(section, "optimizer", &["type", "params"]);
-        let type_name = match section.get("type") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(self.err("optimizer.type", format!("expected a string, got {}", kind_of(other)))),
-            None => return Err(self.err("optimizer.type", "missing; accepted: AdamW, Adam")),
-        };
-        let empty = Map::new();
-        let params = match section.get("params") {
-            Some(v) => self.object(v, "optimizer.params")?,
-            None => &empty,
-        };
+        let accepted = "accepted: AdamW, Adam";
+        let type_name = self.type_name(&mut section, accepted)?;
+        let mut p = self.params(&mut section)?;
+        self.close(section);
+        // DeepSpeed's switch between its fused and torch's implementation: same numbers here.
+        p.get("torch_adam");
         let kind = match type_name.to_ascii_lowercase().as_str() {
-            "adamw" => {
-                self.warn_unknown(
-                    params,
-                    "optimizer.params",
-                    &["lr", "betas", "eps", "weight_decay", "torch_adam"],
-                );
-                OptimizerKind::AdamW
-            }
-            "adam" => {
-                self.warn_unknown(
-                    params,
-                    "optimizer.params",
-                    &["lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"],
-                );
-                OptimizerKind::Adam {
-                    adam_w_mode: self.boolean(params, "optimizer.params", "adam_w_mode")?.unwrap_or(true),
-                }
-            }
+            "adamw" => OptimizerKind::AdamW,
+            "adam" => OptimizerKind::Adam {
+                adam_w_mode: self.boolean(&mut p, "adam_w_mode")?.unwrap_or(true),
+            },
             _ => {
                 return Err(self.err(
                     "optimizer.type",
-                    format!("unsupported optimizer {type_name:?}; accepted: AdamW, Adam"),
+                    format!("unsupported optimizer {type_name:?}; {accepted}"),
                 ))
             }
         };
-        let p = "optimizer.params";
-        let betas = match params.get("betas") {
+        let betas_key = p.path("betas");
+        let betas = match p.get("betas") {
             None => (0.9, 0.999),
             Some(Value::Array(items)) if items.len() == 2 && items.iter().all(|v| v.is_number()) => {
                 (items[0].as_f64().unwrap_or(0.9), items[1].as_f64().unwrap_or(0.999))
             }
             Some(other) => {
                 return Err(self.err(
-                    "optimizer.params.betas",
+                    &betas_key,
                     format!("expected two numbers like [0.9, 0.999], got {}", value_text(other)),
                 ))
             }
         };
         for (key, beta) in [("betas[0]", betas.0), ("betas[1]", betas.1)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(self.err(&join(p, key), format!("expected a value in [0, 1), got {beta}")));
+                return Err(self.err(&p.path(key), format!("expected a value in [0, 1), got {beta}")));
             }
         }
-        Ok(Some(OptimizerConfig {
+        let config = OptimizerConfig {
             kind,
-            lr: self.non_negative(params, p, "lr")?.unwrap_or(1e-3),
+            lr: self.non_negative(&mut p, "lr")?.unwrap_or(1e-3),
             betas,
-            eps: self.non_negative(params, p, "eps")?.unwrap_or(1e-8),
-            weight_decay: self.non_negative(params, p, "weight_decay")?.unwrap_or(0.01),
-        }))
+            eps: self.non_negative(&mut p, "eps")?.unwrap_or(1e-8),
+            weight_decay: self.non_negative(&mut p, "weight_decay")?.unwrap_or(0.01),
+        };
+        self.close(p);
+        Ok(Some(config))
     }
 
-    fn warmup_type(&self, params: &Map<String, Value>, prefix: &str) -> Result<WarmupType, ConfigError> {
-        match params.get("warmup_type") {
+    fn warmup_type(&self, p: &mut Section<'_>) -> Result<WarmupType, ConfigError> {
+        match p.get("warmup_type") {
             None => Ok(WarmupType::Log),
             Some(Value::String(s)) if s == "log" => Ok(WarmupType::Log),
             Some(Value::String(s)) if s == "linear" => Ok(WarmupType::Linear),
             Some(other) => Err(self.err(
-                &join(prefix, "warmup_type"),
+                &p.path("warmup_type"),
                 format!("expected \"log\" or \"linear\", got {}", value_text(other)),
             )),
         }
     }
 
-    fn scheduler(&mut self, root: &Map<String, Value>) -> Result<Option<SchedulerConfig>, ConfigError> {
-        let Some(section) = root.get("scheduler") else {
+    /// DeepSpeed raises warmup_num_steps to at least 2 (log(1) would divide by zero).
+    fn warmup_steps(&self, p: &mut Section<'_>) -> Result<u64, ConfigError> {
+        Ok(self.integer(p, "warmup_num_steps")?.unwrap_or(1000).max(2))
+    }
+
+    fn total_steps(&self, p: &mut Section<'_>, scheduler: &str) -> Result<u64, ConfigError> {
+        let key = p.path("total_num_steps");
+        self.integer(p, "total_num_steps")?
+            .ok_or_else(|| self.err(&key, format!("required for {scheduler}")))
+    }
+
+    fn scheduler(&mut self, root: &mut Section<'_>) -> Result<Option<SchedulerConfig>, ConfigError> {
+        let Some(mut section) = self.child(root, "scheduler")? else {
             return Ok(None);
         };
-        let section = self.object(section, "scheduler")?;
-        self.warn_unknown(section, "scheduler", &["type", "params"]);
         let accepted = "accepted: WarmupLR, WarmupDecayLR, WarmupCosineLR";
-        let type_name = match section.get("type") {
-            Some(Value::String(s)) => s.clone(),
-            _ => return Err(self.err("scheduler.type", format!("missing or not a string; {accepted}"))),
+        let type_name = self.type_name(&mut section, accepted)?;
+        let mut p = self.params(&mut section)?;
+        self.close(section);
+        // The step to continue from belongs to the checkpoint, not the config.
+        p.get("last_batch_iteration");
+        let config = match type_name.as_str() {
+            "WarmupLR" => SchedulerConfig::WarmupLR {
+                warmup_min_lr: self.non_negative(&mut p, "warmup_min_lr")?.unwrap_or(0.0),
+                warmup_max_lr: self.non_negative(&mut p, "warmup_max_lr")?,
+                warmup_num_steps: self.warmup_steps(&mut p)?,
+                warmup_type: self.warmup_type(&mut p)?,
+            },
+            "WarmupDecayLR" => SchedulerConfig::WarmupDecayLR {
+                warmup_min_lr: self.non_negative(&mut p, "warmup_min_lr")?.unwrap_or(0.0),
+                warmup_max_lr: self.non_negative(&mut p, "warmup_max_lr")?,
+                warmup_num_steps: self.warmup_steps(&mut p)?,
+                warmup_type: self.warmup_type(&mut p)?,
+                total_num_steps: self.total_steps(&mut p, "WarmupDecayLR")?,
+            },
+            "WarmupCosineLR" => SchedulerConfig::WarmupCosineLR {
+                total_num_steps: self.total_steps(&mut p, "WarmupCosineLR")?,
+                warmup_min_ratio: self.non_negative(&mut p, "warmup_min_ratio")?.unwrap_or(0.0),
+                warmup_num_steps: self.warmup_steps(&mut p)?,
+                cos_min_ratio: self.non_negative(&mut p, "cos_min_ratio")?.unwrap_or(0.0001),
+                warmup_type: self.warmup_type(&mut p)?,
+            },
+            other => return Err(self.err("scheduler.type", format!("unsupported scheduler {other:?}; {accepted}"))),
         };
-        let empty = Map::new();
-        let params = match section.get("params") {
-            Some(v) => self.object(v, "scheduler.params")?,
-            None => &empty,
-        };
-        let p = "scheduler.params";
-        let warmup_steps = |reader: &Self| -> Result<u64, ConfigError> {
-            // DeepSpeed raises warmup_num_steps to at least 2 (log(1) would divide by zero).
-            Ok(reader.integer(params, p, "warmup_num_steps")?.unwrap_or(1000).max(2))
-        };
-        let common = [
-            "warmup_min_lr",
-            "warmup_max_lr",
-            "warmup_num_steps",
-            "warmup_type",
-            "last_batch_iteration",
-        ];
-        match type_name.as_str() {
-            "WarmupLR" => {
-                self.warn_unknown(params, p, &common);
-                Ok(Some(SchedulerConfig::WarmupLR {
-                    warmup_min_lr: self.non_negative(params, p, "warmup_min_lr")?.unwrap_or(0.0),
-                    warmup_max_lr: self.non_negative(params, p, "warmup_max_lr")?,
-                    warmup_num_steps: warmup_steps(self)?,
-                    warmup_type: self.warmup_type(params, p)?,
-                }))
-            }
-            "WarmupDecayLR" => {
-                let mut known = common.to_vec();
-                known.push("total_num_steps");
-                self.warn_unknown(params, p, &known);
-                let total = self
-                    .integer(params, p, "total_num_steps")?
-                    .ok_or_else(|| self.err("scheduler.params.total_num_steps", "required for WarmupDecayLR"))?;
-                Ok(Some(SchedulerConfig::WarmupDecayLR {
-                    warmup_min_lr: self.non_negative(params, p, "warmup_min_lr")?.unwrap_or(0.0),
-                    warmup_max_lr: self.non_negative(params, p, "warmup_max_lr")?,
-                    warmup_num_steps: warmup_steps(self)?,
-                    warmup_type: self.warmup_type(params, p)?,
-                    total_num_steps: total,
-                }))
-            }
-            "WarmupCosineLR" => {
-                self.warn_unknown(
-                    params,
-                    p,
-                    &[
-                        "total_num_steps",
-                        "warmup_min_ratio",
-                        "warmup_num_steps",
-                        "cos_min_ratio",
-                        "warmup_type",
-                        "last_batch_iteration",
-                    ],
-                );
-                let total = self
-                    .integer(params, p, "total_num_steps")?
-                    .ok_or_else(|| self.err("scheduler.params.total_num_steps", "required for WarmupCosineLR"))?;
-                Ok(Some(SchedulerConfig::WarmupCosineLR {
-                    total_num_steps: total,
-                    warmup_min_ratio: self.non_negative(params, p, "warmup_min_ratio")?.unwrap_or(0.0),
-                    warmup_num_steps: warmup_steps(self)?,
-                    cos_min_ratio: self.non_negative(params, p, "cos_min_ratio")?.unwrap_or(0.0001),
-                    warmup_type: self.warmup_type(params, p)?,
-                }))
-            }
-            other => Err(self.err("scheduler.type", format!("unsupported scheduler {other:?}; {accepted}"))),
-        }
+        self.close(p);
+        Ok(Some(config))
     }
 
-    fn fp16(&mut self, root: &Map<String, Value>) -> Result<Fp16Config, ConfigError> {
-        let Some(section) = root.get("fp16") else {
-            return Ok(Fp16Config::default());
+    fn fp16(&mut self, root: &mut Section<'_>) -> Result<Fp16Config, ConfigError> {
+        let d = Fp16Config::default();
+        let Some(mut p) = self.child(root, "fp16")? else {
+            return Ok(d);
         };
-        let section = self.object(section, "fp16")?;
-        let p = "fp16";
-        self.warn_unknown(
-            section,
-            p,
-            &[
-                "enabled",
-                "auto_cast",
-                "loss_scale",
-                "initial_scale_power",
-                "loss_scale_window",
-                "hysteresis",
-                "consecutive_hysteresis",
-                "min_loss_scale",
-            ],
-        );
-        let defaults = Fp16Config::default();
-        let power = self.integer(section, p, "initial_scale_power")?.unwrap_or(16);
-        if power > 64 {
-            return Err(self.err("fp16.initial_scale_power", format!("expected at most 64, got {power}")));
+        // Autocast is how kormlm runs fp16 anyway.
+        p.get("auto_cast");
+        let enabled = self.toggle(&mut p)?;
+        let initial_scale_power = self
+            .small_integer(&mut p, "initial_scale_power")?
+            .unwrap_or(d.initial_scale_power);
+        if initial_scale_power > 64 {
+            return Err(self.err(
+                "fp16.initial_scale_power",
+                format!("expected at most 64, got {initial_scale_power}"),
+            ));
         }
-        let hysteresis = self.integer(section, p, "hysteresis")?.unwrap_or(2);
-        Ok(Fp16Config {
-            enabled: self.toggle(section, p)?,
-            loss_scale: self
-                .non_negative(section, p, "loss_scale")?
-                .unwrap_or(defaults.loss_scale),
-            initial_scale_power: power as u32,
-            loss_scale_window: self.integer(section, p, "loss_scale_window")?.unwrap_or(1000).max(1),
-            hysteresis: u32::try_from(hysteresis)
-                .map_err(|_| self.err("fp16.hysteresis", format!("{hysteresis} is too large")))?,
-            consecutive_hysteresis: self.boolean(section, p, "consecutive_hysteresis")?.unwrap_or(false),
-            min_loss_scale: self.non_negative(section, p, "min_loss_scale")?.unwrap_or(1.0),
-        })
+        let config = Fp16Config {
+            enabled,
+            loss_scale: self.non_negative(&mut p, "loss_scale")?.unwrap_or(d.loss_scale),
+            initial_scale_power,
+            loss_scale_window: self
+                .integer(&mut p, "loss_scale_window")?
+                .unwrap_or(d.loss_scale_window)
+                .max(1),
+            hysteresis: self.small_integer(&mut p, "hysteresis")?.unwrap_or(d.hysteresis),
+            consecutive_hysteresis: self
+                .boolean(&mut p, "consecutive_hysteresis")?
+                .unwrap_or(d.consecutive_hysteresis),
+            min_loss_scale: self.non_negative(&mut p, "min_loss_scale")?.unwrap_or(d.min_loss_scale),
+        };
+        self.close(p);
+        Ok(config)
     }
 
-    fn zero(&mut self, root: &Map<String, Value>) -> Result<ZeroConfig, ConfigError> {
-        let Some(section) = root.get("zero_optimization") else {
-            return Ok(ZeroConfig::default());
-        };
-        let p = "zero_optimization";
-        let section = self.object(section, p)?;
-        self.warn_unknown(
-            section,
-            p,
-            &[
-                "stage",
-                "reduce_scatter",
-                "reduce_bucket_size",
-                "allgather_partitions",
-                "allgather_bucket_size",
-                "overlap_comm",
-                "contiguous_gradients",
-                "cpu_offload",
-                "offload_optimizer",
-                "round_robin_gradients",
-                "load_from_fp32_weights",
-                "elastic_checkpoint",
-            ],
-        );
+    fn zero(&mut self, root: &mut Section<'_>) -> Result<ZeroConfig, ConfigError> {
         let d = ZeroConfig::default();
-        let stage = self.integer(section, p, "stage")?.unwrap_or(0);
+        let Some(mut p) = self.child(root, "zero_optimization")? else {
+            return Ok(d);
+        };
+        // DeepSpeed options about how checkpoints and gradients are laid out, without effect here.
+        for key in ["round_robin_gradients", "load_from_fp32_weights", "elastic_checkpoint"] {
+            p.get(key);
+        }
+        let stage = self.small_integer(&mut p, "stage")?.unwrap_or(d.stage);
         if stage > 2 {
             return Err(self.err(
                 "zero_optimization.stage",
                 format!("stage {stage} is not supported; accepted: 0, 1, 2"),
             ));
         }
-        let offload = match section.get("offload_optimizer") {
+        let offload = match p.get("offload_optimizer") {
             None | Some(Value::Null) => false,
             Some(v) => {
                 let o = self.object(v, "zero_optimization.offload_optimizer")?;
                 matches!(o.get("device"), Some(Value::String(s)) if s == "cpu")
             }
         };
-        let offload = offload || self.boolean(section, p, "cpu_offload")?.unwrap_or(false);
-        if offload {
-            self.warnings.push(format!(
-                "{}: optimizer CPU offload (`zero_optimization.cpu_offload` / `offload_optimizer`) is \
-                 accepted but kormlm keeps the optimizer partition on the training device",
-                self.source_name
-            ));
-        }
-        Ok(ZeroConfig {
-            stage: stage as u32,
-            reduce_scatter: self.boolean(section, p, "reduce_scatter")?.unwrap_or(d.reduce_scatter),
+        let offload_optimizer = offload || self.boolean(&mut p, "cpu_offload")?.unwrap_or(false);
+        let config = ZeroConfig {
+            stage,
+            reduce_scatter: self.boolean(&mut p, "reduce_scatter")?.unwrap_or(d.reduce_scatter),
             reduce_bucket_size: self
-                .integer(section, p, "reduce_bucket_size")?
+                .integer(&mut p, "reduce_bucket_size")?
                 .unwrap_or(d.reduce_bucket_size),
             allgather_partitions: self
-                .boolean(section, p, "allgather_partitions")?
+                .boolean(&mut p, "allgather_partitions")?
                 .unwrap_or(d.allgather_partitions),
             allgather_bucket_size: self
-                .integer(section, p, "allgather_bucket_size")?
+                .integer(&mut p, "allgather_bucket_size")?
                 .unwrap_or(d.allgather_bucket_size),
-            overlap_comm: self.boolean(section, p, "overlap_comm")?.unwrap_or(d.overlap_comm),
+            overlap_comm: self.boolean(&mut p, "overlap_comm")?.unwrap_or(d.overlap_comm),
             contiguous_gradients: self
-                .boolean(section, p, "contiguous_gradients")?
+                .boolean(&mut p, "contiguous_gradients")?
                 .unwrap_or(d.contiguous_gradients),
-            offload_optimizer: offload,
-        })
+            offload_optimizer,
+        };
+        let slot = p.slot;
+        self.close(p);
+        if offload_optimizer {
+            self.warn(
+                slot,
+                "optimizer CPU offload (`zero_optimization.cpu_offload` / `offload_optimizer`) is \
+                 accepted but kormlm keeps the optimizer partition on the training device"
+                    .into(),
+            );
+        }
+        Ok(config)
     }
 }
+
+static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Map::new()));
 
 fn kind_of(value: &Value) -> &'static str {
     match value {
@@ -903,6 +909,48 @@ mod tests {
         assert_eq!(parsed.warnings.len(), 2, "{:?}", parsed.warnings);
         assert!(parsed.warnings[0].contains("`trian_micro_batch`"));
         assert!(parsed.warnings[1].contains("`fp16.typo`"));
+    }
+
+    #[test]
+    fn every_key_read_is_known_and_the_others_are_reported_in_order() {
+        let parsed = DsConfig::parse(
+            r#"{"train_batch_size": 8, "trian": 1, "wandb": {},
+                "fp16": {"enabled": "auto", "typo": 1, "auto_cast": false},
+                "bfloat16": {"enabled": false}, "bf16": {"enabled": false},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "adam_w_mode": true, "torch_adam": true}},
+                "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "last_batch_iteration": -1}},
+                "zero_optimization": {"stage": 2, "cpu_offload": true, "weird": 1}}"#,
+            "ds.json",
+        )
+        .unwrap();
+        let known_root = "bf16, bfloat16, checkpoint, comms_logger, communication_data_type, csv_monitor, dump_state, \
+             flops_profiler, fp16, gradient_accumulation_steps, gradient_clipping, gradient_predivide_factor, \
+             memory_breakdown, optimizer, prescale_gradients, scheduler, sparse_gradients, steps_per_print, \
+             tensorboard, train_batch_size, train_micro_batch_size_per_gpu, wall_clock_breakdown, wandb, \
+             zero_allow_untested_optimizer, zero_optimization";
+        assert_eq!(
+            parsed.warnings,
+            vec![
+                format!("ds.json: unknown key `trian` ignored (known here: {known_root})"),
+                "ds.json: key `wandb` is accepted but has no effect in kormlm".to_string(),
+                "ds.json: unknown key `fp16.typo` ignored (known here: auto_cast, consecutive_hysteresis, enabled, \
+                 hysteresis, initial_scale_power, loss_scale, loss_scale_window, min_loss_scale)"
+                    .to_string(),
+                "ds.json: unknown key `optimizer.params.adam_w_mode` ignored (known here: betas, eps, lr, \
+                 torch_adam, weight_decay)"
+                    .to_string(),
+                "ds.json: unknown key `zero_optimization.weird` ignored (known here: allgather_bucket_size, \
+                 allgather_partitions, contiguous_gradients, cpu_offload, elastic_checkpoint, \
+                 load_from_fp32_weights, offload_optimizer, overlap_comm, reduce_bucket_size, reduce_scatter, \
+                 round_robin_gradients, stage)"
+                    .to_string(),
+                "ds.json: optimizer CPU offload (`zero_optimization.cpu_offload` / `offload_optimizer`) is \
+                 accepted but kormlm keeps the optimizer partition on the training device"
+                    .to_string(),
+            ]
+        );
+        assert_eq!(parsed.config.zero.stage, 2);
+        assert!(parsed.config.zero.offload_optimizer);
     }
 
     #[test]
