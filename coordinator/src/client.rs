@@ -3,37 +3,38 @@
 use crate::cli::{ClientArgs, KillArgs, ListArgs, ResumeArgs, StatusArgs};
 use crate::error::{CoordinatorError, Result};
 use crate::status_view;
+use kormlm_proto::auth::TokenInterceptor;
+use kormlm_proto::now_ms;
 use kormlm_proto::v1::job_service_client::JobServiceClient;
 use kormlm_proto::v1::{
     GetJobStatusRequest, JobState, JobStatus, KillJobRequest, ListJobsRequest, ResumeJobRequest, WatchJobRequest,
 };
-use kormlm_proto::{now_ms, TOKEN_METADATA};
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
-async fn connect(args: &ClientArgs) -> Result<JobServiceClient<Channel>> {
+type Client = JobServiceClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// A JobService client whose every call carries the token (when one is given).
+async fn connect(args: &ClientArgs) -> Result<Client> {
+    let token = TokenInterceptor::new(args.token.as_deref()).map_err(|e| CoordinatorError::Flag {
+        flag: "--token".into(),
+        message: e.to_string(),
+    })?;
     let addr = if args.addr.contains("://") {
         args.addr.clone()
     } else {
         format!("http://{}", args.addr)
     };
-    JobServiceClient::connect(addr.clone())
+    let unreachable = |e: tonic::transport::Error| CoordinatorError::Connect {
+        addr: addr.clone(),
+        message: format!("{e}; is `coordinator` running there? (--addr / KORMLM_ADDR)"),
+    };
+    let channel = Endpoint::new(addr.clone())
+        .map_err(unreachable)?
+        .connect()
         .await
-        .map_err(|e| CoordinatorError::Connect {
-            addr,
-            message: format!("{e}; is `coordinator` running there? (--addr / KORMLM_ADDR)"),
-        })
-}
-
-fn with_token<T>(message: T, args: &ClientArgs) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = &args.token {
-        let value = token.parse().map_err(|_| CoordinatorError::Flag {
-            flag: "--token".into(),
-            message: "must be printable ASCII".into(),
-        })?;
-        request.metadata_mut().insert(TOKEN_METADATA, value);
-    }
-    Ok(request)
+        .map_err(unreachable)?;
+    Ok(JobServiceClient::with_interceptor(channel, token))
 }
 
 fn print_status(status: &JobStatus, json: bool) {
@@ -46,12 +47,9 @@ fn print_status(status: &JobStatus, json: bool) {
 
 pub async fn status(args: StatusArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let request = with_token(
-        GetJobStatusRequest {
-            job_id: args.job.unwrap_or_default(),
-        },
-        &args.client,
-    )?;
+    let request = GetJobStatusRequest {
+        job_id: args.job.unwrap_or_default(),
+    };
     let status = client.get_job_status(request).await?.into_inner();
     print_status(&status, args.client.json);
     Ok(0)
@@ -59,11 +57,7 @@ pub async fn status(args: StatusArgs) -> Result<i32> {
 
 pub async fn list(args: ListArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let jobs = client
-        .list_jobs(with_token(ListJobsRequest {}, &args.client)?)
-        .await?
-        .into_inner()
-        .jobs;
+    let jobs = client.list_jobs(ListJobsRequest {}).await?.into_inner().jobs;
     if args.client.json {
         let all: Vec<_> = jobs.iter().map(status_view::to_json).collect();
         println!("{}", serde_json::Value::Array(all));
@@ -108,12 +102,9 @@ fn progress_line(status: &JobStatus) -> String {
 /// terminal, one line per change otherwise, JSON lines with --json.
 pub async fn watch(args: StatusArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let request = with_token(
-        WatchJobRequest {
-            job_id: args.job.unwrap_or_default(),
-        },
-        &args.client,
-    )?;
+    let request = WatchJobRequest {
+        job_id: args.job.unwrap_or_default(),
+    };
     let mut stream = client.watch_job(request).await?.into_inner();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !args.client.json;
     let bar = terminal.then(|| {
@@ -160,13 +151,10 @@ pub async fn watch(args: StatusArgs) -> Result<i32> {
 
 pub async fn kill(args: KillArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let request = with_token(
-        KillJobRequest {
-            job_id: args.job,
-            force: args.force,
-        },
-        &args.client,
-    )?;
+    let request = KillJobRequest {
+        job_id: args.job,
+        force: args.force,
+    };
     let status = client.kill_job(request).await?.into_inner().status.unwrap_or_default();
     print_status(&status, args.client.json);
     Ok(0)
@@ -174,13 +162,10 @@ pub async fn kill(args: KillArgs) -> Result<i32> {
 
 pub async fn resume(args: ResumeArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let request = with_token(
-        ResumeJobRequest {
-            job_id: args.job,
-            world_size: args.world_size.unwrap_or(0),
-        },
-        &args.client,
-    )?;
+    let request = ResumeJobRequest {
+        job_id: args.job,
+        world_size: args.world_size.unwrap_or(0),
+    };
     let status = client
         .resume_job(request)
         .await?

@@ -3,16 +3,21 @@
 //! host must run.
 
 use crate::cli::ServeArgs;
-use crate::error::Result;
 use crate::launch_plan::{self, Placement};
-use kormlm_proto::ds_config::DsConfig;
-use kormlm_proto::v1::{DeviceKind, JobSpec, TaskKind};
+use kormlm_proto::job_plan::JobPlan;
+use kormlm_proto::v1::{DeviceKind, JobSpec};
 use serde_json::{json, Value};
 
-pub fn report(args: &ServeArgs, placements: &[Placement], spec: Option<&JobSpec>) -> Result<Value> {
+/// The plan as JSON; `job`: the spec the command line builds, with its resolution.
+pub fn report(args: &ServeArgs, placements: &[Placement], job: Option<&(JobSpec, JobPlan)>) -> Value {
     let url = match args.listen.parse::<std::net::SocketAddr>() {
         Ok(addr) => launch_plan::advertised_url(addr),
         Err(_) => format!("http://{}", args.listen),
+    };
+    let device_of = |p: &Placement| match job {
+        Some((spec, _)) => DeviceKind::try_from(spec.device).unwrap_or(DeviceKind::Cpu),
+        None if p.cuda_devices.is_empty() => DeviceKind::Cpu,
+        None => DeviceKind::Cuda,
     };
     let ranks: Vec<Value> = placements
         .iter()
@@ -22,22 +27,15 @@ pub fn report(args: &ServeArgs, placements: &[Placement], spec: Option<&JobSpec>
                 "rank": p.rank,
                 "local_rank": p.local_rank,
                 "host": p.host,
-                "devices": if p.cuda_devices.is_empty() {
-                    vec!["cpu".to_string()]
-                } else {
-                    p.cuda_devices.iter().map(|d| format!("cuda:{d}")).collect()
-                },
+                "devices": launch_plan::rank_devices(device_of(p), Some(p), p.local_rank).names,
                 "started_here": local,
                 "command": (!local).then(|| launch_plan::remote_worker_command(p.rank, p.local_rank, &url)),
             })
         })
         .collect();
-    let Some(spec) = spec else {
-        return Ok(json!({"job": null, "ranks": ranks, "coordinator_url": url}));
+    let Some((spec, plan)) = job else {
+        return json!({"job": null, "ranks": ranks, "coordinator_url": url});
     };
-    let parsed = DsConfig::parse(&spec.ds_config_json, &spec.ds_config_path)?;
-    let resolved = parsed.config.resolve(spec.world_size, &spec.ds_config_path)?;
-    let task = TaskKind::try_from(spec.task).unwrap_or(TaskKind::Train);
     let device = DeviceKind::try_from(spec.device).unwrap_or(DeviceKind::Cpu);
     let external = if placements.is_empty() {
         format!(
@@ -47,20 +45,20 @@ pub fn report(args: &ServeArgs, placements: &[Placement], spec: Option<&JobSpec>
     } else {
         String::new()
     };
-    Ok(json!({
+    json!({
         "job": {
-            "task": task.as_str_name(),
+            "task": plan.task.as_str_name(),
             "world_size": spec.world_size,
             "device": device.as_str_name(),
             "config_path": spec.ds_config_path,
-            "batch": resolved.batch,
-            "config": resolved.config,
-            "config_warnings": parsed.warnings,
+            "batch": plan.config.batch,
+            "config": plan.config.config,
+            "config_warnings": plan.warnings,
             "args": spec.args,
             "max_restarts": spec.max_restarts,
         },
         "ranks": ranks,
         "external_workers": (!external.is_empty()).then_some(external),
         "coordinator_url": url,
-    }))
+    })
 }

@@ -3,6 +3,7 @@
 //! `--exclude` (`NAME[:SLOT[,SLOT…]][@NAME…]`); global ranks go host by host in pool order.
 
 use crate::error::{CoordinatorError, Result};
+use kormlm_proto::v1::{self, DeviceKind};
 use std::path::Path;
 
 /// One rank's place.
@@ -13,6 +14,29 @@ pub struct Placement {
     pub host: String,
     /// CUDA device ids on that host (empty for CPU ranks).
     pub cuda_devices: Vec<u32>,
+}
+
+impl From<&v1::Placement> for Placement {
+    fn from(p: &v1::Placement) -> Self {
+        Self {
+            rank: p.rank,
+            local_rank: p.local_rank,
+            host: p.host.clone(),
+            cuda_devices: p.cuda_devices.clone(),
+        }
+    }
+}
+
+impl Placement {
+    /// As a job spec carries it.
+    pub fn to_proto(&self) -> v1::Placement {
+        v1::Placement {
+            rank: self.rank,
+            local_rank: self.local_rank,
+            host: self.host.clone(),
+            cuda_devices: self.cuda_devices.clone(),
+        }
+    }
 }
 
 fn flag(name: &str, message: impl Into<String>) -> CoordinatorError {
@@ -178,6 +202,34 @@ pub fn cpu_plan(n: u32) -> Vec<Placement> {
         .collect()
 }
 
+/// The devices one rank runs on, as the assignment and the status name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankDevices {
+    /// `cuda:N` or `cpu`.
+    pub names: Vec<String>,
+    /// The CUDA ordinals among them (empty on CPU).
+    pub cuda: Vec<u32>,
+}
+
+/// The one device mapping: a CUDA rank gets the GPUs of its placement, or the GPU of its local
+/// rank when no placement names one (external workers); a CPU rank gets `cpu`.
+pub fn rank_devices(device: DeviceKind, placement: Option<&Placement>, local_rank: u32) -> RankDevices {
+    let cuda = match (device, placement) {
+        (DeviceKind::Cuda, Some(p)) if !p.cuda_devices.is_empty() => p.cuda_devices.clone(),
+        (DeviceKind::Cuda, _) => vec![local_rank],
+        _ => {
+            return RankDevices {
+                names: vec!["cpu".to_string()],
+                cuda: vec![],
+            }
+        }
+    };
+    RankDevices {
+        names: cuda.iter().map(|d| format!("cuda:{d}")).collect(),
+        cuda,
+    }
+}
+
 fn this_host() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -216,6 +268,25 @@ mod tests {
         assert_eq!(advertised_url(wildcard), format!("http://{}:50051", this_host()));
         let ip: std::net::SocketAddr = "10.1.2.3:7000".parse().unwrap();
         assert_eq!(advertised_url(ip), "http://10.1.2.3:7000");
+    }
+
+    #[test]
+    fn devices_follow_the_placement_and_the_device_kind() {
+        let gpu = Placement {
+            rank: 3,
+            local_rank: 1,
+            host: "h".into(),
+            cuda_devices: vec![2, 3],
+        };
+        let d = rank_devices(DeviceKind::Cuda, Some(&gpu), 1);
+        assert_eq!(
+            (d.names, d.cuda),
+            (vec!["cuda:2".to_string(), "cuda:3".to_string()], vec![2, 3])
+        );
+        let d = rank_devices(DeviceKind::Cuda, None, 1);
+        assert_eq!((d.names, d.cuda), (vec!["cuda:1".to_string()], vec![1]));
+        let d = rank_devices(DeviceKind::Cpu, Some(&gpu), 1);
+        assert_eq!((d.names, d.cuda), (vec!["cpu".to_string()], vec![]));
     }
 
     fn pool() -> Vec<(String, Vec<u32>)> {

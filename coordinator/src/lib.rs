@@ -1,6 +1,7 @@
 //! kormlm coordinator: the gRPC job service, worker registration and rendezvous, local worker
 //! launching and the sled-backed job state.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod dry_run;
@@ -13,6 +14,7 @@ pub mod server;
 pub mod state;
 pub mod status_view;
 pub mod store;
+pub mod wire;
 pub mod worker_service;
 
 pub use error::{CoordinatorError, Result};

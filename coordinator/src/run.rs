@@ -7,10 +7,11 @@ use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
 use crate::server;
+use crate::state::job::JobState;
 use crate::state::{Coordinator, Settings};
 use crate::store::Store;
-use kormlm_proto::ds_config::DsConfig;
-use kormlm_proto::v1::{DeviceKind, JobSpec, JobState, TaskKind};
+use kormlm_proto::job_plan::{JobPlan, AUGMENT_ONLY_CONFIG};
+use kormlm_proto::v1::{DeviceKind, JobSpec, TaskKind};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -90,9 +91,13 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
     )
 }
 
-/// Builds the job spec from the flags and the config file (validated here, so a bad config
+/// Builds the job spec from the flags and the config file and resolves it (so a bad config
 /// stops the coordinator before it listens).
-fn job_spec(args: &ServeArgs, placements: &[Placement], worker_binary: &std::path::Path) -> Result<Option<JobSpec>> {
+fn job_spec(
+    args: &ServeArgs,
+    placements: &[Placement],
+    worker_binary: &std::path::Path,
+) -> Result<Option<(JobSpec, JobPlan)>> {
     let augment = args.task == TaskArg::Augment;
     if augment && (args.augment.input.is_none() || args.augment.output.is_none()) {
         return Err(flag("--task augment", "needs --input FILE and --output FILE"));
@@ -122,16 +127,10 @@ fn job_spec(args: &ServeArgs, placements: &[Placement], worker_binary: &std::pat
         return Err(flag("--world_size", "must be at least 1"));
     }
     let text = if args.config.is_none() {
-        r#"{"train_micro_batch_size_per_gpu": 1}"#.to_string()
+        AUGMENT_ONLY_CONFIG.to_string()
     } else {
         std::fs::read_to_string(path).map_err(|e| flag("--config", format!("cannot read {}: {e}", path.display())))?
     };
-    let source = path.display().to_string();
-    let parsed = DsConfig::parse(&text, &source)?;
-    parsed.config.resolve_batch(world_size, &source)?;
-    for warning in &parsed.warnings {
-        tracing::warn!("{warning}");
-    }
     let uses_gpus = placements.iter().any(|p| !p.cuda_devices.is_empty());
     let device = match args.device {
         DeviceArg::Cuda => DeviceKind::Cuda,
@@ -156,24 +155,21 @@ fn job_spec(args: &ServeArgs, placements: &[Placement], worker_binary: &std::pat
     if augment {
         job_args.extend(args.augment.to_map());
     }
-    Ok(Some(JobSpec {
+    let spec = JobSpec {
         task: if augment { TaskKind::Augment } else { TaskKind::Train } as i32,
         ds_config_json: text,
-        ds_config_path: source,
+        ds_config_path: path.display().to_string(),
         world_size,
         device: device as i32,
         args: job_args.into_iter().collect(),
         max_restarts: args.max_restarts,
-        placements: placements
-            .iter()
-            .map(|p| kormlm_proto::v1::Placement {
-                rank: p.rank,
-                local_rank: p.local_rank,
-                host: p.host.clone(),
-                cuda_devices: p.cuda_devices.clone(),
-            })
-            .collect(),
-    }))
+        placements: placements.iter().map(Placement::to_proto).collect(),
+    };
+    let plan = JobPlan::resolve(&spec, world_size)?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(Some((spec, plan)))
 }
 
 async fn shutdown_signal() {
@@ -196,10 +192,10 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     }
     let worker_binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
     let placements = placements(&args, &worker_binary)?;
-    let spec = job_spec(&args, &placements, &worker_binary)?;
+    let job = job_spec(&args, &placements, &worker_binary)?;
     if args.dry_run {
-        let plan = dry_run::report(&args, &placements, spec.as_ref())?;
-        println!("{plan:#}");
+        let report = dry_run::report(&args, &placements, job.as_ref());
+        println!("{report:#}");
         return Ok(0);
     }
     let store = Store::open(&args.state_dir)?;
@@ -211,15 +207,13 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         ..Settings::default()
     };
     let coordinator = Coordinator::load(store, settings)?;
-    let job_id = match (coordinator.active_job_id(), spec) {
+    let job_id = match (coordinator.active_job_id(), job) {
         (Some(id), _) => {
             tracing::info!(job_id = %id, "found an unfinished job in the state directory; continuing it");
             Some(id)
         }
-        (None, Some(spec)) => {
-            let (id, _) = coordinator
-                .submit(spec)
-                .map_err(|s| CoordinatorError::Rpc(s.message().to_string()))?;
+        (None, Some((spec, _))) => {
+            let (id, _) = coordinator.submit(spec)?;
             tracing::info!(job_id = %id, "job submitted");
             Some(id)
         }
@@ -279,7 +273,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         }
         if args.exit_when_done {
             if let Some(state) = job_id.as_deref().and_then(|id| coordinator.job_state(id)) {
-                if matches!(state, JobState::Succeeded | JobState::Failed | JobState::Killed) {
+                if state.is_terminal() {
                     break Some(state);
                 }
             }
@@ -303,8 +297,8 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         Some(JobState::Succeeded) | None => 0,
         Some(state) => {
             if let Some(id) = &job_id {
-                if let Ok(status) = coordinator.status(id) {
-                    eprintln!("job {id} ended {}: {}", state.as_str_name(), status.message);
+                if let Ok(view) = coordinator.status(id) {
+                    eprintln!("job {id} ended {}: {}", state.name(), view.job.message);
                 }
             }
             1

@@ -1,6 +1,7 @@
-//! Serves JobService, WorkerService, gRPC health and server reflection on one port, and runs
-//! the background sweep that detects lost workers.
+//! Serves JobService, WorkerService, gRPC health and server reflection on one port behind the
+//! authentication layer, and runs the background sweep that detects lost workers.
 
+use crate::auth::AuthLayer;
 use crate::error::{CoordinatorError, Result};
 use crate::job_service::JobApi;
 use crate::state::Coordinator;
@@ -64,9 +65,11 @@ pub async fn serve(
         })
     };
 
+    let auth = AuthLayer::new(coordinator.settings().token.clone(), coordinator.settings().open_status);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -1,7 +1,7 @@
 //! How a job status is shown: the `--json` form (snake_case fields, states as names) and the
 //! human table.
 
-use kormlm_proto::v1::{CheckpointRef, JobState, JobStatus, TaskKind, WorkerInfo, WorkerState};
+use kormlm_proto::v1::{CheckpointRef, FailureKind, JobState, JobStatus, TaskKind, WorkerInfo, WorkerState};
 use serde_json::{json, Value};
 
 fn job_state(status: &JobStatus) -> &'static str {
@@ -17,6 +17,14 @@ fn worker_state(worker: &WorkerInfo) -> &'static str {
         WorkerState::Lost => "LOST",
         WorkerState::Exited => "EXITED",
         WorkerState::WorkerFailed => "FAILED",
+    }
+}
+
+/// The kind of a worker's failure by its wire name; empty when it has none.
+fn failure_kind(worker: &WorkerInfo) -> &'static str {
+    match FailureKind::try_from(worker.failure_kind) {
+        Ok(FailureKind::Unspecified) | Err(_) => "",
+        Ok(kind) => kind.as_str_name(),
     }
 }
 
@@ -92,6 +100,7 @@ fn worker_json(w: &WorkerInfo) -> Value {
     "optimizer_state_bytes": w.optimizer_state_bytes,
     "incarnation": w.incarnation,
     "reason": w.reason,
+    "failure_kind": failure_kind(w),
     })
 }
 
@@ -211,6 +220,16 @@ mod tests {
             assert!(w.get(key).is_some(), "missing workers[].{key}");
         }
         assert_eq!(w["state"], "LOST");
+        assert_eq!(w["failure_kind"], "");
         assert!(to_table(&status, 0).contains("LOST"));
+        let failed = JobStatus {
+            workers: vec![WorkerInfo {
+                state: WorkerState::WorkerFailed as i32,
+                failure_kind: FailureKind::BadInput as i32,
+                ..Default::default()
+            }],
+            ..status
+        };
+        assert_eq!(to_json(&failed)["workers"][0]["failure_kind"], "BAD_INPUT");
     }
 }

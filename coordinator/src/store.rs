@@ -17,7 +17,8 @@ pub struct Store {
     path: PathBuf,
 }
 
-fn job_key(number: u64) -> String {
+/// The sled key of job `number`'s record.
+pub fn job_key(number: u64) -> String {
     format!("job/{number:012}")
 }
 

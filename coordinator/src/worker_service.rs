@@ -1,4 +1,5 @@
-//! `kormlm.v1.WorkerService`: registration, rendezvous and the heartbeat stream.
+//! `kormlm.v1.WorkerService`: registration, rendezvous and the heartbeat stream. Messages become
+//! domain values here; the token was checked by the authentication layer before.
 
 use crate::state::Coordinator;
 use kormlm_proto::v1::worker_service_server::WorkerService;
@@ -27,19 +28,18 @@ impl WorkerService for WorkerApi {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<Assignment>, Status> {
         let request = request.into_inner();
         let rank = request.rank;
-        match self.coordinator.register(request) {
-            Ok(assignment) => Ok(Response::new(assignment)),
-            Err(status) => {
-                tracing::warn!(rank, reason = status.message(), "registration refused");
-                Err(status)
+        match self.coordinator.register(request.into()) {
+            Ok(assignment) => Ok(Response::new(assignment.into())),
+            Err(e) => {
+                tracing::warn!(rank, reason = %e, "registration refused");
+                Err(e.into())
             }
         }
     }
 
     async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<RendezvousInfo>, Status> {
-        let request = request.into_inner();
-        self.coordinator.check_token(&request.token)?;
-        Ok(Response::new(self.coordinator.rendezvous(request).await?))
+        let group = self.coordinator.rendezvous(request.into_inner().into()).await?;
+        Ok(Response::new(group.into()))
     }
 
     type HeartbeatStream = CommandStream;
@@ -53,55 +53,26 @@ impl WorkerService for WorkerApi {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the heartbeat stream must start with a report"))?;
-        self.coordinator.check_token(&first.token)?;
         let (job_id, rank) = (first.job_id.clone(), first.rank);
-        let (session, commands) = self.coordinator.attach(&job_id, rank, first.incarnation)?;
-        self.coordinator.report(session, first)?;
+        let (session, orders) = self.coordinator.attach(&job_id, rank, first.incarnation)?;
+        self.coordinator.report(session, first.into()).await?;
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match reports.next().await {
                     Some(Ok(report)) => {
-                        if let Err(status) = coordinator.report(session, report) {
-                            break format!("report rejected: {}", status.message());
+                        if let Err(e) = coordinator.report(session, report.into()).await {
+                            break format!("report rejected: {e}");
                         }
                     }
                     Some(Err(status)) => break format!("heartbeat stream broke: {}", status.message()),
                     None => break "heartbeat stream closed".to_string(),
                 }
             };
-            coordinator.detach(&job_id, rank, session, reason);
+            coordinator.detach(&job_id, rank, session, &reason);
         });
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(commands).map(Ok);
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(orders)
+            .map(|order| Ok(CoordinatorCommand::from(&order)));
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::Settings;
-    use crate::store::Store;
-
-    #[tokio::test]
-    async fn rendezvous_needs_the_token_like_registration() {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = Settings {
-            token: Some("secret".into()),
-            ..Settings::default()
-        };
-        let api = WorkerApi::new(Coordinator::load(Store::open(dir.path()).unwrap(), settings).unwrap());
-        let request = |token: &str| {
-            Request::new(RendezvousRequest {
-                job_id: "job-1".into(),
-                token: token.into(),
-                ..Default::default()
-            })
-        };
-        let refused = api.rendezvous(request("wrong")).await.unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-        // With the right token the call reaches the job table (which has no job-1).
-        let other = api.rendezvous(request("secret")).await.unwrap_err();
-        assert_ne!(other.code(), tonic::Code::Unauthenticated, "{other:?}");
     }
 }
