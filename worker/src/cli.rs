@@ -99,7 +99,8 @@ pub struct FillMaskCommand {
     pub batch_size: usize,
 }
 
-/// `worker augment`.
+/// `worker augment`; its seed and window default to the training flags' (`--seed`, `--max_seq_len`),
+/// as for an augmentation job (`coordinator --task augment`), so both give the same output.
 #[derive(Debug, Clone, Args)]
 pub struct AugmentCommand {
     /// Model directory or Hugging Face hub id.
@@ -107,10 +108,10 @@ pub struct AugmentCommand {
     pub model: String,
     #[arg(long)]
     pub revision: Option<String>,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = TrainArgs::default().seed)]
     pub seed: u64,
     /// Model window in tokens, [CLS] and [SEP] included; text beyond it is kept unchanged.
-    #[arg(long = "max_seq_len", default_value_t = 128)]
+    #[arg(long = "max_seq_len", default_value_t = TrainArgs::default().max_seq_len as usize)]
     pub max_seq_len: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -210,5 +211,14 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn augmentation_defaults_are_the_training_flags() {
+        let cli = Cli::try_parse_from(["worker", "augment", "--model", "m"]).unwrap();
+        let Some(Command::Augment(augment)) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!((augment.seed, augment.max_seq_len), (1, 100));
     }
 }

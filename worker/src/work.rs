@@ -380,7 +380,34 @@ mod tests {
     }
 
     #[test]
-    fn worker_augment_takes_its_flags() {
+    fn worker_augment_has_the_defaults_of_an_augmentation_job() {
+        let Command::Augment(command) = parse(&["augment", "--model", "tiny", "--input", "in.txt"]) else {
+            panic!("not augment");
+        };
+        let from_cli = AugmentJob::from_command(&command).unwrap();
+        let a = assignment(
+            TaskKind::Augment,
+            &[("model_name_or_path", "tiny"), ("augment.input", "in.txt")],
+        );
+        let Work::Augment(from_job) = Work::from_assignment(&a).unwrap() else {
+            panic!("not an augmentation");
+        };
+        assert_eq!(
+            (
+                from_cli.seed,
+                from_cli.max_seq_len,
+                from_cli.model,
+                from_cli.device,
+                from_cli.args
+            ),
+            (
+                from_job.seed,
+                from_job.max_seq_len,
+                from_job.model,
+                from_job.device,
+                from_job.args
+            )
+        );
         let Command::Augment(command) = parse(&["augment", "--model", "m", "--device", "cuda:2", "--seed", "5"]) else {
             panic!("not augment");
         };
