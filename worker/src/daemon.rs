@@ -436,3 +436,30 @@ pub fn run_blocking(args: DaemonArgs) -> Result<Outcome, DaemonError> {
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(run(options))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemon_needs_a_rank_and_a_coordinator() {
+        let args = |rank: Option<u32>, coordinator: Option<&str>| DaemonArgs {
+            rank,
+            local_rank: Some(1),
+            coordinator: coordinator.map(str::to_string),
+            token: None,
+            reconnect_timeout_s: 60,
+        };
+        let options = DaemonOptions::from_args(args(Some(2), Some("http://c:1"))).unwrap();
+        assert_eq!((options.rank, options.local_rank), (2, Some(1)));
+        assert_eq!(options.reconnect_timeout, Duration::from_secs(60));
+        assert!(matches!(
+            DaemonOptions::from_args(args(Some(2), None)),
+            Err(DaemonError::Usage)
+        ));
+        assert!(matches!(
+            DaemonOptions::from_args(args(None, Some("http://c:1"))),
+            Err(DaemonError::Usage)
+        ));
+    }
+}
