@@ -30,7 +30,11 @@ fn tricky_lines_keep_their_rows_and_long_lines_keep_their_tail() {
     let input = dir.path().join("tricky.txt");
     std::fs::write(&input, format!("\n?!...\n😂😂😂\n굿\n{long}\n").as_bytes()).unwrap();
     let output = dir.path().join("out.csv");
-    let out = augment(&input, &output, &["--num_augmentations", "3", "--max_seq_len", "32"]);
+    let out = augment(
+        &input,
+        &output,
+        &["--num_augmentations", "3", "--max_seq_len", "32", "--seed", "42"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["sentences"], 5);
@@ -75,7 +79,11 @@ fn same_seed_same_bytes_and_labels_stay_with_their_rows() {
         dir.path().join("c.csv"),
     );
     for (path, seed) in [(&a, "1"), (&b, "1"), (&c, "2")] {
-        let out = augment(&input, path, &["--num_augmentations", "2", "--seed", seed]);
+        let out = augment(
+            &input,
+            path,
+            &["--num_augmentations", "2", "--seed", seed, "--max_seq_len", "128"],
+        );
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(
@@ -99,7 +107,11 @@ fn same_seed_same_bytes_and_labels_stay_with_their_rows() {
     assert!(changed > 20, "most sentences get a new variant ({changed} of 40)");
     // JSONL output carries every column plus the variants.
     let jsonl = dir.path().join("a.jsonl");
-    let out = augment(&input, &jsonl, &["--num_augmentations", "2", "--seed", "1"]);
+    let out = augment(
+        &input,
+        &jsonl,
+        &["--num_augmentations", "2", "--seed", "1", "--max_seq_len", "128"],
+    );
     assert!(out.status.success());
     let first: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(&jsonl).unwrap().lines().next().unwrap()).unwrap();
@@ -254,7 +266,8 @@ fn the_quality_report_covers_the_grid() {
                 .to_str()
                 .unwrap(),
         ])
-        .args(["--limit", "60", "--mlm_probs", "0.1,0.3", "--thresholds", "0.5,0.9"]));
+        .args(["--limit", "60", "--mlm_probs", "0.1,0.3", "--thresholds", "0.5,0.9"])
+        .args(["--seed", "42", "--max_seq_len", "128"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["sentences"], 60);

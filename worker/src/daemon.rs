@@ -1,25 +1,27 @@
 //! `worker --rank K --coordinator URL`: register, check the assigned device, heart-beat, obey
 //! the coordinator's commands, and re-register when the coordinator comes back after a crash.
 
+use crate::cli::DaemonArgs;
 use crate::device::{self, DeviceInfo};
+use crate::error::WorkerError;
 use crate::job;
 use crate::train::ProgressEvent;
+use crate::work::{assigned_device, Work, WorkOutcome};
 use kormlm_proto::auth::TokenInterceptor;
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
-use kormlm_proto::v1::{Assignment, CheckpointRef, CommandKind, DeviceKind, RegisterRequest, TaskKind, WorkerReport};
+use kormlm_proto::v1::{Assignment, CheckpointRef, CommandKind, RegisterRequest, WorkerReport};
 use kormlm_proto::{now_ms, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tch::Device;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic::Code;
 
 /// The worker's client of the coordinator; every call carries the token in its metadata.
 pub type CoordinatorClient = WorkerServiceClient<InterceptedService<Channel, TokenInterceptor>>;
-use tonic::Code;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonOptions {
     pub rank: u32,
     pub local_rank: Option<u32>,
@@ -45,8 +47,29 @@ pub enum DaemonError {
     Aborted(String),
     #[error("--coordinator {url}: {message}")]
     BadUrl { url: String, message: String },
-    #[error("{0}")]
-    Job(String),
+    #[error("the daemon needs --rank K and --coordinator URL (or a subcommand; see `worker --help`)")]
+    Usage,
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The assigned work failed to start or failed while running.
+    #[error(transparent)]
+    Work(#[from] WorkerError),
+}
+
+impl DaemonOptions {
+    /// The daemon's options from its flags; the rank and the coordinator are required.
+    pub fn from_args(args: DaemonArgs) -> Result<Self, DaemonError> {
+        let (Some(rank), Some(coordinator)) = (args.rank, args.coordinator) else {
+            return Err(DaemonError::Usage);
+        };
+        Ok(Self {
+            rank,
+            local_rank: args.local_rank,
+            coordinator,
+            token: args.token,
+            reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
+        })
+    }
 }
 
 /// How the daemon ended.
@@ -143,13 +166,6 @@ async fn register(options: &DaemonOptions, info: &DeviceInfo) -> Result<(Coordin
     }
 }
 
-fn assigned_device(assignment: &Assignment) -> Device {
-    match DeviceKind::try_from(assignment.device) {
-        Ok(DeviceKind::Cuda) => Device::Cuda(assignment.cuda_devices.first().copied().unwrap_or(0) as usize),
-        _ => Device::Cpu,
-    }
-}
-
 /// Why one heartbeat session ended.
 enum SessionEnd {
     /// The coordinator went away; register again.
@@ -157,11 +173,14 @@ enum SessionEnd {
     Finished,
 }
 
+/// How the work ended: its outcome, or why it failed.
+type Finished = Result<WorkOutcome, WorkerError>;
+
 /// Work running on its own thread while the daemon heart-beats.
-struct Work {
+struct RunningWork {
     progress: tokio::sync::watch::Receiver<Option<ProgressEvent>>,
-    /// The finished work's summary (JSON), or why it failed.
-    done: tokio::sync::watch::Receiver<Option<Result<String, String>>>,
+    /// Resolves once, when the work ends.
+    done: tokio::sync::oneshot::Receiver<Finished>,
     stop: Arc<AtomicBool>,
 }
 
@@ -180,12 +199,12 @@ async fn heartbeat_session(
     client: &mut CoordinatorClient,
     token: &str,
     assignment: &Assignment,
-    work: &mut Option<Work>,
-    starting: &mut Option<tokio::task::JoinHandle<Result<Work, DaemonError>>>,
+    work: &mut Option<RunningWork>,
+    starting: &mut Option<tokio::task::JoinHandle<Result<RunningWork, WorkerError>>>,
 ) -> Result<SessionEnd, DaemonError> {
     let interval = Duration::from_millis(u64::from(assignment.heartbeat_interval_ms.max(10)));
     let (tx, rx) = tokio::sync::mpsc::channel::<WorkerReport>(8);
-    let report = |work: &Option<Work>, finished: bool, failure: String| {
+    let report = |work: &Option<RunningWork>, finished: bool, failure: Option<&WorkerError>| {
         let event = work.as_ref().and_then(|w| w.progress.borrow().clone());
         let (progress, early_stop) = match &event {
             Some(e) => {
@@ -203,9 +222,8 @@ async fn heartbeat_session(
             progress,
             optimizer_state_bytes: event.as_ref().map_or(0, |e| e.optimizer_state_bytes),
             finished,
-            failure,
-            // Classified by kind in the worker redesign; unset reads as INTERNAL.
-            failure_kind: 0,
+            failure: failure.map(ToString::to_string).unwrap_or_default(),
+            failure_kind: failure.map_or(0, |e| e.kind().to_wire() as i32),
             early_stop,
             checkpoint: event
                 .as_ref()
@@ -218,9 +236,7 @@ async fn heartbeat_session(
             }),
         }
     };
-    tx.send(report(work, false, String::new()))
-        .await
-        .expect("the channel is open");
+    tx.send(report(work, false, None)).await.expect("the channel is open");
     let mut commands = match client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Ok(SessionEnd::Disconnected(status.message().to_string())),
@@ -228,12 +244,10 @@ async fn heartbeat_session(
     let mut tick = tokio::time::interval(interval);
     let mut stop_when_started = false;
     loop {
-        let done_changed = async {
+        let finished = async {
             match work.as_mut() {
-                Some(w) => {
-                    let _ = w.done.wait_for(|d| d.is_some()).await;
-                }
-                None => std::future::pending::<()>().await,
+                Some(w) => (&mut w.done).await,
+                None => std::future::pending().await,
             }
         };
         let started = async {
@@ -245,7 +259,7 @@ async fn heartbeat_session(
         tokio::select! {
             joined = started => {
                 *starting = None;
-                match joined.map_err(|e| DaemonError::Job(format!("the start-up task failed: {e}"))).and_then(|r| r) {
+                match joined.map_err(WorkerError::StartUp).and_then(|r| r) {
                     Ok(w) => {
                         if stop_when_started {
                             w.stop.store(true, Ordering::SeqCst);
@@ -254,29 +268,34 @@ async fn heartbeat_session(
                     }
                     Err(e) => {
                         // Tell the coordinator why, then give up.
-                        let _ = tx.send(report(work, false, e.to_string())).await;
+                        let _ = tx.send(report(work, false, Some(&e))).await;
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        return Err(e);
+                        return Err(e.into());
                     }
                 }
             }
             _ = tick.tick() => {
-                if tx.send(report(work, false, String::new())).await.is_err() {
+                if tx.send(report(work, false, None)).await.is_err() {
                     return Ok(SessionEnd::Disconnected("heartbeat stream closed".into()));
                 }
             }
-            _ = done_changed => {
-                let outcome = work.as_ref().and_then(|w| w.done.borrow().clone()).expect("waited for Some");
-                let failure = match &outcome {
-                    Ok(summary) => {
-                        tracing::info!(%summary, "work finished");
-                        String::new()
+            outcome = finished => {
+                // The work thread sends before it ends, panics included; a closed channel is a bug.
+                let outcome = outcome
+                    .unwrap_or_else(|_| Err(WorkerError::Panicked("the work thread ended without a result".into())));
+                match outcome {
+                    Ok(outcome) => {
+                        tracing::info!(summary = %outcome, "work finished");
+                        let _ = tx.send(report(work, true, None)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Ok(SessionEnd::Finished);
                     }
-                    Err(e) => e.clone(),
-                };
-                let _ = tx.send(report(work, failure.is_empty(), failure.clone())).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return if failure.is_empty() { Ok(SessionEnd::Finished) } else { Err(DaemonError::Job(failure)) };
+                    Err(e) => {
+                        let _ = tx.send(report(work, false, Some(&e))).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Err(e.into());
+                    }
+                }
             }
             command = commands.message() => match command {
                 Ok(Some(command)) => match CommandKind::try_from(command.kind) {
@@ -288,7 +307,7 @@ async fn heartbeat_session(
                             // its peers, instead of leaving them alone in a collective.
                             None if starting.is_some() => stop_when_started = true,
                             None => {
-                                let _ = tx.send(report(work, true, String::new())).await;
+                                let _ = tx.send(report(work, true, None)).await;
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                                 return Ok(SessionEnd::Finished);
                             }
@@ -296,7 +315,7 @@ async fn heartbeat_session(
                     }
                     Ok(CommandKind::Shutdown) => {
                         tracing::info!(reason = %command.reason, "shutting down on the coordinator's request");
-                        let _ = tx.send(report(work, true, String::new())).await;
+                        let _ = tx.send(report(work, true, None)).await;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         return Ok(SessionEnd::Finished);
                     }
@@ -310,62 +329,55 @@ async fn heartbeat_session(
     }
 }
 
-/// Starts the assigned work on its own thread: training (after forming the collective group)
-/// or this rank's chunks of an augmentation.
+/// Runs `run` on a new thread named `name`; its outcome (a panic as an error) goes to `done`.
+fn spawn_work_thread(
+    name: &str,
+    run: impl FnOnce() -> Result<WorkOutcome, WorkerError> + Send + 'static,
+    done: tokio::sync::oneshot::Sender<Finished>,
+) -> Result<(), WorkerError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|payload| Err(WorkerError::from_panic(payload.as_ref())));
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, kind = %e.kind(), "work failed");
+            }
+            let _ = done.send(outcome);
+        })
+        .map(drop)
+        .map_err(WorkerError::Thread)
+}
+
+/// Decodes the assignment and starts its work on its own thread: training (after forming the
+/// collective group) or this rank's chunks of an augmentation.
 async fn start_work(
     client: &mut CoordinatorClient,
     assignment: &Assignment,
     coordinator_url: &str,
     token: &str,
-) -> Result<Work, DaemonError> {
+) -> Result<RunningWork, WorkerError> {
     let (progress_tx, progress) = tokio::sync::watch::channel(None);
-    let (done_tx, done) = tokio::sync::watch::channel(None);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = stop.clone();
-    let spawn = |name: &str, work: Box<dyn FnOnce() -> Result<String, String> + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let outcome = work();
-                if let Err(e) = &outcome {
-                    tracing::error!(error = %e, "work failed");
-                }
-                done_tx.send_replace(Some(outcome));
-            })
-            .map_err(|e| DaemonError::Job(format!("cannot start the work thread: {e}")))
-    };
-    match TaskKind::try_from(assignment.task) {
-        Ok(TaskKind::Train) => {
-            let prepared = job::prepare(assignment).map_err(|e| DaemonError::Job(e.to_string()))?;
-            let group = job::form_group(client, assignment, prepared.device, coordinator_url, token)
-                .await
-                .map_err(|e| DaemonError::Job(e.to_string()))?;
-            spawn(
-                "train",
-                Box::new(move || {
-                    job::run_training(&prepared, group, progress_tx, thread_stop)
-                        .map(|summary| serde_json::to_string(&summary).unwrap_or_default())
-                        .map_err(|e| e.to_string())
-                }),
-            )?;
+    match Work::from_assignment(assignment)? {
+        Work::Train(job) => {
+            let group = job::form_group(client, assignment, job.device, coordinator_url, token).await?;
+            let run = move || {
+                job::run_training(&job, group, progress_tx, thread_stop)
+                    .map(WorkOutcome::Train)
+                    .map_err(WorkerError::from)
+            };
+            spawn_work_thread("train", run, done_tx)?;
         }
-        Ok(TaskKind::Augment) => {
-            let assignment = assignment.clone();
-            spawn(
-                "augment",
-                Box::new(move || {
-                    job::run_augmentation(&assignment, progress_tx, thread_stop).map_err(|e| e.to_string())
-                }),
-            )?;
-        }
-        _ => {
-            return Err(DaemonError::Job(format!(
-                "task {:?} is not supported by this worker",
-                assignment.task
-            )))
+        Work::Augment(job) => {
+            let ranks = (assignment.rank as usize, assignment.world_size as usize);
+            let run = move || job::run_augmentation(&job, ranks, progress_tx, thread_stop).map(WorkOutcome::Augment);
+            spawn_work_thread("augment", run, done_tx)?;
         }
     }
-    Ok(Work { progress, done, stop })
+    Ok(RunningWork { progress, done, stop })
 }
 
 /// Runs the daemon until the job ends for this rank.
@@ -379,8 +391,8 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         "worker starting"
     );
     let mut checked_device = None;
-    let mut work: Option<Work> = None;
-    let mut starting: Option<tokio::task::JoinHandle<Result<Work, DaemonError>>> = None;
+    let mut work: Option<RunningWork> = None;
+    let mut starting: Option<tokio::task::JoinHandle<Result<RunningWork, WorkerError>>> = None;
     let token = options.token.as_deref().unwrap_or_default();
     loop {
         let (mut client, assignment) = register(&options, &info).await?;
@@ -412,5 +424,42 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
                 tracing::warn!(%reason, "lost the coordinator; registering again");
             }
         }
+    }
+}
+
+/// `worker --rank K --coordinator URL`: runs the daemon on its own async runtime.
+pub fn run_blocking(args: DaemonArgs) -> Result<Outcome, DaemonError> {
+    let options = DaemonOptions::from_args(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(run(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemon_needs_a_rank_and_a_coordinator() {
+        let args = |rank: Option<u32>, coordinator: Option<&str>| DaemonArgs {
+            rank,
+            local_rank: Some(1),
+            coordinator: coordinator.map(str::to_string),
+            token: None,
+            reconnect_timeout_s: 60,
+        };
+        let options = DaemonOptions::from_args(args(Some(2), Some("http://c:1"))).unwrap();
+        assert_eq!((options.rank, options.local_rank), (2, Some(1)));
+        assert_eq!(options.reconnect_timeout, Duration::from_secs(60));
+        assert!(matches!(
+            DaemonOptions::from_args(args(Some(2), None)),
+            Err(DaemonError::Usage)
+        ));
+        assert!(matches!(
+            DaemonOptions::from_args(args(None, Some("http://c:1"))),
+            Err(DaemonError::Usage)
+        ));
     }
 }

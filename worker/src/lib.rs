@@ -3,11 +3,14 @@
 
 pub mod augment;
 pub mod autocast;
+pub mod cli;
 pub mod comm;
+pub mod commands;
 pub mod corpus;
 pub mod daemon;
 pub mod dataset;
 pub mod device;
+pub mod error;
 pub mod fill_mask;
 pub mod job;
 pub mod lines;
@@ -17,3 +20,6 @@ pub mod optim;
 pub mod tokenizer;
 pub mod train;
 pub mod wordpiece_trainer;
+pub mod work;
+
+pub use error::WorkerError;

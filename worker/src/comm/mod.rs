@@ -12,6 +12,9 @@ pub enum CommError {
     Failed { op: &'static str, message: String },
     #[error("collective {op} timed out after {seconds} s: a peer is gone or stuck")]
     Timeout { op: &'static str, seconds: u64 },
+    /// A peer closed its connection or NCCL reports it gone: it exited or was killed.
+    #[error("collective {op} failed: {reason}")]
+    PeerLost { op: &'static str, reason: String },
 }
 
 /// Collectives over flat fp32 buffers whose length is a multiple of the world size; rank r owns

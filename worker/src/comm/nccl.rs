@@ -133,6 +133,12 @@ impl NcclGroup {
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: `comm` is initialised; `async_error` is a valid out-pointer.
             unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
+            if async_error == sys::ncclResult_t::ncclRemoteError {
+                break Err(CommError::PeerLost {
+                    op,
+                    reason: describe(result::NcclError(async_error)),
+                });
+            }
             if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
                 break Err(failed(op, describe(result::NcclError(async_error))));
             }

@@ -24,15 +24,23 @@ fn failed(op: &'static str, e: impl std::fmt::Display) -> CommError {
     }
 }
 
+const PEER_CLOSED: &str = "a peer closed its connection (it exited or was killed)";
+
 fn io_error(op: &'static str, e: std::io::Error, timeout: Duration) -> CommError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => CommError::Timeout {
             op,
             seconds: timeout.as_secs(),
         },
-        std::io::ErrorKind::UnexpectedEof => CommError::Failed {
+        std::io::ErrorKind::UnexpectedEof => CommError::PeerLost {
             op,
-            message: "a peer closed its connection (it exited or was killed)".into(),
+            reason: PEER_CLOSED.into(),
+        },
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe => CommError::PeerLost {
+            op,
+            reason: format!("{PEER_CLOSED}: {e}"),
         },
         _ => failed(op, e),
     }
@@ -337,7 +345,8 @@ mod tests {
         peer.join().unwrap();
         let started = Instant::now();
         let mut data = vec![1f32; 1 << 16];
-        assert!(ring.reduce_scatter_f32(&mut data).is_err());
+        let err = ring.reduce_scatter_f32(&mut data).unwrap_err();
+        assert!(matches!(err, CommError::PeerLost { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

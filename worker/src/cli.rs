@@ -1,0 +1,224 @@
+//! The `worker` command line: every flag, default and help text of the daemon and the standalone
+//! commands. Only definitions live here; `main.rs` parses and dispatches, the library runs.
+
+use clap::{Args, Parser, Subcommand};
+use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::train_args::TrainArgs;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "kormlm worker: one process per GPU (or CPU slot); standalone model commands",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// The daemon's flags (`worker --rank K --coordinator URL`).
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Global rank to claim in the coordinator's active job.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// Rank on this host (default: chosen by the coordinator).
+    #[arg(long = "local_rank", visible_alias = "local-rank")]
+    pub local_rank: Option<u32>,
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "KORMLM_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Shared secret, when the coordinator requires one.
+    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Exit when the coordinator stays unreachable this many seconds.
+    #[arg(long = "reconnect-timeout-s", default_value_t = 60)]
+    pub reconnect_timeout_s: u64,
+}
+
+#[derive(Debug, Subcommand)]
+#[command(rename_all = "kebab-case")]
+pub enum Command {
+    /// Tokenize stdin, one line per line: prints {"input_ids": [...]} per line.
+    Tokenize(TokenizeCommand),
+    /// Fill [MASK] tokens of each stdin line; prints the transformers fill-mask pipeline's JSON
+    /// per line ({"error": ...} for a line without a mask).
+    FillMask(FillMaskCommand),
+    /// Augment sentences with a masked-LM: writes the input rows plus N variants each.
+    Augment(Box<AugmentCommand>),
+    /// Report augmentation quality on a dev set for a grid of --mlm_probs × --thresholds.
+    AugmentReport(Box<AugmentReportCommand>),
+    /// Train a cased BERT WordPiece vocabulary on text files (one sentence per line).
+    TokenizerTrain(TokenizerTrainCommand),
+    /// Create a randomly initialised ELECTRA masked-LM (Hugging Face layout) for a tokenizer,
+    /// to train from scratch.
+    InitModel(InitModelCommand),
+    /// Train in this one process (world size 1), like the original ds_main.py.
+    Train(Box<TrainCommand>),
+    /// Show libtorch, CUDA and NCCL as this worker sees them.
+    Info(InfoCommand),
+}
+
+/// `worker tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeCommand {
+    /// Model directory (only the tokenizer files are read).
+    #[arg(long)]
+    pub model: String,
+    /// Truncate to this many tokens, [CLS] and [SEP] included (default: the tokenizer's
+    /// model_max_length).
+    #[arg(long = "max_seq_len")]
+    pub max_seq_len: Option<usize>,
+    /// Also print the ids decoded back to text (special tokens skipped) as "decoded".
+    #[arg(long)]
+    pub decode: bool,
+}
+
+/// `worker fill-mask`.
+#[derive(Debug, Args)]
+pub struct FillMaskCommand {
+    /// Model directory or Hugging Face hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision for a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[arg(long = "top_k", default_value_t = 5)]
+    pub top_k: usize,
+    /// Comma-separated candidate tokens to restrict predictions to.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long = "batch_size", default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+/// `worker augment`; its seed and window default to the training flags' (`--seed`, `--max_seq_len`),
+/// as for an augmentation job (`coordinator --task augment`), so both give the same output.
+#[derive(Debug, Clone, Args)]
+pub struct AugmentCommand {
+    /// Model directory or Hugging Face hub id.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[arg(long, default_value_t = TrainArgs::default().seed)]
+    pub seed: u64,
+    /// Model window in tokens, [CLS] and [SEP] included; text beyond it is kept unchanged.
+    #[arg(long = "max_seq_len", default_value_t = TrainArgs::default().max_seq_len as usize)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub augment: AugmentArgs,
+}
+
+/// `worker augment-report`: the augmentation flags plus the grid.
+#[derive(Debug, Args)]
+pub struct AugmentReportCommand {
+    #[command(flatten)]
+    pub run: AugmentCommand,
+    /// Masking probabilities to try.
+    #[arg(long = "mlm_probs", value_delimiter = ',', default_value = "0.1,0.15,0.2")]
+    pub mlm_probs: Vec<f64>,
+    /// Thresholds to try.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,0.95")]
+    pub thresholds: Vec<f64>,
+    /// Use at most this many sentences of the input.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+}
+
+/// `worker tokenizer-train`.
+#[derive(Debug, Args)]
+pub struct TokenizerTrainCommand {
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    #[arg(long = "vocab_size", default_value_t = 8000)]
+    pub vocab_size: usize,
+    #[arg(long = "min_frequency", default_value_t = 2)]
+    pub min_frequency: u64,
+    /// Directory for vocab.txt, tokenizer.json and the tokenizer configs.
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+/// `worker init-model`.
+#[derive(Debug, Args)]
+pub struct InitModelCommand {
+    /// Directory with the tokenizer (from tokenizer-train).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long = "embedding_size", default_value_t = 64)]
+    pub embedding_size: i64,
+    #[arg(long = "hidden_size", default_value_t = 128)]
+    pub hidden_size: i64,
+    #[arg(long = "num_hidden_layers", default_value_t = 2)]
+    pub num_hidden_layers: i64,
+    #[arg(long = "num_attention_heads", default_value_t = 4)]
+    pub num_attention_heads: i64,
+    #[arg(long = "intermediate_size", default_value_t = 256)]
+    pub intermediate_size: i64,
+    #[arg(long = "max_position_embeddings", default_value_t = 128)]
+    pub max_position_embeddings: i64,
+    /// Dropout of hidden states and attention probabilities.
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `worker train`.
+#[derive(Debug, Args)]
+pub struct TrainCommand {
+    /// DeepSpeed config (batch sizes, optimizer, scheduler, precision).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Where tokenised corpora are cached (default: ~/.cache/kormlm/tokens).
+    #[arg(long = "cache_dir")]
+    pub cache_dir: Option<PathBuf>,
+    /// Continue from this checkpoint directory (OUTPUT_DIR/checkpoints/step-N).
+    #[arg(long = "resume_from")]
+    pub resume_from: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// `worker info`.
+#[derive(Debug, Args)]
+pub struct InfoCommand {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn augmentation_defaults_are_the_training_flags() {
+        let cli = Cli::try_parse_from(["worker", "augment", "--model", "m"]).unwrap();
+        let Some(Command::Augment(augment)) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!((augment.seed, augment.max_seq_len), (1, 100));
+    }
+}
