@@ -6,6 +6,7 @@
 use super::trainer::Trainer;
 use crate::comm::Collective;
 use crate::optim::loss_scale::DynamicLossScaler;
+pub use crate::optim::partition::PartitionRange;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -37,14 +38,6 @@ fn invalid(path: &Path, message: impl Into<String>) -> CheckpointError {
     }
 }
 
-/// Where one rank's optimizer partition sits in the flat buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionRange {
-    pub rank: usize,
-    pub start: i64,
-    pub len: i64,
-}
-
 /// Everything besides tensors needed to continue exactly where a run stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -68,6 +61,7 @@ pub struct TrainerState {
     pub epoch_masked: f64,
     pub early_stopped: bool,
     pub world_size: usize,
+    /// The optimizer ranges saved, one file each (`Partition::saved_ranges`).
     pub partitions: Vec<PartitionRange>,
     /// Real (unpadded) parameter elements, to check the model matches.
     pub numel: i64,
@@ -240,7 +234,7 @@ pub fn restore_optimizer(trainer: &mut Trainer, dir: &Path, state: &TrainerState
             full.narrow(0, p.start, p.len).copy_(t);
         }
     }
-    let (start, len) = (trainer.optimizer.start, trainer.optimizer.len);
+    let PartitionRange { start, len, .. } = trainer.partition.local();
     let device = trainer.device;
     trainer.optimizer.exp_avg = full_m.narrow(0, start, len).to_device(device).contiguous();
     trainer.optimizer.exp_avg_sq = full_v.narrow(0, start, len).to_device(device).contiguous();

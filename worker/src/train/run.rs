@@ -7,7 +7,7 @@ use super::checkpoint::{self, CheckpointError, TrainerState};
 use super::eval::{evaluate, EvalSums};
 use super::plan::{epoch_order, StepShape};
 use super::plot;
-use super::trainer::Trainer;
+use super::trainer::{StepError, Trainer};
 use crate::comm::{Collective, CommError};
 use crate::corpus::{CorpusError, CorpusSpec};
 use crate::dataset::{tokenize_cached, DatasetError, TokenizedSet};
@@ -41,6 +41,16 @@ pub enum TrainError {
     Step(String),
     #[error("the training set is empty after reading {0}")]
     EmptyCorpus(String),
+}
+
+/// A collective that fails inside a step is a communication failure like any other.
+impl From<StepError> for TrainError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Comm(e) => TrainError::Comm(e),
+            StepError::LossScale(e) => TrainError::Step(e.to_string()),
+        }
+    }
 }
 
 fn out_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -177,40 +187,6 @@ fn distributed_eval(
     })
 }
 
-/// Gradient exchange and the optimizer step on this rank's partition (ZeRO stage 1/2), or on
-/// the full buffer after an all-reduce (stage 0).
-fn distributed_step(
-    trainer: &mut Trainer,
-    comm: &mut dyn Collective,
-    zero: bool,
-) -> Result<super::trainer::StepReport, TrainError> {
-    trainer.flat.gather_grads();
-    let (start, len) = (trainer.optimizer.start, trainer.optimizer.len);
-    let norm_sq = if zero {
-        comm.reduce_scatter_sum(&trainer.flat.grads)?;
-        let local = tch::no_grad(|| {
-            trainer
-                .flat
-                .grads
-                .narrow(0, start, len)
-                .square()
-                .sum(tch::Kind::Double)
-                .double_value(&[])
-        });
-        let mut v = [local];
-        comm.all_reduce_scalars(&mut v)?;
-        v[0]
-    } else {
-        comm.all_reduce_sum(&trainer.flat.grads)?;
-        tch::no_grad(|| trainer.flat.grads.norm().double_value(&[])).powi(2)
-    };
-    let report = trainer.apply(norm_sq).map_err(TrainError::Step)?;
-    if zero {
-        comm.all_gather(&trainer.flat.params)?;
-    }
-    Ok(report)
-}
-
 /// Runs the whole training. `on_progress` hears of every logged step and evaluation;
 /// `should_stop` is polled after every optimizer step (a kill request).
 pub fn train(
@@ -279,40 +255,16 @@ pub fn train(
     if args.max_steps > 0 {
         total_steps = total_steps.min(args.max_steps as u64);
     }
-    let zero = job.config.config.zero.stage >= 1 && world > 1;
     tch::manual_seed(args.seed as i64);
-    let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, 64 * world as i64, |padded| {
-        if zero {
-            let shard = padded / world as i64;
-            (rank as i64 * shard, shard)
-        } else {
-            (0, padded)
-        }
-    });
+    let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, &*comm);
     if let Some((dir, state)) = &resume {
         checkpoint::restore_optimizer(&mut trainer, dir, state)?;
         if leader {
             tracing::info!(checkpoint = %dir.display(), epoch = state.epoch, step = state.next_step, "resuming");
         }
     }
-    let optimizer_state_bytes = trainer.optimizer.state_bytes() + trainer.optimizer.len as u64 * 4;
+    let optimizer_state_bytes = trainer.optimizer_state_bytes();
     let checkpoint_root = job.output_dir.join("checkpoints");
-    let partitions: Vec<checkpoint::PartitionRange> = {
-        let shard = trainer.optimizer.len;
-        (0..world)
-            .map(|r| checkpoint::PartitionRange {
-                rank: r,
-                start: if zero { r as i64 * shard } else { 0 },
-                len: shard,
-            })
-            .collect()
-    };
-    // With stage 0 every rank holds the whole state; one copy is enough.
-    let partitions: Vec<checkpoint::PartitionRange> = if zero {
-        partitions
-    } else {
-        partitions.into_iter().take(1).collect()
-    };
 
     let log_path = job.output_dir.join("training_log.jsonl");
     let mut log = Log {
@@ -379,7 +331,7 @@ pub fn train(
         epoch_masked: epoch_loss.1,
         early_stopped,
         world_size: world,
-        partitions: partitions.clone(),
+        partitions: trainer.partition.saved_ranges(),
         numel: trainer.flat.numel,
         seed: args.seed,
     };
@@ -446,11 +398,7 @@ pub fn train(
                 tokens += batch.tokens as u64;
                 loss_sum += trainer.backward(&batch, step_masked as f64);
             }
-            let report = if world > 1 {
-                distributed_step(&mut trainer, comm, zero)?
-            } else {
-                trainer.step().map_err(TrainError::Step)?
-            };
+            let report = trainer.step(comm)?;
             let mut sums = [loss_sum, tokens as f64];
             comm.all_reduce_scalars(&mut sums)?;
             window_loss += sums[0];
