@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use kormlm_proto::ds_config::{DsConfig, Fp16Config, ResolvedConfig, SchedulerConfig, WarmupType};
 use kormlm_proto::train_args::TrainArgs;
+use kormlm_worker::comm::SingleRank;
 use kormlm_worker::dataset::TokenizedSet;
 use kormlm_worker::masking::{Masker, IGNORE};
 use kormlm_worker::model::LoadedModel;
@@ -124,11 +125,11 @@ fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) ->
     let config = resolved(&format!(
         r#"{{"train_batch_size": 16, "gradient_clipping": {clip}, "optimizer": {{{optimizer}}}}}"#
     ));
-    let mut trainer = Trainer::new(loaded, &config, &TrainArgs::default(), 1, 64, |n| (0, n));
+    let mut trainer = Trainer::new(loaded, &config, &TrainArgs::default(), 1, &SingleRank);
     for batch in &batches {
         trainer.backward(batch, total as f64);
     }
-    let report = trainer.step().unwrap();
+    let report = trainer.step(&mut SingleRank).unwrap();
     assert!(!report.skipped);
     let expected = tensor_map(&expected_path);
     let mut worst: f64 = 0.0;

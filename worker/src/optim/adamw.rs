@@ -2,6 +2,7 @@
 //! DeepSpeed's `Adam` with `adam_w_mode: false`, of `torch.optim.Adam` (L2 weight decay added to
 //! the gradient).
 
+use super::partition::PartitionRange;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -13,11 +14,11 @@ pub struct AdamWParams {
     pub decoupled: bool,
 }
 
-/// State for elements `[start, start + len)` of the flat buffers.
+/// State for one range of the flat buffers (this rank's partition).
 pub struct AdamW {
     pub params: AdamWParams,
-    pub start: i64,
-    pub len: i64,
+    start: i64,
+    len: i64,
     pub step: u64,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
@@ -28,7 +29,9 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(params: AdamWParams, start: i64, len: i64, device: tch::Device, decay_mask: Option<Tensor>) -> Self {
+    /// `decay_mask` covers the whole flat buffer; the optimizer keeps its `range` of it.
+    pub fn new(params: AdamWParams, range: PartitionRange, device: tch::Device, decay_mask: Option<Tensor>) -> Self {
+        let PartitionRange { start, len, .. } = range;
         Self {
             params,
             start,
@@ -47,7 +50,7 @@ impl AdamW {
         (self.exp_avg.numel() + self.exp_avg_sq.numel()) as u64 * 4
     }
 
-    /// One step at learning rate `lr` on `flat_params[start..]` with `flat_grads[start..]`,
+    /// One step at learning rate `lr` on this range of `flat_params` with that of `flat_grads`,
     /// entirely in place.
     pub fn step(&mut self, flat_params: &Tensor, flat_grads: &Tensor, lr: f64) {
         let AdamWParams {

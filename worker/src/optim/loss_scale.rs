@@ -5,6 +5,12 @@
 use kormlm_proto::ds_config::Fp16Config;
 use serde::{Deserialize, Serialize};
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LossScaleError {
+    #[error("Current loss scale already at minimum - cannot decrease scale anymore")]
+    AtMinimum,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DynamicLossScaler {
     pub cur_scale: f64,
@@ -43,7 +49,7 @@ impl DynamicLossScaler {
 
     /// Records one iteration; `overflow` means the step must be skipped. Like DeepSpeed, an
     /// overflow at the minimum scale is an error.
-    pub fn update_scale(&mut self, overflow: bool) -> Result<(), String> {
+    pub fn update_scale(&mut self, overflow: bool) -> Result<(), LossScaleError> {
         if !self.dynamic {
             self.cur_iter += 1;
             return Ok(());
@@ -51,7 +57,7 @@ impl DynamicLossScaler {
         if overflow {
             if self.delayed_shift == 1 || self.cur_hysteresis == 1 {
                 if self.cur_scale == self.min_scale {
-                    return Err("Current loss scale already at minimum - cannot decrease scale anymore".into());
+                    return Err(LossScaleError::AtMinimum);
                 }
                 self.cur_scale = (self.cur_scale / self.scale_factor).max(self.min_scale);
             } else {

@@ -3,15 +3,17 @@
 //! adds the weights and state and renames the directory, so a checkpoint directory that exists
 //! is complete. Resuming re-partitions the optimizer state for any world size.
 
+use super::early_stopping::EarlyStopping;
 use super::trainer::Trainer;
 use crate::comm::Collective;
 use crate::optim::loss_scale::DynamicLossScaler;
+pub use crate::optim::partition::PartitionRange;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub const STATE_FILE: &str = "trainer_state.json";
-const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -37,14 +39,6 @@ fn invalid(path: &Path, message: impl Into<String>) -> CheckpointError {
     }
 }
 
-/// Where one rank's optimizer partition sits in the flat buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionRange {
-    pub rank: usize,
-    pub start: i64,
-    pub len: i64,
-}
-
 /// Everything besides tensors needed to continue exactly where a run stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -56,18 +50,18 @@ pub struct TrainerState {
     pub steps: u64,
     pub skipped_steps: u64,
     pub scaler: Option<DynamicLossScaler>,
-    pub best_val_loss: Option<f64>,
-    pub best_epoch: Option<u32>,
-    pub stop_count: u32,
-    pub val_loss_history: Vec<f64>,
+    /// Saved as top-level fields: `best_val_loss`, `best_epoch`, `stop_count`,
+    /// `val_loss_history`, `early_stopped`.
+    #[serde(flatten)]
+    pub early_stopping: EarlyStopping,
     /// Masked-token loss sum and count of the epoch so far, so a resumed epoch reports the
     /// same mean training loss as an uninterrupted one.
     #[serde(default)]
     pub epoch_loss_sum: f64,
     #[serde(default)]
     pub epoch_masked: f64,
-    pub early_stopped: bool,
     pub world_size: usize,
+    /// The optimizer ranges saved, one file each (`Partition::saved_ranges`).
     pub partitions: Vec<PartitionRange>,
     /// Real (unpadded) parameter elements, to check the model matches.
     pub numel: i64,
@@ -240,7 +234,7 @@ pub fn restore_optimizer(trainer: &mut Trainer, dir: &Path, state: &TrainerState
             full.narrow(0, p.start, p.len).copy_(t);
         }
     }
-    let (start, len) = (trainer.optimizer.start, trainer.optimizer.len);
+    let PartitionRange { start, len, .. } = trainer.partition.local();
     let device = trainer.device;
     trainer.optimizer.exp_avg = full_m.narrow(0, start, len).to_device(device).contiguous();
     trainer.optimizer.exp_avg_sq = full_v.narrow(0, start, len).to_device(device).contiguous();
@@ -264,4 +258,104 @@ pub fn latest_complete(root: &Path) -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `trainer_state.json` as the worker before the early-stopping refactor wrote it (field
+    /// order included), with an fp16 scaler and a sharded optimizer.
+    const WRITTEN_BY_VERSION_1: &str = r#"{
+  "version": 1,
+  "epoch": 5,
+  "next_step": 21,
+  "steps": 161,
+  "skipped_steps": 2,
+  "scaler": {
+    "cur_scale": 32768.0,
+    "cur_iter": 163,
+    "last_overflow_iter": 40,
+    "scale_factor": 2.0,
+    "scale_window": 1000,
+    "min_scale": 1.0,
+    "delayed_shift": 2,
+    "cur_hysteresis": 2,
+    "consecutive_hysteresis": false,
+    "dynamic": true
+  },
+  "best_val_loss": 7.619363017465877,
+  "best_epoch": 4,
+  "stop_count": 0,
+  "val_loss_history": [
+    8.078054844647989,
+    7.848363415948276,
+    7.711827069863506,
+    7.678083047099497,
+    7.619363017465877
+  ],
+  "epoch_loss_sum": 6103.6337966918945,
+  "epoch_masked": 851.0,
+  "early_stopped": false,
+  "world_size": 2,
+  "partitions": [
+    {
+      "rank": 0,
+      "start": 0,
+      "len": 109888
+    },
+    {
+      "rank": 1,
+      "start": 109888,
+      "len": 109888
+    }
+  ],
+  "numel": 219712,
+  "seed": 3
+}"#;
+
+    #[test]
+    fn a_state_written_before_early_stopping_had_its_own_type_still_reads() {
+        let state: TrainerState = serde_json::from_str(WRITTEN_BY_VERSION_1).unwrap();
+        assert_eq!(state.version, STATE_VERSION);
+        assert_eq!(
+            (state.epoch, state.next_step, state.steps, state.skipped_steps),
+            (5, 21, 161, 2)
+        );
+        assert_eq!(state.scaler.as_ref().map(|s| s.cur_scale), Some(32768.0));
+        assert_eq!(
+            state.early_stopping,
+            EarlyStopping {
+                best: Some(7.619363017465877),
+                best_epoch: Some(4),
+                stop_count: 0,
+                history: vec![
+                    8.078054844647989,
+                    7.848363415948276,
+                    7.711827069863506,
+                    7.678083047099497,
+                    7.619363017465877
+                ],
+                stopped: false,
+            }
+        );
+        assert_eq!((state.epoch_loss_sum, state.epoch_masked), (6103.6337966918945, 851.0));
+        assert_eq!(state.partitions[1].start, 109888);
+        assert_eq!((state.world_size, state.numel, state.seed), (2, 219712, 3));
+        // Written again, it holds the same fields and values.
+        let old: serde_json::Value = serde_json::from_str(WRITTEN_BY_VERSION_1).unwrap();
+        let new = serde_json::to_value(&state).unwrap();
+        assert_eq!(new, old);
+    }
+
+    #[test]
+    fn the_epoch_loss_defaults_to_zero_in_older_states() {
+        let mut old: serde_json::Value = serde_json::from_str(WRITTEN_BY_VERSION_1).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("epoch_loss_sum");
+        fields.remove("epoch_masked");
+        let state: TrainerState = serde_json::from_value(old).unwrap();
+        assert_eq!((state.epoch_loss_sum, state.epoch_masked), (0.0, 0.0));
+        assert_eq!(state.early_stopping.best_epoch, Some(4));
+    }
 }

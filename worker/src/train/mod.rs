@@ -1,15 +1,21 @@
-//! Masked-LM training: batches, the global sample plan, the optimisation step, evaluation and
-//! the loop that ties them together.
+//! Masked-LM training: batches, the global sample plan, the optimisation step, evaluation,
+//! early stopping, checkpoints, the run's output files and the loop that ties them together.
 
 pub mod batch;
 pub mod checkpoint;
+pub mod early_stopping;
+pub mod error;
 pub mod eval;
 pub mod plan;
 pub mod plot;
+pub mod report;
 pub mod run;
+pub mod run_files;
 pub mod trainer;
 
-pub use run::{train, ProgressEvent, TrainError, TrainJob, TrainSummary};
+pub use error::TrainError;
+pub use report::{ProgressEvent, TrainSummary};
+pub use run::{train, TrainJob};
 
 /// `YYMMDD_HHMMSS` in UTC, the original project's run-directory name.
 pub fn run_dir_name(unix_s: u64) -> String {

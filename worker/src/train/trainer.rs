@@ -1,11 +1,14 @@
-//! One process's optimisation state and its two operations: accumulate the gradient of a
-//! micro-batch, and take an optimizer step (clip, AdamW, schedule, fp16 loss scaling).
+//! One rank's optimisation state and its two operations: accumulate the gradient of a
+//! micro-batch, and take an optimizer step (exchange the gradients with the other ranks, clip,
+//! AdamW on this rank's partition, schedule, fp16 loss scaling, share the updated weights).
 
 use super::batch::Batch;
+use crate::comm::{Collective, CommError};
 use crate::model::LoadedModel;
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::flat::FlatParams;
-use crate::optim::loss_scale::DynamicLossScaler;
+use crate::optim::loss_scale::{DynamicLossScaler, LossScaleError};
+use crate::optim::partition::{Exchange, Partition};
 use crate::optim::schedule::Schedule;
 use kormlm_proto::ds_config::{OptimizerKind, ResolvedConfig, Toggle};
 use kormlm_proto::train_args::TrainArgs;
@@ -43,6 +46,14 @@ pub fn precision(config: &ResolvedConfig, device: Device) -> Precision {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    LossScale(#[from] LossScaleError),
+}
+
 /// What an optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -55,6 +66,8 @@ pub struct StepReport {
 pub struct Trainer {
     pub loaded: LoadedModel,
     pub flat: FlatParams,
+    /// This rank's range of `flat`, which `optimizer` steps.
+    pub partition: Partition,
     pub optimizer: AdamW,
     pub schedule: Schedule,
     pub scaler: Option<DynamicLossScaler>,
@@ -105,21 +118,22 @@ pub fn schedule(config: &ResolvedConfig, args: &TrainArgs, base_lr: f64, total_s
 }
 
 impl Trainer {
-    /// `partition`: the `(start, len)` range of the flat buffer this rank optimizes.
+    /// The trainer of rank `group.rank()` of `group`; the config's ZeRO stage decides whether
+    /// the optimizer state is sharded over the ranks.
     pub fn new(
         loaded: LoadedModel,
         config: &ResolvedConfig,
         args: &TrainArgs,
         total_steps: u64,
-        align: i64,
-        partition: impl FnOnce(i64) -> (i64, i64),
+        group: &dyn Collective,
     ) -> Self {
         let device = loaded.vs.device();
-        let flat = FlatParams::new(&loaded.vs, align);
+        let (rank, world) = (group.rank(), group.world_size());
+        let flat = FlatParams::new(&loaded.vs, Partition::alignment(world));
+        let partition = Partition::new(flat.padded_numel(), rank, world, config.config.zero.stage);
         let (params, base_lr) = optimizer_settings(config, args);
-        let (start, len) = partition(flat.padded_numel());
         let mask = args.decay_exclude_bias_layernorm.then(|| flat.decay_mask());
-        let optimizer = AdamW::new(params, start, len, device, mask);
+        let optimizer = AdamW::new(params, partition.local(), device, mask);
         let precision = precision(config, device);
         if precision != Precision::Fp32 {
             crate::autocast::set_cuda_autocast_bf16(precision == Precision::Bf16);
@@ -131,6 +145,7 @@ impl Trainer {
             clip: config.config.gradient_clipping,
             device,
             flat,
+            partition,
             optimizer,
             loaded,
             steps: 0,
@@ -158,10 +173,51 @@ impl Trainer {
         loss_sum.double_value(&[])
     }
 
-    /// Gradient clipping, AdamW and the schedule, on the gradients accumulated since the last
-    /// step (already gathered into `flat.grads`, and reduced across ranks when distributed).
-    /// `grad_norm_sq` is the squared global gradient norm (all ranks' partitions).
-    pub fn apply(&mut self, grad_norm_sq: f64) -> Result<StepReport, String> {
+    /// Bytes of optimizer state this rank holds: the moments and its fp32 weights.
+    pub fn optimizer_state_bytes(&self) -> u64 {
+        self.optimizer.state_bytes() + self.partition.local().len as u64 * 4
+    }
+
+    /// The optimizer step on the gradients accumulated since the last one: gathered into the
+    /// flat buffer, exchanged with the other ranks as the partition says, the global gradient
+    /// norm taken, then clipping, AdamW and the schedule; under ZeRO the updated shards are
+    /// all-gathered.
+    pub fn step(&mut self, group: &mut dyn Collective) -> Result<StepReport, StepError> {
+        self.flat.gather_grads();
+        let exchange = self.partition.exchange();
+        let grads = &self.flat.grads;
+        let whole_norm_sq = || tch::no_grad(|| grads.norm().double_value(&[])).powi(2);
+        let norm_sq = match exchange {
+            Exchange::None => whole_norm_sq(),
+            Exchange::AllReduce => {
+                group.all_reduce_sum(grads)?;
+                whole_norm_sq()
+            }
+            Exchange::ReduceScatter => {
+                group.reduce_scatter_sum(grads)?;
+                let local = self.partition.local();
+                let mut norm_sq = [tch::no_grad(|| {
+                    grads
+                        .narrow(0, local.start, local.len)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[])
+                })];
+                group.all_reduce_scalars(&mut norm_sq)?;
+                norm_sq[0]
+            }
+        };
+        let report = self.apply(norm_sq)?;
+        if exchange == Exchange::ReduceScatter {
+            group.all_gather(&self.flat.params)?;
+        }
+        Ok(report)
+    }
+
+    /// Gradient clipping, AdamW and the schedule, on the gradients in `flat.grads` (already
+    /// summed over ranks on this rank's range). `grad_norm_sq` is the squared global gradient
+    /// norm (all ranks' partitions).
+    fn apply(&mut self, grad_norm_sq: f64) -> Result<StepReport, LossScaleError> {
         let mut norm = grad_norm_sq.sqrt();
         let mut overflow = !norm.is_finite();
         if let Some(scaler) = &mut self.scaler {
@@ -197,13 +253,6 @@ impl Trainer {
             grad_norm: norm,
             skipped: false,
         })
-    }
-
-    /// Single-process step: gather, norm, apply.
-    pub fn step(&mut self) -> Result<StepReport, String> {
-        self.flat.gather_grads();
-        let norm_sq = tch::no_grad(|| self.flat.grads.norm().double_value(&[])).powi(2);
-        self.apply(norm_sq)
     }
 }
 

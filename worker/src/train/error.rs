@@ -1,0 +1,49 @@
+//! Why a training run failed.
+
+use super::checkpoint::CheckpointError;
+use super::trainer::StepError;
+use crate::comm::CommError;
+use crate::corpus::CorpusError;
+use crate::dataset::DatasetError;
+use crate::model::ModelError;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Corpus(#[from] CorpusError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{path}: {message}")]
+    Output { path: String, message: String },
+    #[error("training: {0}")]
+    Step(String),
+    #[error("the training set is empty after reading {0}")]
+    EmptyCorpus(String),
+}
+
+impl TrainError {
+    /// A file or directory of the run's output could not be written.
+    pub(crate) fn output(path: &Path, e: impl std::fmt::Display) -> Self {
+        TrainError::Output {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A collective that fails inside a step is a communication failure like any other.
+impl From<StepError> for TrainError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Comm(e) => TrainError::Comm(e),
+            StepError::LossScale(e) => TrainError::Step(e.to_string()),
+        }
+    }
+}

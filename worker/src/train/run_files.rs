@@ -1,0 +1,177 @@
+//! Everything a run writes into its output directory: `params.json`, `training_log.jsonl`
+//! (appended to on resume), the loss-curve plot, the `best/` and `final/` models,
+//! `summary.json`, and the pointer to the best checkpoint. Rank 0 writes them; the other ranks
+//! hold a `RunFiles` that writes nothing. Checkpoints are written by every rank under
+//! [`RunFiles::checkpoint_root`].
+
+use super::checkpoint;
+use super::error::TrainError;
+use super::plot;
+use super::report::TrainSummary;
+use crate::model::LoadedModel;
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const LOG_FILE: &str = "training_log.jsonl";
+
+pub struct RunFiles {
+    dir: PathBuf,
+    /// The training log, open on rank 0 only: whether this rank writes.
+    log: Option<File>,
+}
+
+impl RunFiles {
+    /// Rank 0 creates `dir`, writes `params` to `params.json` and starts the training log
+    /// (`resumed`: continues it); the other ranks touch nothing.
+    pub fn open(dir: &Path, rank: usize, resumed: bool, params: &Value) -> Result<Self, TrainError> {
+        let mut files = Self {
+            dir: dir.to_path_buf(),
+            log: None,
+        };
+        if rank != 0 {
+            return Ok(files);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::output(dir, e))?;
+        let params_path = dir.join("params.json");
+        std::fs::write(&params_path, format!("{params:#}\n")).map_err(|e| TrainError::output(&params_path, e))?;
+        let log_path = files.log_path();
+        let log = if resumed {
+            std::fs::OpenOptions::new().create(true).append(true).open(&log_path)
+        } else {
+            File::create(&log_path)
+        };
+        files.log = Some(log.map_err(|e| TrainError::output(&log_path, e))?);
+        Ok(files)
+    }
+
+    /// Whether this rank writes the run's files.
+    pub fn writes(&self) -> bool {
+        self.log.is_some()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    /// Where every rank writes its part of each checkpoint.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// The best model so far (HF layout).
+    pub fn best_dir(&self) -> PathBuf {
+        self.dir.join("best")
+    }
+
+    /// The model after the last step (HF layout).
+    pub fn final_dir(&self) -> PathBuf {
+        self.dir.join("final")
+    }
+
+    /// Appends one record to the training log.
+    pub fn record(&mut self, value: &Value) -> Result<(), TrainError> {
+        if let Some(f) = &mut self.log {
+            writeln!(f, "{value}")
+                .and_then(|_| f.flush())
+                .map_err(|e| TrainError::output(&self.dir.join(LOG_FILE), e))?;
+        }
+        Ok(())
+    }
+
+    /// Draws the loss curve again from the log. A plot that cannot be drawn is not worth
+    /// stopping a training run for: it is only warned about.
+    pub fn redraw_loss_curve(&self) {
+        if !self.writes() {
+            return;
+        }
+        let png = self.dir.join(plot::LOSS_CURVE_FILE);
+        if let Err(e) = plot::plot_log(&self.log_path(), &png) {
+            tracing::warn!(error = %e, "loss-curve plot not written");
+        }
+    }
+
+    pub fn save_best(&self, model: &LoadedModel) -> Result<(), TrainError> {
+        if self.writes() {
+            model.save(&self.best_dir())?;
+        }
+        Ok(())
+    }
+
+    pub fn save_final(&self, model: &LoadedModel) -> Result<(), TrainError> {
+        if self.writes() {
+            model.save(&self.final_dir())?;
+        }
+        Ok(())
+    }
+
+    /// Marks checkpoint `dir` as the one holding the best weights, so pruning keeps it.
+    pub fn mark_best_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+        if self.writes() {
+            checkpoint::mark_best(&self.checkpoint_root(), dir)?;
+        }
+        Ok(())
+    }
+
+    /// The summary as the log's last record and as `summary.json`.
+    pub fn write_summary(&mut self, summary: &TrainSummary) -> Result<(), TrainError> {
+        if !self.writes() {
+            return Ok(());
+        }
+        self.record(&json!({"type": "summary", "summary": summary}))?;
+        let path = self.dir.join("summary.json");
+        std::fs::write(&path, format!("{:#}\n", json!(summary))).map_err(|e| TrainError::output(&path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(path: &Path) -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn rank_zero_starts_the_log_and_a_resumed_run_appends_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut files = RunFiles::open(&out, 0, false, &json!({"args": {"seed": 1}})).unwrap();
+        assert!(files.writes());
+        files.record(&json!({"type": "train", "step": 1})).unwrap();
+        let params: Value = serde_json::from_str(&std::fs::read_to_string(out.join("params.json")).unwrap()).unwrap();
+        assert_eq!(params["args"]["seed"], 1);
+
+        let mut resumed = RunFiles::open(&out, 0, true, &json!({})).unwrap();
+        resumed.record(&json!({"type": "train", "step": 2})).unwrap();
+        assert_eq!(lines(&out.join(LOG_FILE)).len(), 2);
+
+        let mut fresh = RunFiles::open(&out, 0, false, &json!({})).unwrap();
+        fresh.record(&json!({"type": "train", "step": 1})).unwrap();
+        assert_eq!(lines(&out.join(LOG_FILE)), vec![json!({"type": "train", "step": 1})]);
+        assert_eq!(fresh.checkpoint_root(), out.join("checkpoints"));
+        assert_eq!(fresh.best_dir(), out.join("best"));
+        assert_eq!(fresh.final_dir(), out.join("final"));
+    }
+
+    #[test]
+    fn other_ranks_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut files = RunFiles::open(&out, 1, false, &json!({})).unwrap();
+        assert!(!files.writes());
+        files.record(&json!({"type": "train"})).unwrap();
+        files.redraw_loss_curve();
+        files
+            .mark_best_checkpoint(&files.checkpoint_root().join("step-1"))
+            .unwrap();
+        assert!(!out.exists());
+        // Paths are the same on every rank (checkpoints and the summary use them).
+        assert_eq!(files.checkpoint_root(), out.join("checkpoints"));
+    }
+}
