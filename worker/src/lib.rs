@@ -16,4 +16,3 @@ pub mod model;
 pub mod optim;
 pub mod tokenizer;
 pub mod train;
-pub mod wordpiece_trainer;
