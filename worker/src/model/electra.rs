@@ -1,17 +1,10 @@
 //! `ElectraForMaskedLM` in tch, one small struct per module of the checkpoint, with variable
 //! names equal to the Hugging Face state-dict keys.
 
+use super::activation::HiddenAct;
 use super::config::ElectraConfig;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
-
-fn activation(name: &str, x: &Tensor) -> Tensor {
-    match name {
-        "relu" => x.relu(),
-        "gelu_new" | "gelu_pytorch_tanh" => x.gelu("tanh"),
-        _ => x.gelu("none"),
-    }
-}
 
 fn layer_norm(vs: nn::Path, size: i64, eps: f64) -> nn::LayerNorm {
     nn::layer_norm(
@@ -161,7 +154,7 @@ struct Layer {
     intermediate: nn::Linear,
     output: nn::Linear,
     layer_norm: nn::LayerNorm,
-    activation: String,
+    activation: HiddenAct,
     dropout: f64,
 }
 
@@ -174,14 +167,14 @@ impl Layer {
             intermediate: linear(&vs / "intermediate" / "dense", c.hidden_size, c.intermediate_size, r),
             output: linear(&out / "dense", c.intermediate_size, c.hidden_size, r),
             layer_norm: layer_norm(&out / "LayerNorm", c.hidden_size, c.layer_norm_eps),
-            activation: c.hidden_act.clone(),
+            activation: c.hidden_act,
             dropout: c.hidden_dropout_prob,
         }
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let attended = self.attention.forward(x, mask, train);
-        let inner = activation(&self.activation, &self.intermediate.forward(&attended));
+        let inner = self.activation.forward(&self.intermediate.forward(&attended));
         let out = self.output.forward(&inner).dropout(self.dropout, train);
         self.layer_norm.forward(&(out + attended))
     }

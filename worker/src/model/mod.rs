@@ -1,11 +1,13 @@
 //! The ELECTRA masked-LM: config, the tch model, checkpoint formats, the hub and saving.
 
+pub mod activation;
 pub mod config;
 pub mod electra;
 pub mod hub;
 pub mod torch_pickle;
 pub mod weights;
 
+pub use activation::HiddenAct;
 pub use config::ElectraConfig;
 pub use electra::ElectraForMaskedLM;
 pub use weights::LoadReport;
