@@ -3,7 +3,10 @@
 pub mod activation;
 pub mod config;
 pub mod electra;
+pub mod embeddings;
+pub mod encoder;
 pub mod hub;
+mod init;
 pub mod torch_pickle;
 pub mod weights;
 
