@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod autocast;
+pub mod batch;
 pub mod comm;
 pub mod corpus;
 pub mod daemon;

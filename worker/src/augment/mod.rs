@@ -14,11 +14,13 @@ pub mod io;
 pub mod parts;
 pub mod report;
 
+use crate::batch::{MaskedBatch, MaskedRow};
 use crate::masking::SplitMix64;
+use crate::model::masked_lm::{self, Candidates};
 use crate::model::LoadedModel;
 use crate::tokenizer::TokenizerError;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 #[derive(Debug, Clone)]
 pub struct AugmentOptions {
@@ -52,9 +54,6 @@ pub struct Augmented {
     /// No maskable token: passed through.
     pub skipped: bool,
 }
-
-/// Top-k `(probability, id)` candidates for one masked position.
-type Candidates = Vec<(f32, u32)>;
 
 /// One sentence prepared for masking.
 struct Prepared {
@@ -123,50 +122,13 @@ impl<'a> Augmenter<'a> {
 
     /// Top-k (probability, id) per masked position, for a batch of masked inputs.
     fn predict(&self, inputs: &[(Vec<u32>, Vec<usize>)]) -> Result<Vec<Vec<Candidates>>, AugmentError> {
-        let pad = i64::from(self.model.tokenizer.special().pad);
-        let width = inputs.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
-        let rows = inputs.len();
-        let mut ids = vec![pad; rows * width];
-        let mut attention = vec![0i64; rows * width];
-        let mut positions = Vec::new();
-        for (r, (row, masked)) in inputs.iter().enumerate() {
-            for (c, id) in row.iter().enumerate() {
-                ids[r * width + c] = i64::from(*id);
-                attention[r * width + c] = 1;
-            }
-            for m in masked {
-                positions.extend([r as i64, *m as i64]);
-            }
-        }
-        let k = self.options.k.max(1) as i64;
-        let (scores, top) = tch::no_grad(|| -> Result<(Vec<f32>, Vec<i64>), AugmentError> {
-            let shape = [rows as i64, width as i64];
-            let input = Tensor::from_slice(&ids).view(shape).to_device(self.device);
-            let mask = Tensor::from_slice(&attention).view(shape).to_device(self.device);
-            let at = Tensor::from_slice(&positions).view([-1, 2]).to_device(self.device);
-            let logits = self.model.model.logits_at(&input, &mask, &at, false);
-            let (values, indices) = logits.f_softmax(-1, Kind::Float)?.f_topk(k, -1, true, true)?;
-            Ok((
-                Vec::<f32>::try_from(&values.to_device(Device::Cpu).flatten(0, -1))?,
-                Vec::<i64>::try_from(&indices.to_device(Device::Cpu).flatten(0, -1))?,
-            ))
-        })?;
-        let mut out = Vec::with_capacity(rows);
-        let mut cursor = 0usize;
-        for (_, masked) in inputs {
-            let mut per_row = Vec::with_capacity(masked.len());
-            for _ in masked {
-                let k = k as usize;
-                per_row.push(
-                    (0..k)
-                        .map(|j| (scores[cursor * k + j], top[cursor * k + j] as u32))
-                        .collect(),
-                );
-                cursor += 1;
-            }
-            out.push(per_row);
-        }
-        Ok(out)
+        let rows: Vec<MaskedRow<'_>> = inputs.iter().map(|(ids, masked)| MaskedRow { ids, masked }).collect();
+        let batch = MaskedBatch::from_rows(&rows, self.model.tokenizer.special().pad, self.device);
+        let mut candidates = masked_lm::top_k(&self.model.model, &batch, self.options.k.max(1), None)?.into_iter();
+        Ok(inputs
+            .iter()
+            .map(|(_, masked)| candidates.by_ref().take(masked.len()).collect())
+            .collect())
     }
 
     /// Fills the masks of one sentence from its candidates; returns the new ids and the edits.

@@ -7,6 +7,7 @@ pub mod embeddings;
 pub mod encoder;
 pub mod hub;
 mod init;
+pub mod masked_lm;
 pub mod torch_pickle;
 pub mod weights;
 
