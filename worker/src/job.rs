@@ -180,7 +180,7 @@ pub fn run_augmentation(
     let augment = AugmentArgs::from_map(&assignment.args).map_err(JobError::Assignment)?;
     let train = TrainArgs::from_map(&assignment.args).map_err(JobError::Assignment)?;
     let (table, format, output, options) =
-        setup(&augment, train.seed, train.max_seq_len as usize).map_err(JobError::Assignment)?;
+        setup(&augment, train.seed, train.max_seq_len as usize).map_err(|e| JobError::Assignment(e.to_string()))?;
     let device = match DeviceKind::try_from(assignment.device) {
         Ok(DeviceKind::Cuda) => Device::Cuda(assignment.cuda_devices.first().copied().unwrap_or(0) as usize),
         _ => Device::Cpu,

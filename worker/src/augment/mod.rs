@@ -15,11 +15,13 @@ pub mod parts;
 pub mod report;
 
 use crate::batch::{MaskedBatch, MaskedRow};
+use crate::corpus::{CorpusError, Format};
 use crate::masking::SplitMix64;
 use crate::model::masked_lm::{self, Candidates};
 use crate::model::LoadedModel;
 use crate::tokenizer::TokenizerError;
 use serde::Serialize;
+use std::path::PathBuf;
 use tch::Device;
 
 #[derive(Debug, Clone)]
@@ -41,8 +43,20 @@ pub enum AugmentError {
     Tokenizer(#[from] TokenizerError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("output: {0}")]
-    Output(String),
+    #[error("output: {}: {error}", path.display())]
+    Output { path: PathBuf, error: std::io::Error },
+    /// A flag the run cannot do without; `purpose` says what it gives.
+    #[error("{flag} is required: {purpose}")]
+    MissingFlag { flag: &'static str, purpose: &'static str },
+    #[error("{flag} {value:?}: accepted: {accepted}")]
+    InvalidFlag {
+        flag: &'static str,
+        value: String,
+        accepted: &'static str,
+    },
+    /// The input file cannot be read as the format says.
+    #[error(transparent)]
+    Input(#[from] CorpusError),
 }
 
 /// The result for one sentence.
@@ -256,17 +270,24 @@ pub fn setup(
     args: &kormlm_proto::augment_args::AugmentArgs,
     seed: u64,
     max_seq_len: usize,
-) -> Result<(io::Table, io::OutputFormat, std::path::PathBuf, AugmentOptions), String> {
-    use crate::corpus::Format;
-    let input = args.input.clone().ok_or("--input is required: the file to augment")?;
-    let output = args
-        .output
-        .clone()
-        .ok_or("--output is required: where the augmented rows go")?;
+) -> Result<(io::Table, io::OutputFormat, PathBuf, AugmentOptions), AugmentError> {
+    let input = args.input.clone().ok_or(AugmentError::MissingFlag {
+        flag: "--input",
+        purpose: "the file to augment",
+    })?;
+    let output = args.output.clone().ok_or(AugmentError::MissingFlag {
+        flag: "--output",
+        purpose: "where the augmented rows go",
+    })?;
     let format = match args.format.as_deref() {
         None => Format::infer(&input),
-        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string()))
-            .map_err(|_| format!("--format {name:?}: accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile"))?,
+        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+            AugmentError::InvalidFlag {
+                flag: "--format",
+                value: name.to_string(),
+                accepted: "text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile",
+            }
+        })?,
     };
     let output_format = match args
         .output_format
@@ -275,9 +296,15 @@ pub fn setup(
     {
         Some("jsonl") | Some("json") => io::OutputFormat::Jsonl,
         Some("csv") | None => io::OutputFormat::Csv,
-        Some(other) => return Err(format!("--output_format {other:?}: accepted: csv, jsonl")),
+        Some(other) => {
+            return Err(AugmentError::InvalidFlag {
+                flag: "--output_format",
+                value: other.to_string(),
+                accepted: "csv, jsonl",
+            })
+        }
     };
-    let table = io::read_table(&input, format, args.column.as_deref()).map_err(|e| e.to_string())?;
+    let table = io::read_table(&input, format, args.column.as_deref())?;
     let options = AugmentOptions {
         mlm_prob: args.mlm_prob,
         k: args.k,
@@ -341,5 +368,45 @@ mod tests {
         assert!(same_token_type("##는", "##은"));
         assert!(same_token_type("123", "!"));
         assert!(!is_alpha("[UNK]"));
+    }
+
+    #[test]
+    fn setup_errors_name_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "한 줄\n").unwrap();
+        let args =
+            |input: Option<&std::path::Path>, output: Option<&str>, format: Option<&str>, out_format: Option<&str>| {
+                let defaults = std::collections::BTreeMap::new();
+                kormlm_proto::augment_args::AugmentArgs {
+                    input: input.map(|p| p.to_path_buf()),
+                    output: output.map(PathBuf::from),
+                    format: format.map(str::to_string),
+                    output_format: out_format.map(str::to_string),
+                    ..kormlm_proto::augment_args::AugmentArgs::from_map(&defaults).unwrap()
+                }
+            };
+        let err = |a| setup(&a, 1, 128).err().unwrap().to_string();
+        assert_eq!(
+            err(args(None, Some("o.csv"), None, None)),
+            "--input is required: the file to augment"
+        );
+        assert_eq!(
+            err(args(Some(&input), None, None, None)),
+            "--output is required: where the augmented rows go"
+        );
+        assert_eq!(
+            err(args(Some(&input), Some("o.csv"), Some("xml"), None)),
+            "--format \"xml\": accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile"
+        );
+        assert_eq!(
+            err(args(Some(&input), Some("o.parquet"), None, None)),
+            "--output_format \"parquet\": accepted: csv, jsonl"
+        );
+        let (table, format, _, options) = setup(&args(Some(&input), Some("o.jsonl"), None, None), 1, 2).unwrap();
+        assert_eq!(
+            (table.rows.len(), format, options.max_seq_len),
+            (1, io::OutputFormat::Jsonl, 3)
+        );
     }
 }
