@@ -128,7 +128,6 @@ async fn register(options: &DaemonOptions, info: &DeviceInfo) -> Result<(Coordin
                     cuda_device_count: info.cuda_device_count,
                     torch_version: info.torch_version.to_string(),
                     nccl_version: info.nccl_version.unwrap_or(0),
-                    token: options.token.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -197,7 +196,6 @@ fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_los
 
 async fn heartbeat_session(
     client: &mut CoordinatorClient,
-    token: &str,
     assignment: &Assignment,
     work: &mut Option<RunningWork>,
     starting: &mut Option<tokio::task::JoinHandle<Result<RunningWork, WorkerError>>>,
@@ -214,7 +212,6 @@ async fn heartbeat_session(
             None => (None, None),
         };
         WorkerReport {
-            token: token.to_string(),
             job_id: assignment.job_id.clone(),
             rank: assignment.rank,
             incarnation: assignment.incarnation,
@@ -355,7 +352,6 @@ async fn start_work(
     client: &mut CoordinatorClient,
     assignment: &Assignment,
     coordinator_url: &str,
-    token: &str,
 ) -> Result<RunningWork, WorkerError> {
     let (progress_tx, progress) = tokio::sync::watch::channel(None);
     let (done_tx, done) = tokio::sync::oneshot::channel();
@@ -363,7 +359,7 @@ async fn start_work(
     let thread_stop = stop.clone();
     match Work::from_assignment(assignment)? {
         Work::Train(job) => {
-            let group = job::form_group(client, assignment, job.device, coordinator_url, token).await?;
+            let group = job::form_group(client, assignment, job.device, coordinator_url).await?;
             let run = move || {
                 job::run_training(&job, group, progress_tx, thread_stop)
                     .map(WorkOutcome::Train)
@@ -393,7 +389,6 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     let mut checked_device = None;
     let mut work: Option<RunningWork> = None;
     let mut starting: Option<tokio::task::JoinHandle<Result<RunningWork, WorkerError>>> = None;
-    let token = options.token.as_deref().unwrap_or_default();
     loop {
         let (mut client, assignment) = register(&options, &info).await?;
         let device = assigned_device(&assignment);
@@ -412,13 +407,12 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         );
         if work.is_none() && starting.is_none() {
             let (client, assignment, url) = (client.clone(), assignment.clone(), options.coordinator.clone());
-            let token = token.to_string();
             starting = Some(tokio::spawn(async move {
                 let mut client = client;
-                start_work(&mut client, &assignment, &url, &token).await
+                start_work(&mut client, &assignment, &url).await
             }));
         }
-        match heartbeat_session(&mut client, token, &assignment, &mut work, &mut starting).await? {
+        match heartbeat_session(&mut client, &assignment, &mut work, &mut starting).await? {
             SessionEnd::Finished => return Ok(Outcome::Done),
             SessionEnd::Disconnected(reason) => {
                 tracing::warn!(%reason, "lost the coordinator; registering again");

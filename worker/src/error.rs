@@ -43,9 +43,6 @@ pub enum WorkerError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Augment(#[from] AugmentError),
-    /// The augmentation input, output or options (`augment::setup` describes them as text).
-    #[error("{0}")]
-    AugmentSetup(String),
     #[error(transparent)]
     FillMask(#[from] FillMaskError),
     #[error(transparent)]
@@ -79,7 +76,6 @@ impl WorkerError {
             Self::Tokenizer(e) => tokenizer_kind(e),
             Self::Train(e) => train_kind(e),
             Self::Augment(e) => augment_kind(e),
-            Self::AugmentSetup(_) => FailureKind::BadInput,
             Self::FillMask(e) => fill_mask_kind(e),
             Self::Job(e) => job_kind(e),
             Self::Input(e) => input_kind(e),
@@ -209,7 +205,9 @@ fn augment_kind(e: &AugmentError) -> FailureKind {
     match e {
         AugmentError::Tokenizer(e) => tokenizer_kind(e),
         AugmentError::Torch(e) => torch_kind(&e.to_string()),
-        AugmentError::Output(_) => FailureKind::Io,
+        AugmentError::Output { .. } => FailureKind::Io,
+        AugmentError::MissingFlag { .. } | AugmentError::InvalidFlag { .. } => FailureKind::BadInput,
+        AugmentError::Input(e) => corpus_kind(e),
     }
 }
 
@@ -508,8 +506,31 @@ mod tests {
                 OutOfMemory,
             ),
             (AugmentError::Torch(tch::TchError::Torch(s())).into(), Internal),
-            (AugmentError::Output(s()).into(), Io),
-            (WorkerError::AugmentSetup("--input is required".into()), BadInput),
+            (
+                AugmentError::Output {
+                    path: "out.csv".into(),
+                    error: std::io::Error::other("disk full"),
+                }
+                .into(),
+                Io,
+            ),
+            (
+                AugmentError::MissingFlag {
+                    flag: "--input",
+                    purpose: "the file to augment",
+                }
+                .into(),
+                BadInput,
+            ),
+            (
+                AugmentError::InvalidFlag {
+                    flag: "--format",
+                    value: "x".into(),
+                    accepted: "text, csv",
+                }
+                .into(),
+                BadInput,
+            ),
             (FillMaskError::Tokenizer(tokenizer_missing()).into(), BadInput),
             (FillMaskError::NoTargets.into(), BadInput),
             (

@@ -1,10 +1,11 @@
 //! `worker fill-mask`: the transformers fill-mask pipeline's output for each input line,
 //! computed in length-sorted batches with the vocabulary projection run only at masked positions.
 
-use crate::model::LoadedModel;
+use crate::batch::{MaskedBatch, MaskedRow};
+use crate::model::{masked_lm, LoadedModel};
 use crate::tokenizer::TokenizerError;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct FillMaskOptions {
@@ -112,56 +113,27 @@ pub fn fill_mask(
     }
     prepared.sort_by_key(|(_, p)| p.ids.len());
     let target_tensor = targets.as_ref().map(|t| Tensor::from_slice(t).to_device(device));
+    let pad = tokenizer.special().pad;
     for batch in prepared.chunks(options.batch_size.max(1)) {
-        let width = batch.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
-        let rows = batch.len();
-        let pad = i64::from(tokenizer.special().pad);
-        let mut ids = vec![pad; rows * width];
-        let mut attention = vec![0i64; rows * width];
-        let mut positions = Vec::new();
-        for (r, (_, p)) in batch.iter().enumerate() {
-            for (c, id) in p.ids.iter().enumerate() {
-                ids[r * width + c] = i64::from(*id);
-                attention[r * width + c] = 1;
-            }
-            for m in &p.masks {
-                positions.extend([r as i64, *m as i64]);
-            }
-        }
-        let (top_scores, top_ids) = tch::no_grad(|| -> Result<(Vec<f32>, Vec<i64>), FillMaskError> {
-            let input = Tensor::from_slice(&ids)
-                .view([rows as i64, width as i64])
-                .to_device(device);
-            let mask = Tensor::from_slice(&attention)
-                .view([rows as i64, width as i64])
-                .to_device(device);
-            let at = Tensor::from_slice(&positions).view([-1, 2]).to_device(device);
-            let logits = model.model.logits_at(&input, &mask, &at, false);
-            let probs = logits.f_softmax(-1, Kind::Float)?;
-            let (values, indices) = match &target_tensor {
-                Some(t) => {
-                    let restricted = probs.f_index_select(1, t)?;
-                    let (v, i) = restricted.f_topk(top_k as i64, -1, true, true)?;
-                    (v, t.f_index_select(0, &i.flatten(0, -1))?.view_as(&i))
-                }
-                None => probs.f_topk(top_k as i64, -1, true, true)?,
-            };
-            let values = values.to_device(Device::Cpu).flatten(0, -1);
-            let indices = indices.to_device(Device::Cpu).flatten(0, -1);
-            Ok((Vec::<f32>::try_from(&values)?, Vec::<i64>::try_from(&indices)?))
-        })?;
+        let rows: Vec<MaskedRow<'_>> = batch
+            .iter()
+            .map(|(_, p)| MaskedRow {
+                ids: &p.ids,
+                masked: &p.masks,
+            })
+            .collect();
+        let inputs = MaskedBatch::from_rows(&rows, pad, device);
+        let candidates = masked_lm::top_k(&model.model, &inputs, top_k, target_tensor.as_ref())?;
         let mut cursor = 0;
         for (line, p) in batch {
             let single = p.masks.len() == 1;
             let mut per_mask = Vec::with_capacity(p.masks.len());
             for &m in &p.masks {
-                let mut candidates = Vec::with_capacity(top_k);
-                for k in 0..top_k {
-                    let id = top_ids[cursor * top_k + k] as u32;
-                    let score = top_scores[cursor * top_k + k];
+                let mut predictions = Vec::with_capacity(top_k);
+                for &(score, id) in &candidates[cursor] {
                     let mut tokens = p.ids.clone();
                     tokens[m] = id;
-                    candidates.push(json!({
+                    predictions.push(json!({
                         "score": f64::from(score),
                         "token": id,
                         "token_str": tokenizer.decode(&[id], false)?,
@@ -169,7 +141,7 @@ pub fn fill_mask(
                     }));
                 }
                 cursor += 1;
-                per_mask.push(Value::Array(candidates));
+                per_mask.push(Value::Array(predictions));
             }
             results[*line] = Some(if single {
                 per_mask.pop().expect("one mask")

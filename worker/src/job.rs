@@ -50,7 +50,6 @@ pub async fn form_group(
     assignment: &Assignment,
     device: Device,
     coordinator_url: &str,
-    token: &str,
 ) -> Result<Box<dyn Collective + Send>, JobError> {
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
     if world == 1 {
@@ -61,7 +60,6 @@ pub async fn form_group(
         job_id: assignment.job_id.clone(),
         rank: assignment.rank,
         attempt: assignment.attempt,
-        token: token.to_string(),
         ..Default::default()
     };
     match device {

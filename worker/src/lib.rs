@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod autocast;
+pub mod batch;
 pub mod cli;
 pub mod comm;
 pub mod commands;
@@ -19,7 +20,6 @@ pub mod model;
 pub mod optim;
 pub mod tokenizer;
 pub mod train;
-pub mod wordpiece_trainer;
 pub mod work;
 
 pub use error::WorkerError;

@@ -156,7 +156,7 @@ impl AugmentJob {
 
     /// The input table, the output format and path, and the augmentation options.
     pub fn setup(&self) -> Result<(Table, OutputFormat, PathBuf, AugmentOptions), WorkerError> {
-        crate::augment::setup(&self.args, self.seed, self.max_seq_len).map_err(WorkerError::AugmentSetup)
+        crate::augment::setup(&self.args, self.seed, self.max_seq_len).map_err(WorkerError::Augment)
     }
 
     pub fn load_model(&self) -> Result<LoadedModel, WorkerError> {

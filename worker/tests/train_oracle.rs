@@ -6,13 +6,13 @@ mod common;
 use common::*;
 use kormlm_proto::ds_config::{DsConfig, Fp16Config, ResolvedConfig, SchedulerConfig, WarmupType};
 use kormlm_proto::train_args::TrainArgs;
+use kormlm_worker::batch::MaskedBatch;
 use kormlm_worker::comm::SingleRank;
 use kormlm_worker::dataset::TokenizedSet;
 use kormlm_worker::masking::{Masker, IGNORE};
 use kormlm_worker::model::LoadedModel;
 use kormlm_worker::optim::loss_scale::DynamicLossScaler;
 use kormlm_worker::optim::schedule::Schedule;
-use kormlm_worker::train::batch::collate;
 use kormlm_worker::train::trainer::Trainer;
 use serde_json::Value;
 use std::path::Path;
@@ -85,7 +85,7 @@ fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) ->
     let mut batches = Vec::new();
     for k in 0..micro_batches {
         let chunk = &samples[k * per..(k + 1) * per];
-        let batch = collate(chunk, pad, Device::Cpu);
+        let batch = MaskedBatch::from_samples(chunk, pad, Device::Cpu);
         let width = batch.input_ids.size()[1] as usize;
         let mut labels = vec![IGNORE; chunk.len() * width];
         for (r, s) in chunk.iter().enumerate() {

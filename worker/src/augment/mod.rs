@@ -14,11 +14,15 @@ pub mod io;
 pub mod parts;
 pub mod report;
 
+use crate::batch::{MaskedBatch, MaskedRow};
+use crate::corpus::{CorpusError, Format};
 use crate::masking::SplitMix64;
+use crate::model::masked_lm::{self, Candidates};
 use crate::model::LoadedModel;
 use crate::tokenizer::TokenizerError;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use std::path::PathBuf;
+use tch::Device;
 
 #[derive(Debug, Clone)]
 pub struct AugmentOptions {
@@ -39,8 +43,20 @@ pub enum AugmentError {
     Tokenizer(#[from] TokenizerError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("output: {0}")]
-    Output(String),
+    #[error("output: {}: {error}", path.display())]
+    Output { path: PathBuf, error: std::io::Error },
+    /// A flag the run cannot do without; `purpose` says what it gives.
+    #[error("{flag} is required: {purpose}")]
+    MissingFlag { flag: &'static str, purpose: &'static str },
+    #[error("{flag} {value:?}: accepted: {accepted}")]
+    InvalidFlag {
+        flag: &'static str,
+        value: String,
+        accepted: &'static str,
+    },
+    /// The input file cannot be read as the format says.
+    #[error(transparent)]
+    Input(#[from] CorpusError),
 }
 
 /// The result for one sentence.
@@ -52,9 +68,6 @@ pub struct Augmented {
     /// No maskable token: passed through.
     pub skipped: bool,
 }
-
-/// Top-k `(probability, id)` candidates for one masked position.
-type Candidates = Vec<(f32, u32)>;
 
 /// One sentence prepared for masking.
 struct Prepared {
@@ -123,50 +136,13 @@ impl<'a> Augmenter<'a> {
 
     /// Top-k (probability, id) per masked position, for a batch of masked inputs.
     fn predict(&self, inputs: &[(Vec<u32>, Vec<usize>)]) -> Result<Vec<Vec<Candidates>>, AugmentError> {
-        let pad = i64::from(self.model.tokenizer.special().pad);
-        let width = inputs.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
-        let rows = inputs.len();
-        let mut ids = vec![pad; rows * width];
-        let mut attention = vec![0i64; rows * width];
-        let mut positions = Vec::new();
-        for (r, (row, masked)) in inputs.iter().enumerate() {
-            for (c, id) in row.iter().enumerate() {
-                ids[r * width + c] = i64::from(*id);
-                attention[r * width + c] = 1;
-            }
-            for m in masked {
-                positions.extend([r as i64, *m as i64]);
-            }
-        }
-        let k = self.options.k.max(1) as i64;
-        let (scores, top) = tch::no_grad(|| -> Result<(Vec<f32>, Vec<i64>), AugmentError> {
-            let shape = [rows as i64, width as i64];
-            let input = Tensor::from_slice(&ids).view(shape).to_device(self.device);
-            let mask = Tensor::from_slice(&attention).view(shape).to_device(self.device);
-            let at = Tensor::from_slice(&positions).view([-1, 2]).to_device(self.device);
-            let logits = self.model.model.logits_at(&input, &mask, &at, false);
-            let (values, indices) = logits.f_softmax(-1, Kind::Float)?.f_topk(k, -1, true, true)?;
-            Ok((
-                Vec::<f32>::try_from(&values.to_device(Device::Cpu).flatten(0, -1))?,
-                Vec::<i64>::try_from(&indices.to_device(Device::Cpu).flatten(0, -1))?,
-            ))
-        })?;
-        let mut out = Vec::with_capacity(rows);
-        let mut cursor = 0usize;
-        for (_, masked) in inputs {
-            let mut per_row = Vec::with_capacity(masked.len());
-            for _ in masked {
-                let k = k as usize;
-                per_row.push(
-                    (0..k)
-                        .map(|j| (scores[cursor * k + j], top[cursor * k + j] as u32))
-                        .collect(),
-                );
-                cursor += 1;
-            }
-            out.push(per_row);
-        }
-        Ok(out)
+        let rows: Vec<MaskedRow<'_>> = inputs.iter().map(|(ids, masked)| MaskedRow { ids, masked }).collect();
+        let batch = MaskedBatch::from_rows(&rows, self.model.tokenizer.special().pad, self.device);
+        let mut candidates = masked_lm::top_k(&self.model.model, &batch, self.options.k.max(1), None)?.into_iter();
+        Ok(inputs
+            .iter()
+            .map(|(_, masked)| candidates.by_ref().take(masked.len()).collect())
+            .collect())
     }
 
     /// Fills the masks of one sentence from its candidates; returns the new ids and the edits.
@@ -294,17 +270,24 @@ pub fn setup(
     args: &kormlm_proto::augment_args::AugmentArgs,
     seed: u64,
     max_seq_len: usize,
-) -> Result<(io::Table, io::OutputFormat, std::path::PathBuf, AugmentOptions), String> {
-    use crate::corpus::Format;
-    let input = args.input.clone().ok_or("--input is required: the file to augment")?;
-    let output = args
-        .output
-        .clone()
-        .ok_or("--output is required: where the augmented rows go")?;
+) -> Result<(io::Table, io::OutputFormat, PathBuf, AugmentOptions), AugmentError> {
+    let input = args.input.clone().ok_or(AugmentError::MissingFlag {
+        flag: "--input",
+        purpose: "the file to augment",
+    })?;
+    let output = args.output.clone().ok_or(AugmentError::MissingFlag {
+        flag: "--output",
+        purpose: "where the augmented rows go",
+    })?;
     let format = match args.format.as_deref() {
         None => Format::infer(&input),
-        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string()))
-            .map_err(|_| format!("--format {name:?}: accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile"))?,
+        Some(name) => serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+            AugmentError::InvalidFlag {
+                flag: "--format",
+                value: name.to_string(),
+                accepted: "text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile",
+            }
+        })?,
     };
     let output_format = match args
         .output_format
@@ -313,9 +296,15 @@ pub fn setup(
     {
         Some("jsonl") | Some("json") => io::OutputFormat::Jsonl,
         Some("csv") | None => io::OutputFormat::Csv,
-        Some(other) => return Err(format!("--output_format {other:?}: accepted: csv, jsonl")),
+        Some(other) => {
+            return Err(AugmentError::InvalidFlag {
+                flag: "--output_format",
+                value: other.to_string(),
+                accepted: "csv, jsonl",
+            })
+        }
     };
-    let table = io::read_table(&input, format, args.column.as_deref()).map_err(|e| e.to_string())?;
+    let table = io::read_table(&input, format, args.column.as_deref())?;
     let options = AugmentOptions {
         mlm_prob: args.mlm_prob,
         k: args.k,
@@ -379,5 +368,45 @@ mod tests {
         assert!(same_token_type("##는", "##은"));
         assert!(same_token_type("123", "!"));
         assert!(!is_alpha("[UNK]"));
+    }
+
+    #[test]
+    fn setup_errors_name_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "한 줄\n").unwrap();
+        let args =
+            |input: Option<&std::path::Path>, output: Option<&str>, format: Option<&str>, out_format: Option<&str>| {
+                let defaults = std::collections::BTreeMap::new();
+                kormlm_proto::augment_args::AugmentArgs {
+                    input: input.map(|p| p.to_path_buf()),
+                    output: output.map(PathBuf::from),
+                    format: format.map(str::to_string),
+                    output_format: out_format.map(str::to_string),
+                    ..kormlm_proto::augment_args::AugmentArgs::from_map(&defaults).unwrap()
+                }
+            };
+        let err = |a| setup(&a, 1, 128).err().unwrap().to_string();
+        assert_eq!(
+            err(args(None, Some("o.csv"), None, None)),
+            "--input is required: the file to augment"
+        );
+        assert_eq!(
+            err(args(Some(&input), None, None, None)),
+            "--output is required: where the augmented rows go"
+        );
+        assert_eq!(
+            err(args(Some(&input), Some("o.csv"), Some("xml"), None)),
+            "--format \"xml\": accepted: text, csv, tsv, nsmc, khs, khs-unlabeled, unsmile"
+        );
+        assert_eq!(
+            err(args(Some(&input), Some("o.parquet"), None, None)),
+            "--output_format \"parquet\": accepted: csv, jsonl"
+        );
+        let (table, format, _, options) = setup(&args(Some(&input), Some("o.jsonl"), None, None), 1, 2).unwrap();
+        assert_eq!(
+            (table.rows.len(), format, options.max_seq_len),
+            (1, io::OutputFormat::Jsonl, 3)
+        );
     }
 }

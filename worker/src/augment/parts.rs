@@ -52,7 +52,10 @@ pub fn run_parts(
         format,
         num_augmentations,
     } = *out;
-    std::fs::create_dir_all(dir).map_err(|e| AugmentError::Output(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|error| AugmentError::Output {
+        path: dir.to_path_buf(),
+        error,
+    })?;
     let texts = table.texts();
     let mut summary = AugmentSummary::default();
     let mut reused = 0;
@@ -78,8 +81,10 @@ pub fn run_parts(
             rows: table.rows[rows].to_vec(),
             text_column: table.text_column,
         };
-        write_output(&path, format, &part, &variants, num_augmentations)
-            .map_err(|e| AugmentError::Output(format!("{}: {e}", path.display())))?;
+        write_output(&path, format, &part, &variants, num_augmentations).map_err(|error| AugmentError::Output {
+            path: path.clone(),
+            error,
+        })?;
         on_chunk(chunk);
     }
     Ok((summary, reused))

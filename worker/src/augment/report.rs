@@ -4,10 +4,9 @@
 
 use super::{AugmentError, AugmentOptions, Augmenter};
 use crate::masking::{MaskedSample, IGNORE};
-use crate::model::LoadedModel;
-use crate::train::batch::collate;
+use crate::model::{masked_lm, LoadedModel};
 use serde::Serialize;
-use tch::{Device, Kind};
+use tch::Device;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GridPoint {
@@ -57,26 +56,8 @@ fn top1_accuracy(
             MaskedSample { input_ids, labels }
         })
         .collect();
-    let (mut correct, mut total) = (0.0, 0usize);
-    tch::no_grad(|| -> Result<(), AugmentError> {
-        for chunk in samples.chunks(32) {
-            let batch = collate(chunk, special.pad, device);
-            if batch.masked == 0 {
-                continue;
-            }
-            let logits = model
-                .model
-                .logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, false);
-            correct += logits
-                .f_argmax(-1, false)?
-                .f_eq_tensor(&batch.labels)?
-                .f_sum(Kind::Double)?
-                .f_double_value(&[])?;
-            total += batch.masked;
-        }
-        Ok(())
-    })?;
-    Ok((if total > 0 { correct / total as f64 } else { f64::NAN }, total))
+    let sums = masked_lm::try_evaluate(&model.model, &samples, 32, special.pad, device)?;
+    Ok((sums.accuracy(), sums.masked as usize))
 }
 
 pub fn quality_report(

@@ -1,5 +1,6 @@
 //! `config.json` of an ELECTRA checkpoint, with `ElectraConfig`'s defaults for missing keys.
 
+use super::activation::HiddenAct;
 use super::ModelError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -21,9 +22,6 @@ fn d_heads() -> i64 {
 }
 fn d_intermediate() -> i64 {
     1024
-}
-fn d_act() -> String {
-    "gelu".into()
 }
 fn d_dropout() -> f64 {
     0.1
@@ -66,8 +64,9 @@ pub struct ElectraConfig {
     pub num_attention_heads: i64,
     #[serde(default = "d_intermediate")]
     pub intermediate_size: i64,
-    #[serde(default = "d_act")]
-    pub hidden_act: String,
+    /// Parsed when the config is read: an unknown name fails there, naming the key.
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
     #[serde(default = "d_dropout")]
     pub hidden_dropout_prob: f64,
     #[serde(default = "d_dropout")]
@@ -99,9 +98,18 @@ impl Default for ElectraConfig {
 impl ElectraConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.display().to_string(),
-            message: format!("line {}, column {}: {e}", e.line(), e.column()),
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            let position = format!(" at line {} column {}", e.line(), e.column());
+            let text = e.to_string();
+            ModelError::Config {
+                path: path.display().to_string(),
+                message: format!(
+                    "line {}, column {}: {}",
+                    e.line(),
+                    e.column(),
+                    text.strip_suffix(&position).unwrap_or(&text)
+                ),
+            }
         })?;
         config.validate(path)?;
         Ok(config)
@@ -131,15 +139,6 @@ impl ElectraConfig {
                 self.position_embedding_type
             )));
         }
-        if !matches!(
-            self.hidden_act.as_str(),
-            "gelu" | "relu" | "gelu_new" | "gelu_pytorch_tanh"
-        ) {
-            return Err(fail(format!(
-                "hidden_act {:?} is not supported; accepted: gelu, gelu_new, gelu_pytorch_tanh, relu",
-                self.hidden_act
-            )));
-        }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("embedding_size", self.embedding_size),
@@ -163,5 +162,38 @@ impl ElectraConfig {
         map.insert("architectures".into(), serde_json::json!(["ElectraForMaskedLM"]));
         map.entry("torch_dtype").or_insert("float32".into());
         value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> Result<ElectraConfig, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json).unwrap();
+        ElectraConfig::from_file(&path)
+    }
+
+    #[test]
+    fn hidden_act_is_parsed_when_the_config_is_read() {
+        assert_eq!(read("{}").unwrap().hidden_act, HiddenAct::Gelu);
+        let config = read(r#"{"hidden_act": "gelu_new"}"#).unwrap();
+        assert_eq!(config.hidden_act, HiddenAct::GeluNew);
+        assert_eq!(config.to_hf_json()["hidden_act"], "gelu_new");
+        let err = read("{\n  \"hidden_act\": \"swishy\"\n}").unwrap_err().to_string();
+        assert!(
+            err.contains("config.json: invalid model config: line 3, column 1: hidden_act"),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "hidden_act \"swishy\" is not supported; accepted: gelu, gelu_python, gelu_new, gelu_fast, \
+             gelu_pytorch_tanh, gelu_python_tanh, gelu_10, quick_gelu, relu, relu2, relu6, leaky_relu, silu, swish, \
+             sigmoid, tanh, mish, linear"
+            ),
+            "{err}"
+        );
     }
 }

@@ -1,11 +1,20 @@
-//! The ELECTRA masked-LM: config, the tch model, checkpoint formats, the hub and saving.
+//! The ELECTRA masked-LM: its config (`config`, `activation`), the tch model in candle's
+//! `bert.rs` shape (`embeddings`, `encoder`, `electra` with the generator head), the masked-LM
+//! inference path (`masked_lm`), checkpoint formats (`weights`, `torch_pickle`), the hub and
+//! `LoadedModel` (load, random initialisation, save).
 
+pub mod activation;
 pub mod config;
 pub mod electra;
+pub mod embeddings;
+pub mod encoder;
 pub mod hub;
+mod init;
+pub mod masked_lm;
 pub mod torch_pickle;
 pub mod weights;
 
+pub use activation::HiddenAct;
 pub use config::ElectraConfig;
 pub use electra::ElectraForMaskedLM;
 pub use weights::LoadReport;

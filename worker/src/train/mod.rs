@@ -1,11 +1,9 @@
-//! Masked-LM training: batches, the global sample plan, the optimisation step, evaluation,
+//! Masked-LM training: the global sample plan, the optimisation step, evaluation,
 //! early stopping, checkpoints, the run's output files and the loop that ties them together.
 
-pub mod batch;
 pub mod checkpoint;
 pub mod early_stopping;
 pub mod error;
-pub mod eval;
 pub mod plan;
 pub mod plot;
 pub mod report;

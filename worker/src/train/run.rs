@@ -6,19 +6,19 @@
 //! and the summary. The same loop runs in one process (`worker train`) and on every rank of a
 //! job.
 
-use super::batch::collate;
 use super::checkpoint::{self, TrainerState};
 use super::early_stopping::EarlyStopping;
 use super::error::TrainError;
-use super::eval::{evaluate, EvalSums};
 use super::plan::{epoch_order, StepShape};
 use super::report::{ProgressEvent, TrainSummary};
 use super::run_files::RunFiles;
 use super::trainer::{StepReport, Trainer};
+use crate::batch::MaskedBatch;
 use crate::comm::Collective;
 use crate::corpus::{CorpusReport, CorpusSpec};
 use crate::dataset::{tokenize_cached, TokenizedSet};
 use crate::masking::{MaskedSample, Masker, DEV_EPOCH};
+use crate::model::masked_lm::{evaluate, EvalSums};
 use crate::model::LoadedModel;
 use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::train_args::TrainArgs;
@@ -339,7 +339,7 @@ impl<'a> Run<'a> {
             if micro.is_empty() {
                 continue;
             }
-            let batch = collate(micro, pad, job.device);
+            let batch = MaskedBatch::from_samples(micro, pad, job.device);
             tokens += batch.tokens as u64;
             loss_sum += self.trainer.backward(&batch, samples.masked as f64);
         }

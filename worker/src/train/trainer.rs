@@ -2,7 +2,7 @@
 //! micro-batch, and take an optimizer step (exchange the gradients with the other ranks, clip,
 //! AdamW on this rank's partition, schedule, fp16 loss scaling, share the updated weights).
 
-use super::batch::Batch;
+use crate::batch::MaskedBatch;
 use crate::comm::{Collective, CommError};
 use crate::model::LoadedModel;
 use crate::optim::adamw::{AdamW, AdamWParams};
@@ -156,7 +156,7 @@ impl Trainer {
     /// Forward and backward of one micro-batch; the loss is the masked-token cross-entropy sum
     /// divided by `divisor` (the masked-token count of the whole global batch), so gradients
     /// accumulated over micro-batches and ranks are those of the global mean. Returns the sum.
-    pub fn backward(&mut self, batch: &Batch, divisor: f64) -> f64 {
+    pub fn backward(&mut self, batch: &MaskedBatch, divisor: f64) -> f64 {
         if batch.masked == 0 {
             return 0.0;
         }

@@ -1,7 +1,19 @@
 //! BERT WordPiece tokenization identical to transformers' `BertTokenizerFast`: loaded from
 //! `tokenizer.json`, or built from `vocab.txt` + `tokenizer_config.json` exactly as
-//! transformers' `BertConverter` builds it.
+//! transformers' `BertConverter` builds it; and `train_wordpiece`, a new vocabulary from text.
+//!
+//! `special` (BERT's special tokens), `settings` (the tokenizer's JSON files), `error` and
+//! `wordpiece_trainer` import nothing from this module; this module puts them together.
 
+mod error;
+mod settings;
+mod special;
+pub mod wordpiece_trainer;
+
+pub use error::TokenizerError;
+pub use special::{SpecialIds, BERT_SPECIAL_TOKENS};
+
+use settings::Settings;
 use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
@@ -11,110 +23,10 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizerError {
-    #[error("{path}: {message}")]
-    File { path: String, message: String },
-    #[error("{dir}: no tokenizer.json or vocab.txt")]
-    Missing { dir: String },
-    #[error(
-        "the tokenizer has no {token} token; add it to the vocabulary (special tokens: [PAD] [UNK] [CLS] [SEP] [MASK])"
-    )]
-    NoSpecialToken { token: String },
-    #[error("tokenization failed: {0}")]
-    Encode(String),
-}
-
-/// BERT's special tokens, in the order `from_vocab` and `tokenizer-train` put them first.
-pub const BERT_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
-
-fn file_err(path: &Path, message: impl ToString) -> TokenizerError {
-    TokenizerError::File {
-        path: path.display().to_string(),
-        message: message.to_string(),
-    }
-}
-
-/// Ids of the special tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpecialIds {
-    pub pad: u32,
-    pub unk: u32,
-    pub cls: u32,
-    pub sep: u32,
-    pub mask: u32,
-}
-
-impl SpecialIds {
-    /// transformers' `all_special_ids`: never masked, dropped by `skip_special_tokens`.
-    pub fn all(&self) -> [u32; 5] {
-        [self.unk, self.sep, self.pad, self.cls, self.mask]
-    }
-
-    pub fn contains(&self, id: u32) -> bool {
-        self.all().contains(&id)
-    }
-}
-
-/// Settings from `tokenizer_config.json` and `special_tokens_map.json`.
-#[derive(Debug, Clone, PartialEq)]
-struct Settings {
-    do_lower_case: bool,
-    strip_accents: Option<bool>,
-    tokenize_chinese_chars: bool,
-    clean_up_tokenization_spaces: bool,
-    model_max_length: usize,
-    tokens: [String; 5],
-}
-
-impl Settings {
-    fn read(dir: &Path) -> Result<Self, TokenizerError> {
-        let read_json = |name: &str| -> Result<serde_json::Value, TokenizerError> {
-            let path = dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => serde_json::from_str(&text)
-                    .map_err(|e| file_err(&path, format!("line {}, column {}: {e}", e.line(), e.column()))),
-                Err(_) => Ok(serde_json::Value::Null),
-            }
-        };
-        let config = read_json("tokenizer_config.json")?;
-        let map = read_json("special_tokens_map.json")?;
-        let token = |key: &str, default: &str| -> String {
-            let from = |v: &serde_json::Value| match &v[key] {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
-                _ => None,
-            };
-            from(&map)
-                .or_else(|| from(&config))
-                .unwrap_or_else(|| default.to_string())
-        };
-        let max_len = config["model_max_length"].as_f64().unwrap_or(512.0);
-        Ok(Self {
-            do_lower_case: config["do_lower_case"].as_bool().unwrap_or(true),
-            strip_accents: config["strip_accents"].as_bool(),
-            tokenize_chinese_chars: config["tokenize_chinese_chars"].as_bool().unwrap_or(true),
-            clean_up_tokenization_spaces: config["clean_up_tokenization_spaces"].as_bool().unwrap_or(false),
-            model_max_length: if max_len > 0.0 && max_len < 1e12 {
-                max_len as usize
-            } else {
-                512
-            },
-            tokens: [
-                token("pad_token", "[PAD]"),
-                token("unk_token", "[UNK]"),
-                token("cls_token", "[CLS]"),
-                token("sep_token", "[SEP]"),
-                token("mask_token", "[MASK]"),
-            ],
-        })
-    }
-}
-
 /// Reads `vocab.txt` like transformers' `load_vocab` (one token per line, in id order).
 pub fn read_vocab(path: &Path) -> Result<HashMap<String, u32>, TokenizerError> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| file_err(path, format!("invalid UTF-8: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| TokenizerError::file(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| TokenizerError::file(path, format!("invalid UTF-8: {e}")))?;
     let mut vocab = HashMap::new();
     for (index, line) in text.split_terminator('\n').enumerate() {
         vocab.insert(line.strip_suffix('\r').unwrap_or(line).to_string(), index as u32);
@@ -145,7 +57,7 @@ impl MlmTokenizer {
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.txt");
         let mut inner = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(|e| file_err(&json, e))?
+            Tokenizer::from_file(&json).map_err(|e| TokenizerError::file(&json, e))?
         } else if vocab.is_file() {
             Self::build_wordpiece(read_vocab(&vocab)?, &settings)?
         } else {
@@ -162,14 +74,7 @@ impl MlmTokenizer {
 
     /// A cased BERT WordPiece tokenizer over `vocab` (token → id).
     pub fn from_vocab(vocab: HashMap<String, u32>) -> Result<Self, TokenizerError> {
-        let settings = Settings {
-            do_lower_case: false,
-            strip_accents: None,
-            tokenize_chinese_chars: true,
-            clean_up_tokenization_spaces: false,
-            model_max_length: 512,
-            tokens: BERT_SPECIAL_TOKENS.map(str::to_string),
-        };
+        let settings = Settings::cased_bert();
         let inner = Self::build_wordpiece(vocab, &settings)?;
         Self::finish(inner, settings)
     }
@@ -328,7 +233,9 @@ impl MlmTokenizer {
     /// Writes `tokenizer.json`, `vocab.txt`, `tokenizer_config.json` and `special_tokens_map.json`.
     pub fn save(&self, dir: &Path) -> Result<(), TokenizerError> {
         let json = dir.join("tokenizer.json");
-        self.inner.save(&json, false).map_err(|e| file_err(&json, e))?;
+        self.inner
+            .save(&json, false)
+            .map_err(|e| TokenizerError::file(&json, e))?;
         let mut by_id: Vec<(u32, String)> = self.inner.get_vocab(false).into_iter().map(|(t, i)| (i, t)).collect();
         by_id.sort();
         let mut vocab = String::new();
@@ -338,7 +245,7 @@ impl MlmTokenizer {
         }
         let write = |name: &str, text: String| {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|e| file_err(&path, e))
+            std::fs::write(&path, text).map_err(|e| TokenizerError::file(&path, e))
         };
         write("vocab.txt", vocab)?;
         let [pad, unk, cls, sep, mask] = &self.settings.tokens;
@@ -368,12 +275,12 @@ pub fn train_wordpiece(
 ) -> Result<MlmTokenizer, TokenizerError> {
     let mut words = std::collections::BTreeMap::new();
     for f in files {
-        let text = std::fs::read(f).map_err(|e| file_err(f, e))?;
-        let text = String::from_utf8(text).map_err(|e| file_err(f, format!("not UTF-8: {e}")))?;
-        crate::wordpiece_trainer::count_words(text.lines(), &mut words)
+        let text = std::fs::read(f).map_err(|e| TokenizerError::file(f, e))?;
+        let text = String::from_utf8(text).map_err(|e| TokenizerError::file(f, format!("not UTF-8: {e}")))?;
+        wordpiece_trainer::count_words(text.lines(), &mut words)
             .map_err(|e| TokenizerError::Encode(format!("vocabulary training failed: {e}")))?;
     }
-    MlmTokenizer::from_vocab(crate::wordpiece_trainer::train(&words, vocab_size, min_frequency))
+    MlmTokenizer::from_vocab(wordpiece_trainer::train(&words, vocab_size, min_frequency))
 }
 
 /// transformers' `clean_up_tokenization`.

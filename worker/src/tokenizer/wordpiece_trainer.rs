@@ -5,7 +5,7 @@
 //! run (huggingface/tokenizers#1794). Here words are visited in sorted order and ties go to the
 //! lower ids, so the result depends only on the input.
 
-use crate::tokenizer::BERT_SPECIAL_TOKENS;
+use super::special::BERT_SPECIAL_TOKENS;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use tokenizers::normalizers::bert::BertNormalizer;
@@ -20,13 +20,13 @@ type Pair = (u32, u32);
 pub fn count_words<'a>(
     lines: impl IntoIterator<Item = &'a str>,
     counts: &mut BTreeMap<String, u64>,
-) -> Result<(), String> {
+) -> tokenizers::Result<()> {
     let normalizer = BertNormalizer::new(true, true, None, false);
     for line in lines {
         let mut normalized = NormalizedString::from(line);
-        normalizer.normalize(&mut normalized).map_err(|e| e.to_string())?;
+        normalizer.normalize(&mut normalized)?;
         let mut pre = PreTokenizedString::from(normalized);
-        BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+        BertPreTokenizer.pre_tokenize(&mut pre)?;
         for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Char) {
             *counts.entry(word.to_string()).or_default() += 1;
         }
