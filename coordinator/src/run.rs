@@ -164,6 +164,7 @@ fn job_spec(
         args: job_args.into_iter().collect(),
         max_restarts: args.max_restarts,
         placements: placements.iter().map(Placement::to_proto).collect(),
+        min_workers: 0,
     };
     let plan = JobPlan::resolve(&spec, world_size)?;
     for warning in &plan.warnings {

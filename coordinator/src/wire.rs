@@ -111,6 +111,10 @@ fn job_status(job: &Job, workers: Vec<v1::WorkerInfo>) -> v1::JobStatus {
         max_restarts: job.max_restarts(),
         output_dir: job.output_dir.clone(),
         automatic_restarts: job.automatic_restarts,
+        // Run identity, the checkpoint list and elastic shrinks come with issue #13.
+        run_id: String::new(),
+        checkpoints: Vec::new(),
+        shrinks: 0,
     }
 }
 
@@ -217,6 +221,7 @@ impl From<Assignment> for v1::Assignment {
             attempt: a.attempt,
             output_dir: a.output_dir,
             resume_from: a.resume_from,
+            run_id: String::new(),
         }
     }
 }

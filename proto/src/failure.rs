@@ -21,10 +21,12 @@ pub enum FailureKind {
     Preempted,
     /// A bug or an unexpected library error.
     Internal,
+    /// The checkpoint to resume from cannot be read; the coordinator picks the previous one.
+    CheckpointUnreadable,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 8] = [
         Self::PeerLost,
         Self::CollectiveTimeout,
         Self::BadInput,
@@ -32,6 +34,7 @@ impl FailureKind {
         Self::Io,
         Self::Preempted,
         Self::Internal,
+        Self::CheckpointUnreadable,
     ];
 
     /// Whether a new attempt from the latest checkpoint can succeed where this one failed.
@@ -60,6 +63,7 @@ impl FailureKind {
             Self::Io => v1::FailureKind::Io,
             Self::Preempted => v1::FailureKind::Preempted,
             Self::Internal => v1::FailureKind::Internal,
+            Self::CheckpointUnreadable => v1::FailureKind::CheckpointUnreadable,
         }
     }
 
@@ -72,6 +76,7 @@ impl FailureKind {
             Ok(v1::FailureKind::OutOfMemory) => Self::OutOfMemory,
             Ok(v1::FailureKind::Io) => Self::Io,
             Ok(v1::FailureKind::Preempted) => Self::Preempted,
+            Ok(v1::FailureKind::CheckpointUnreadable) => Self::CheckpointUnreadable,
             Ok(v1::FailureKind::Internal | v1::FailureKind::Unspecified) | Err(_) => Self::Internal,
         }
     }

@@ -128,6 +128,9 @@ async fn register(options: &DaemonOptions, info: &DeviceInfo) -> Result<(Coordin
                     cuda_device_count: info.cuda_device_count,
                     torch_version: info.torch_version.to_string(),
                     nccl_version: info.nccl_version.unwrap_or(0),
+                    // Filled in by the stale-rejoin handling (issue #13).
+                    current_job_id: String::new(),
+                    current_attempt: 0,
                 })
                 .await?
                 .into_inner();
@@ -191,6 +194,8 @@ fn checkpoint_ref((path, step): &(String, u64), assignment: &Assignment, val_los
         world_size: assignment.world_size,
         val_loss,
         created_unix_ms: now_ms(),
+        run_id: assignment.run_id.clone(),
+        attempt: assignment.attempt,
     }
 }
 
@@ -215,6 +220,7 @@ async fn heartbeat_session(
             job_id: assignment.job_id.clone(),
             rank: assignment.rank,
             incarnation: assignment.incarnation,
+            attempt: assignment.attempt,
             sent_unix_ms: now_ms(),
             progress,
             optimizer_state_bytes: event.as_ref().map_or(0, |e| e.optimizer_state_bytes),
