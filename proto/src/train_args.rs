@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// Complete checkpoints kept besides the best one.
     #[arg(long, default_value_t = 2)]
     pub keep_checkpoints: usize,
+    /// Start afresh in an output directory that holds another run's checkpoints or log (they are
+    /// removed), as the Hugging Face example scripts' flag; without it such a directory is refused.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite_output_dir: bool,
     /// Stop after this many optimizer steps (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,
