@@ -3,7 +3,22 @@
 use kormlm_e2e::*;
 use nix::sys::signal::Signal;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock milliseconds since the Unix epoch (the coordinator's timestamps are those).
+fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("a clock after 1970");
+    i64::try_from(since.as_millis()).expect("milliseconds fit an i64")
+}
+
+/// The parent pid of a running process, from `/proc/PID/stat`.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the `(name)` field: state, then the parent pid.
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
 
 #[test]
 fn registration_status_loss_and_restart() {
@@ -21,6 +36,7 @@ fn registration_status_loss_and_restart() {
         "2000",
     ];
     args.extend(flags.iter().map(String::as_str));
+    let started_ms = now_ms();
     let mut coordinator = CoordinatorProc::start(&state, &args);
     let status = coordinator.status(None);
     assert_eq!(status["state"], "PENDING");
@@ -39,10 +55,16 @@ fn registration_status_loss_and_restart() {
         .map(|w| w["pid"].as_u64().unwrap())
         .collect();
     assert_eq!(pids, vec![u64::from(w0.pid()), u64::from(w1.pid())]);
+    let seen_ms = now_ms();
     for w in status["workers"].as_array().unwrap() {
         assert_eq!(w["state"], "ALIVE");
         assert_eq!(w["devices"], serde_json::json!(["cpu"]));
-        assert!(w["last_heartbeat_ms"].as_i64().unwrap() > 0);
+        // A heartbeat of this run: between the coordinator's start and the status call.
+        let heartbeat = w["last_heartbeat_ms"].as_i64().unwrap();
+        assert!(
+            (started_ms..=seen_ms).contains(&heartbeat),
+            "{heartbeat} not in {started_ms}..={seen_ms}: {w}"
+        );
     }
 
     // A second claim of a held rank, and a rank beyond the world size, are refused.
@@ -177,6 +199,10 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
         .map(|w| w["pid"].as_u64().unwrap() as u32)
         .collect();
     assert!(pids.iter().all(|p| pid_alive(*p)));
+    // Started by this coordinator, not found elsewhere: they are its children.
+    for pid in &pids {
+        assert_eq!(parent_pid(*pid), Some(c.proc.pid()), "worker pid {pid}");
+    }
     assert!(state.join("logs/job-1/attempt-1/rank-0.log").is_file());
 
     // A graceful kill stops the workers; the job ends KILLED.
@@ -270,4 +296,12 @@ fn a_token_guards_workers_and_calls() {
     );
     let kill = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url]));
     assert!(!kill.status.success());
+    let err = String::from_utf8_lossy(&kill.stderr);
+    assert!(
+        err.contains("requires a token"),
+        "refused for the token, not otherwise: {err}"
+    );
+    let after = status(&["--token", "s3cret", "--json"]);
+    let after: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(after["state"], "PENDING", "the job is untouched: {after}");
 }
