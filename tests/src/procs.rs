@@ -1,7 +1,8 @@
 //! Processes under test: the binaries, child processes killed when dropped, a running
 //! coordinator with its workers, and deadlines on every wait.
 
-use crate::data::workspace_root;
+use crate::data::{config, text, workspace_root};
+use crate::flags::busy_training_flags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -102,6 +103,19 @@ impl CoordinatorProc {
     /// Starts `coordinator --listen 127.0.0.1:0 --state-dir DIR ARGS…` and waits until it listens.
     pub fn start(state_dir: &Path, args: &[&str]) -> Self {
         Self::start_listening(state_dir, "127.0.0.1:0", args)
+    }
+
+    /// A coordinator on `DIR/state` with the CPU demo config, `args`, and the busy training job
+    /// of `busy_training_flags` (output `DIR/out`): a job that runs until the test acts on it.
+    pub fn start_busy(dir: &Path, args: &[&str]) -> Self {
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+        let cpu_demo = text(&config("cpu-demo.json"));
+        let flags = busy_training_flags(&dir.join("out"));
+        let mut all = vec!["--config", cpu_demo.as_str()];
+        all.extend(args);
+        all.extend(flags.iter().map(String::as_str));
+        Self::start(&state, &all)
     }
 
     /// Like `start`, on a given address (a restarted coordinator keeps its address).

@@ -78,12 +78,7 @@ fn vocabulary_model_training_and_augmentation_from_scratch() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("training/summary.json")).unwrap()).unwrap();
-    let history: Vec<f64> = summary["val_loss_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let history = val_loss_history(&summary);
     // Trained until the dev loss stopped improving twice in a row, as ./run.sh does.
     assert_eq!(summary["early_stopped"], true, "{summary}");
     assert_eq!(summary["stop_count"], 2);
@@ -94,15 +89,7 @@ fn vocabulary_model_training_and_augmentation_from_scratch() {
         best < history[0] && history[epochs - 2] >= best && history[epochs - 1] >= best,
         "{history:?}"
     );
-    // Recomputed from the history: the best is its minimum, reached exactly two evaluations
-    // before the last (patience 2), one evaluation an epoch.
-    let (argmin, min) = history
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f64::INFINITY), |(i, m), (j, v)| if v < m { (j, v) } else { (i, m) });
-    assert_eq!((argmin, min), (epochs - 3, best), "{history:?}");
-    assert_eq!(summary["epochs_run"].as_u64(), Some(epochs as u64), "{summary}");
+    assert_early_stopped(&summary, 2);
     let png = std::fs::read(d.join("training/loss_curve.png")).unwrap();
     assert!(
         png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
@@ -155,34 +142,16 @@ fn vocabulary_model_training_and_augmentation_from_scratch() {
     let report_flags = ["--limit", "600", "--mlm_probs", "0.15", "--thresholds", "0.5"].map(String::from);
     let out = worker(&[vec!["augment-report".to_string()], flags, report_flags.to_vec()].concat());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let expected: serde_json::Value = serde_json::from_str(&oracle(&[
-        "mlm-accuracy",
-        &p("training/best"),
-        &p("unseen.tsv"),
-        "--limit",
-        "600",
-        "--max_len",
-        &best_model.max_seq_len.to_string(),
-        "--seed",
-        &best_model.seed.to_string(),
-    ]))
-    .unwrap();
     assert_eq!(report["sentences"], 600);
-    assert_eq!(report["masked_tokens"], expected["masked"], "{report} vs {expected}");
-    let (correct, masked) = (
-        expected["correct"].as_f64().unwrap(),
-        expected["masked"].as_f64().unwrap(),
+    let (correct, masked) = assert_report_accuracy(
+        &report,
+        &d.join("training/best"),
+        &d.join("unseen.tsv"),
+        600,
+        &best_model,
     );
-    let accuracy = report["masked_token_top1_accuracy"].as_f64().unwrap();
-    eprintln!("trained demo model: masked-token top-1 accuracy {accuracy}, transformers {correct} of {masked}");
-    assert!(
-        correct > 0.0,
-        "the trained model gets some masked tokens right: {expected}"
-    );
-    assert!(
-        (accuracy - correct / masked).abs() <= 1e-12,
-        "{accuracy} vs {correct} of {masked}"
-    );
+    eprintln!("trained demo model: masked-token top-1 accuracy {correct} of {masked}, as transformers");
+    assert!(correct > 0, "the trained model gets some masked tokens right");
 
     let reload = run(Command::new(oracle_python()).args([
         "-c",

@@ -24,20 +24,9 @@ fn parent_pid(pid: u32) -> Option<u32> {
 fn registration_status_loss_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let cpu_demo = config("cpu-demo.json");
-    let flags = busy_training_flags(&dir.path().join("out"));
-    let mut args = vec![
-        "--config",
-        cpu_demo.to_str().unwrap(),
-        "--world_size",
-        "2",
-        "--worker-timeout-ms",
-        "2000",
-    ];
-    args.extend(flags.iter().map(String::as_str));
     let started_ms = now_ms();
-    let mut coordinator = CoordinatorProc::start(&state, &args);
+    let mut coordinator =
+        CoordinatorProc::start_busy(dir.path(), &["--world_size", "2", "--worker-timeout-ms", "2000"]);
     let status = coordinator.status(None);
     assert_eq!(status["state"], "PENDING");
     assert_eq!(status["train_batch_size"], 32, "16 per rank x 2 ranks");
@@ -175,19 +164,7 @@ fn deepspeed_batch_rule_and_bad_json_stop_the_coordinator() {
 fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let cpu_demo = config("cpu-demo.json");
-    let flags = busy_training_flags(&dir.path().join("out"));
-    let mut args = vec![
-        "--config",
-        cpu_demo.to_str().unwrap(),
-        "--num_workers",
-        "2",
-        "--device",
-        "cpu",
-    ];
-    args.extend(flags.iter().map(String::as_str));
-    let mut c = CoordinatorProc::start(&state, &args);
+    let mut c = CoordinatorProc::start_busy(dir.path(), &["--num_workers", "2", "--device", "cpu"]);
     let status = wait_for("spawned workers to register", Duration::from_secs(30), || {
         let s = c.status(None);
         (s["state"] == "RUNNING").then_some(s)

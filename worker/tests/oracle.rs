@@ -4,7 +4,9 @@
 mod common;
 
 use common::logits_diff;
-use kormlm_e2e::{oracle, oracle_python, run, run_with_input, shared_data, workspace_root, Fixture, Proc};
+use kormlm_e2e::{
+    oracle, oracle_python, oracle_vocabulary, run, run_with_input, shared_data, workspace_root, Fixture, Proc,
+};
 use kormlm_worker::model::{ElectraConfig, LoadedModel, ModelError};
 use serde_json::Value;
 use std::path::Path;
@@ -17,14 +19,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let f = Fixture::new();
-        oracle(&[
-            "vocab",
-            &f.s("tok"),
-            "--data",
-            shared_data().to_str().unwrap(),
-            "--size",
-            "8000",
-        ]);
+        oracle_vocabulary(&f.path("tok"), 8000);
         let tok = f.s("tok");
         // embedding 32 != hidden 64: has embeddings_project; safetensors.
         oracle(&["model", &f.s("proj"), "--tokenizer", &tok, "--seed", "1"]);

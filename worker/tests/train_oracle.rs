@@ -4,7 +4,9 @@
 mod common;
 
 use common::{logits_diff, max_abs_diff, tensor_map};
-use kormlm_e2e::{nsmc_documents, oracle, shared_data, text, Fixture};
+use kormlm_e2e::{
+    assert_early_stopped, nsmc_documents, oracle, oracle_vocabulary, shared_data, text, val_loss_history, Fixture,
+};
 use kormlm_proto::ds_config::{DsConfig, Fp16Config, ResolvedConfig, SchedulerConfig, WarmupType};
 use kormlm_proto::train_args::TrainArgs;
 use kormlm_worker::batch::MaskedBatch;
@@ -26,14 +28,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let f = Fixture::new();
-        oracle(&[
-            "vocab",
-            &f.s("tok"),
-            "--data",
-            shared_data().to_str().unwrap(),
-            "--size",
-            "6000",
-        ]);
+        oracle_vocabulary(&f.path("tok"), 6000);
         oracle(&[
             "model",
             &f.s("tiny"),
@@ -57,13 +52,9 @@ fn resolved(json: &str) -> ResolvedConfig {
 }
 
 /// Builds masked micro-batches in Rust, runs one kormlm step and one PyTorch AdamW step from the
-/// same weights, and returns the largest weight difference.
-fn step_difference(micro_batches: usize, clip: f64, tag: &str) -> f64 {
-    step_difference_with(micro_batches, clip, tag, false)
-}
-
-/// `l2`: DeepSpeed's `Adam` with `adam_w_mode: false`, against `torch.optim.Adam`.
-fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) -> f64 {
+/// same weights, and returns the largest weight difference. `l2`: DeepSpeed's `Adam` with
+/// `adam_w_mode: false`, against `torch.optim.Adam`.
+fn step_difference(micro_batches: usize, clip: f64, tag: &str, l2: bool) -> f64 {
     let f = fixture();
     let loaded = LoadedModel::load(&f.s("tiny"), None, Device::Cpu).unwrap();
     let docs = nsmc_documents(16);
@@ -147,32 +138,37 @@ fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) ->
     worst
 }
 
+/// One kormlm step ends within 1e-5 of PyTorch's (`reference`) weights.
+fn assert_step_matches(micro_batches: usize, clip: f64, tag: &str, l2: bool, reference: &str) {
+    let diff = step_difference(micro_batches, clip, tag, l2);
+    eprintln!("{tag} step vs {reference}: max abs weight diff {diff:e}");
+    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
 #[test]
 fn adamw_step_matches_pytorch() {
-    let diff = step_difference(1, 0.0, "plain");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(1, 0.0, "plain", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adamw_step_with_clipping_matches_pytorch() {
-    let diff = step_difference(1, 0.05, "clip");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(1, 0.05, "clip", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adamw_step_with_accumulation_and_clipping_matches_pytorch() {
-    let diff = step_difference(2, 0.05, "accum");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(2, 0.05, "accum", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adam_with_l2_decay_matches_pytorch_adam() {
-    let l2 = step_difference_with(1, 0.0, "adam-l2", true);
-    eprintln!("Adam (adam_w_mode false) step vs torch.optim.Adam: max abs weight diff {l2:e}");
-    assert!(l2 <= 1e-5, "max abs weight diff {l2}");
+    assert_step_matches(
+        1,
+        0.0,
+        "adam-l2",
+        true,
+        "torch.optim.Adam (DeepSpeed Adam, adam_w_mode false)",
+    );
 }
 
 #[test]
@@ -332,12 +328,7 @@ fn training_lowers_dev_loss_and_the_best_model_reloads_in_transformers() {
         ..training(f, "falls", &data)
     };
     let summary = run_train(f, &args, config);
-    let history: Vec<f64> = summary["val_loss_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let history = val_loss_history(&summary);
     assert_eq!(history.len(), 3);
     assert!(
         history.windows(2).all(|w| w[1] < w[0]) && history[2] < history[0] - 0.1,
@@ -434,24 +425,10 @@ fn early_stopping_fires_when_the_model_overfits() {
     assert_eq!(summary["early_stopped"], true, "{summary}");
     assert!(summary["epochs_run"].as_u64().unwrap() < 60);
     assert_eq!(summary["stop_count"], 3);
-    let history: Vec<f64> = summary["val_loss_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let history = val_loss_history(&summary);
     let best = summary["best_val_loss"].as_f64().unwrap();
     assert!(history[history.len() - 3..].iter().all(|v| *v >= best));
-    // Recomputed from the history: the best is its minimum, reached exactly 3 evaluations
-    // before the last (3 in a row without a lower loss stop the run), one evaluation an epoch.
-    assert_eq!(summary["epochs_run"].as_u64(), Some(history.len() as u64));
-    let (argmin, min) = history
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f64::INFINITY), |(i, m), (j, v)| if v < m { (j, v) } else { (i, m) });
-    assert_eq!(best, min, "{history:?}");
-    assert_eq!(argmin, history.len() - 4, "{history:?}");
+    assert_early_stopped(&summary, 3);
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! What the oracle test binaries add to the harness (`kormlm-e2e`): tensors through tch, and
 //! kormlm's logits against transformers' for the same batch.
-#![allow(dead_code)]
 
 use kormlm_e2e::{nsmc_documents, oracle, text};
 use kormlm_worker::model::LoadedModel;
