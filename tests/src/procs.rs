@@ -259,3 +259,10 @@ pub fn pid_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The parent pid of a running process, from `/proc/PID/stat` (None once it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the `(name)` field come the state, then the parent pid.
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,24 +1,10 @@
 //! Walking skeleton: a real coordinator and real workers on loopback.
 
 use kormlm_e2e::*;
+use kormlm_proto::now_ms;
 use nix::sys::signal::Signal;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Wall-clock milliseconds since the Unix epoch (the coordinator's timestamps are those).
-fn now_ms() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("a clock after 1970");
-    i64::try_from(since.as_millis()).expect("milliseconds fit an i64")
-}
-
-/// The parent pid of a running process, from `/proc/PID/stat`.
-fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the `(name)` field: state, then the parent pid.
-    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
-}
+use std::time::Duration;
 
 #[test]
 fn registration_status_loss_and_restart() {
