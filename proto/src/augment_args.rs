@@ -51,7 +51,22 @@ struct FromMap {
     args: AugmentArgs,
 }
 
+impl Default for AugmentArgs {
+    fn default() -> Self {
+        FromMap::try_parse_from(Vec::<String>::new())
+            .expect("the defaults of every augmentation flag parse")
+            .args
+    }
+}
+
 impl AugmentArgs {
+    /// The command line of these options: `--name value` for each one that differs from its
+    /// default, in declaration order (`worker augment` and `coordinator --task augment` parse it
+    /// back to `self`).
+    pub fn to_argv(&self) -> Vec<String> {
+        crate::flag_map::changed_argv(self, &Self::default())
+    }
+
     /// `augment.<name> -> value` entries.
     pub fn to_map(&self) -> BTreeMap<String, String> {
         crate::flag_map::to_map(self, KEY_PREFIX)
@@ -80,5 +95,32 @@ mod tests {
         assert_eq!(args.input, Some(PathBuf::from("in.csv")));
         assert!(args.require_change);
         assert_eq!(AugmentArgs::from_map(&args.to_map()).unwrap(), args);
+    }
+
+    #[test]
+    fn argv_names_the_changed_options_and_parses_back() {
+        let args = AugmentArgs {
+            input: Some(PathBuf::from("in.tsv")),
+            output: Some(PathBuf::from("out.csv")),
+            threshold: 0.3,
+            require_change: true,
+            k: AugmentArgs::default().k,
+            ..Default::default()
+        };
+        assert_eq!(
+            args.to_argv(),
+            [
+                "--input",
+                "in.tsv",
+                "--output",
+                "out.csv",
+                "--threshold",
+                "0.3",
+                "--require_change",
+                "true"
+            ]
+        );
+        assert_eq!(FromMap::try_parse_from(args.to_argv()).unwrap().args, args);
+        assert_eq!(AugmentArgs::default(), AugmentArgs::from_map(&BTreeMap::new()).unwrap());
     }
 }

@@ -106,6 +106,12 @@ impl TrainArgs {
         crate::flag_map::to_map(self, "")
     }
 
+    /// The command line of these flags: `--name value` for each one that differs from its
+    /// default, in declaration order (`worker train` and `coordinator` parse it back to `self`).
+    pub fn to_argv(&self) -> Vec<String> {
+        crate::flag_map::changed_argv(self, &Self::default())
+    }
+
     /// Parses a `name -> value` map with the same rules as the command line; errors name the
     /// flag and what it accepts. Augmentation entries (`augment.…`) are not training flags.
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
@@ -146,6 +152,39 @@ mod tests {
         assert_eq!(map["max_steps"], "7");
         assert!(!TrainArgs::default().to_map().contains_key("revision"));
         assert_eq!(TrainArgs::from_map(&map).unwrap(), args);
+    }
+
+    #[test]
+    fn argv_names_the_changed_flags_in_order_and_parses_back() {
+        let args = TrainArgs {
+            model_name_or_path: "/models/tiny".into(),
+            output_dir: Some("out dir".into()),
+            max_seq_len: 32,
+            learning_rate: 3.5e-5,
+            decay_exclude_bias_layernorm: true,
+            max_steps: -7,
+            num_train_epochs: TrainArgs::default().num_train_epochs,
+            ..Default::default()
+        };
+        assert_eq!(
+            args.to_argv(),
+            [
+                "--model_name_or_path",
+                "/models/tiny",
+                "--output_dir",
+                "out dir",
+                "--max_seq_len",
+                "32",
+                "--learning_rate",
+                "0.000035",
+                "--decay_exclude_bias_layernorm",
+                "true",
+                "--max_steps",
+                "-7",
+            ]
+        );
+        assert_eq!(FromMap::try_parse_from(args.to_argv()).unwrap().args, args);
+        assert!(TrainArgs::default().to_argv().is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ compare against.
     oracle.py tokenize TOKENIZER_DIR INPUT OUT.jsonl [--max_len N]
     oracle.py masked NSMC_FILE OUT [--n N --masks M --seed S]
     oracle.py new-keys MODEL_DIR          (prints the keys transformers newly initialises)
+    oracle.py mlm-accuracy MODEL_DIR TSV [--column C --limit N --max_len L --seed S --probability P]
 """
 import argparse
 import csv
@@ -197,6 +198,61 @@ def cmd_masked(args):
         f.write("\n".join(out) + "\n")
 
 
+MASK64 = (1 << 64) - 1
+
+
+class SplitMix64:
+    """SplitMix64 (Steele, Lea and Flood 2014), written here from its published definition."""
+
+    def __init__(self, state):
+        self.state = state & MASK64
+
+    def next_u64(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        return z ^ (z >> 31)
+
+    def next_f64(self):
+        return (self.next_u64() >> 11) * (1.0 / (1 << 53))
+
+    @staticmethod
+    def for_sample(seed, epoch, index):
+        """kormlm's generator of one (seed, epoch, sample index)."""
+        a = SplitMix64(seed ^ 0x6A09E667F3BCC908).next_u64() ^ ((epoch * 0x9E3779B97F4A7C15) & MASK64)
+        b = SplitMix64(a).next_u64() ^ ((index * 0xBF58476D1CE4E5B9) & MASK64)
+        return SplitMix64(b)
+
+
+def cmd_mlm_accuracy(args):
+    """transformers' top-1 accuracy on the tokens of the first LIMIT non-empty texts of a TSV
+    column that are replaced by [MASK], each position with probability P from one draw of the
+    sentence's generator (special tokens never), as `worker augment-report` measures it."""
+    model, tok = load_mlm(args.model)
+    with open(args.tsv, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    column = rows[0].index(args.column)
+    texts = [row[column] for row in rows[1:] if row[column].strip()][: args.limit]
+    special = set(tok.all_special_ids)
+    inputs, labels = [], []
+    for i, ids in enumerate(tok(texts, truncation=True, max_length=args.max_len)["input_ids"]):
+        rng = SplitMix64.for_sample(args.seed, 0, i)
+        masked = [rng.next_f64() < args.probability and t not in special for t in ids]
+        inputs.append([tok.mask_token_id if m else t for t, m in zip(ids, masked)])
+        labels.append([t if m else -100 for t, m in zip(ids, masked)])
+    correct = total = 0
+    for start in range(0, len(inputs), 32):
+        batch = tok.pad({"input_ids": inputs[start : start + 32]}, return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        label = torch.tensor([row + [-100] * (width - len(row)) for row in labels[start : start + 32]])
+        with torch.no_grad():
+            predicted = model(**batch).logits.argmax(-1)
+        total += int((label != -100).sum())
+        correct += int(((predicted == label) & (label != -100)).sum())
+    print(json.dumps({"sentences": len(texts), "masked": total, "correct": correct}))
+
+
 def cmd_new_keys(args):
     from transformers import AutoModelForMaskedLM
 
@@ -343,6 +399,14 @@ def main():
     p.add_argument("--consecutive", action="store_true")
     p = sub.add_parser("new-keys")
     p.add_argument("model")
+    p = sub.add_parser("mlm-accuracy")
+    p.add_argument("model")
+    p.add_argument("tsv")
+    p.add_argument("--column", default="comments")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--max_len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--probability", type=float, default=0.15)
     args = parser.parse_args()
     {
         "vocab": cmd_vocab,
@@ -355,6 +419,7 @@ def main():
         "train-step": cmd_train_step,
         "schedules": cmd_schedules,
         "loss-scale": cmd_loss_scale,
+        "mlm-accuracy": cmd_mlm_accuracy,
     }[args.cmd](args)
 
 

@@ -1,16 +1,40 @@
 //! The README's benchmark commands run, on tiny settings: each finishes and prints its ratio.
-//! (The figures themselves come from full runs; these only keep the commands working.)
+//! (The figures themselves come from full runs; these only keep the commands working, and check
+//! that each printed ratio is the one of the figures printed beside it.)
 
 use kormlm_e2e::*;
 use std::process::Command;
 
-fn ratio(output: &str, label: &str) -> f64 {
-    let line = output
-        .lines()
-        .find(|l| l.starts_with(label))
-        .unwrap_or_else(|| panic!("no {label:?} line in:\n{output}"));
-    let value = line[label.len()..].trim().split('x').next().unwrap().trim();
-    value.parse().unwrap_or_else(|_| panic!("{line:?}"))
+/// The number printed right after `label` (the first occurrence).
+fn number_after(output: &str, label: &str) -> f64 {
+    let start = output
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{output}"))
+        + label.len();
+    let rest = output[start..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {label:?} in:\n{output}"))
+}
+
+/// `ratio` printed with two decimals is `numerator / denominator`, both printed with two
+/// decimals: it lies in the range their rounding allows (an inverted or mislabelled ratio
+/// does not, unless the two figures are within rounding of each other).
+fn assert_ratio(ratio: f64, numerator: f64, denominator: f64, output: &str) {
+    let half = 0.005;
+    let low = (numerator - half) / (denominator + half) - half;
+    let high = if denominator > half {
+        (numerator + half) / (denominator - half) + half
+    } else {
+        f64::INFINITY
+    };
+    assert!(
+        (low..=high).contains(&ratio),
+        "{ratio} is not {numerator} / {denominator}:\n{output}"
+    );
 }
 
 fn bench(script: &str, args: &[&str]) -> String {
@@ -32,15 +56,45 @@ fn bench(script: &str, args: &[&str]) -> String {
 #[test]
 fn the_benchmark_commands_run_and_print_their_ratios() {
     let out = bench("fill_mask.py", &["--n", "16"]);
-    assert!(ratio(&out, "speed-up:") > 0.0);
+    assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");
+    let ratio = number_after(&out, "speed-up:");
+    assert!(ratio > 0.0);
+    let python_s = number_after(&out, "transformers pipeline:");
+    let rust_s = number_after(&out, "kormlm worker fill-mask:");
+    assert_ratio(ratio, python_s, rust_s, &out);
+
     let out = bench("train.py", &["--steps", "2", "--warmup", "1"]);
-    assert!(ratio(&out, "speed-up:") > 0.0);
+    assert!(out.contains(", 2 timed steps"), "{out}");
+    let ratio = number_after(&out, "speed-up:");
+    assert!(ratio > 0.0);
+    let python_rate = number_after(&out, "transformers + torch AdamW:");
+    let rust_rate = number_after(&out, "kormlm worker train:");
+    assert_ratio(ratio, rust_rate, python_rate, &out);
+
     let out = bench("augment.py", &["--n", "16"]);
-    assert!(ratio(&out, "speed-up vs one-sentence loop:") > 0.0);
+    assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");
+    let ratio = number_after(&out, "speed-up vs one-sentence loop:");
+    assert!(ratio > 0.0);
+    let loop_s = number_after(&out, "original one-sentence loop (transformers):");
+    let batched_s = number_after(&out, "batched transformers:");
+    let rust_s = number_after(&out, "kormlm worker augment:");
+    assert_ratio(ratio, loop_s, rust_s, &out);
+    assert_ratio(number_after(&out, "vs batched transformers:"), batched_s, rust_s, &out);
 
     let ring = workspace_root().join("target/release/examples/ring_bench");
     let out = run(Command::new(&ring).args(["1000000", "2"]));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}: {text}", ring.display());
     assert!(text.contains("bus bandwidth / memcpy: reduce-scatter"), "{text}");
+    assert!(text.starts_with("elements 1000000 (4 MB), world 2\n"), "{text}");
+    let memcpy = number_after(&text, "memcpy:");
+    let reduce_scatter = number_after(&text[text.find("reduce-scatter:").unwrap()..], "bus bandwidth");
+    let all_gather = number_after(&text[text.find("all-gather:").unwrap()..], "bus bandwidth");
+    assert_ratio(
+        number_after(&text, "memcpy: reduce-scatter"),
+        reduce_scatter,
+        memcpy,
+        &text,
+    );
+    assert_ratio(number_after(&text, ", all-gather"), all_gather, memcpy, &text);
 }

@@ -193,8 +193,50 @@ fn every_readme_coordinator_command_line_is_a_valid_job() {
     assert!(commands.len() >= 7, "{commands:#?}");
     for command in &commands {
         let p = plan(&concrete(command));
-        assert!(p["job"]["world_size"].as_u64().unwrap() >= 1, "{command}: {p}");
+        // The size the line asks for, counted from its own words (and the hostfile it names).
+        let expected = stated_world_size(&concrete(command));
+        assert_eq!(p["job"]["world_size"].as_u64(), Some(expected), "{command}: {p}");
+        // Every rank is planned here, or (no spawn flag) awaited from elsewhere.
+        let planned = p["ranks"].as_array().map_or(0, Vec::len);
+        let awaited = p["external_workers"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("start {expected} worker(s): ")));
+        assert!(
+            planned == expected as usize || (planned == 0 && awaited),
+            "{command}: {p}"
+        );
     }
+}
+
+/// The world size a coordinator command line states: `--num_workers N`, `--num_gpus N`,
+/// `--world_size N`, the slots of `--include HOST:S,S…[@HOST…]` (a host without slots has the
+/// 4 GPUs `dry_run`'s probe reports), or the slots of the `--hostfile`.
+fn stated_world_size(command_line: &str) -> u64 {
+    let words: Vec<&str> = command_line.split_whitespace().collect();
+    let value = |flag: &str| words.iter().position(|w| *w == flag).map(|i| words[i + 1]);
+    for flag in ["--num_workers", "--num_gpus", "--world_size"] {
+        if let Some(n) = value(flag) {
+            return n.parse().unwrap_or_else(|_| panic!("{flag} {n}"));
+        }
+    }
+    if let Some(spec) = value("--include") {
+        return spec
+            .split('@')
+            .map(|host| {
+                host.split_once(':')
+                    .map_or(4, |(_, slots)| slots.split(',').count() as u64)
+            })
+            .sum();
+    }
+    if let Some(hostfile) = value("--hostfile") {
+        let text = std::fs::read_to_string(workspace_root().join(hostfile)).unwrap();
+        return text
+            .lines()
+            .filter_map(|l| l.split('#').next()?.split_whitespace().nth(1)?.strip_prefix("slots="))
+            .map(|n| n.parse::<u64>().unwrap())
+            .sum();
+    }
+    panic!("{command_line}: no flag states the world size");
 }
 
 #[test]

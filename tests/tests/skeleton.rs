@@ -1,6 +1,7 @@
 //! Walking skeleton: a real coordinator and real workers on loopback.
 
 use kormlm_e2e::*;
+use kormlm_proto::now_ms;
 use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::Duration;
@@ -9,19 +10,9 @@ use std::time::Duration;
 fn registration_status_loss_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let cpu_demo = config("cpu-demo.json");
-    let flags = busy_training_flags(&dir.path().join("out"));
-    let mut args = vec![
-        "--config",
-        cpu_demo.to_str().unwrap(),
-        "--world_size",
-        "2",
-        "--worker-timeout-ms",
-        "2000",
-    ];
-    args.extend(flags.iter().map(String::as_str));
-    let mut coordinator = CoordinatorProc::start(&state, &args);
+    let started_ms = now_ms();
+    let mut coordinator =
+        CoordinatorProc::start_busy(dir.path(), &["--world_size", "2", "--worker-timeout-ms", "2000"]);
     let status = coordinator.status(None);
     assert_eq!(status["state"], "PENDING");
     assert_eq!(status["train_batch_size"], 32, "16 per rank x 2 ranks");
@@ -39,10 +30,16 @@ fn registration_status_loss_and_restart() {
         .map(|w| w["pid"].as_u64().unwrap())
         .collect();
     assert_eq!(pids, vec![u64::from(w0.pid()), u64::from(w1.pid())]);
+    let seen_ms = now_ms();
     for w in status["workers"].as_array().unwrap() {
         assert_eq!(w["state"], "ALIVE");
         assert_eq!(w["devices"], serde_json::json!(["cpu"]));
-        assert!(w["last_heartbeat_ms"].as_i64().unwrap() > 0);
+        // A heartbeat of this run: between the coordinator's start and the status call.
+        let heartbeat = w["last_heartbeat_ms"].as_i64().unwrap();
+        assert!(
+            (started_ms..=seen_ms).contains(&heartbeat),
+            "{heartbeat} not in {started_ms}..={seen_ms}: {w}"
+        );
     }
 
     // A second claim of a held rank, and a rank beyond the world size, are refused.
@@ -153,19 +150,7 @@ fn deepspeed_batch_rule_and_bad_json_stop_the_coordinator() {
 fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let cpu_demo = config("cpu-demo.json");
-    let flags = busy_training_flags(&dir.path().join("out"));
-    let mut args = vec![
-        "--config",
-        cpu_demo.to_str().unwrap(),
-        "--num_workers",
-        "2",
-        "--device",
-        "cpu",
-    ];
-    args.extend(flags.iter().map(String::as_str));
-    let mut c = CoordinatorProc::start(&state, &args);
+    let mut c = CoordinatorProc::start_busy(dir.path(), &["--num_workers", "2", "--device", "cpu"]);
     let status = wait_for("spawned workers to register", Duration::from_secs(30), || {
         let s = c.status(None);
         (s["state"] == "RUNNING").then_some(s)
@@ -177,6 +162,10 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
         .map(|w| w["pid"].as_u64().unwrap() as u32)
         .collect();
     assert!(pids.iter().all(|p| pid_alive(*p)));
+    // Started by this coordinator, not found elsewhere: they are its children.
+    for pid in &pids {
+        assert_eq!(parent_pid(*pid), Some(c.proc.pid()), "worker pid {pid}");
+    }
     assert!(state.join("logs/job-1/attempt-1/rank-0.log").is_file());
 
     // A graceful kill stops the workers; the job ends KILLED.
@@ -270,4 +259,12 @@ fn a_token_guards_workers_and_calls() {
     );
     let kill = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url]));
     assert!(!kill.status.success());
+    let err = String::from_utf8_lossy(&kill.stderr);
+    assert!(
+        err.contains("requires a token"),
+        "refused for the token, not otherwise: {err}"
+    );
+    let after = status(&["--token", "s3cret", "--json"]);
+    let after: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(after["state"], "PENDING", "the job is untouched: {after}");
 }

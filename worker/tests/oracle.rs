@@ -3,10 +3,12 @@
 
 mod common;
 
-use common::*;
+use common::logits_diff;
+use kormlm_e2e::{
+    oracle, oracle_python, oracle_vocabulary, run, run_with_input, shared_data, workspace_root, Fixture, Proc,
+};
 use kormlm_worker::model::{ElectraConfig, LoadedModel, ModelError};
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -16,17 +18,8 @@ use tch::Device;
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let f = Fixture {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        oracle(&[
-            "vocab",
-            &f.s("tok"),
-            "--data",
-            shared_data().to_str().unwrap(),
-            "--size",
-            "8000",
-        ]);
+        let f = Fixture::new();
+        oracle_vocabulary(&f.path("tok"), 8000);
         let tok = f.s("tok");
         // embedding 32 != hidden 64: has embeddings_project; safetensors.
         oracle(&["model", &f.s("proj"), "--tokenizer", &tok, "--seed", "1"]);
@@ -194,24 +187,29 @@ fn config_defaults_follow_electra_config() {
         (30522, 128, 256, 4)
     );
     assert_eq!(c.intermediate_size, 1024);
+    // Every field kormlm reads has transformers' default.
+    let out = run(Command::new(oracle_python()).args([
+        "-c",
+        "import json; from transformers import ElectraConfig; print(json.dumps(ElectraConfig().to_dict()))",
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = serde_json::to_value(&c).unwrap();
+    let fields = ours.as_object().unwrap();
+    assert!(fields.len() >= 16, "{ours}");
+    for (key, value) in fields {
+        assert_eq!(value, &theirs[key], "ElectraConfig default of {key}");
+    }
 }
 
-fn run_worker(args: &[&str], input: &[u8]) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
+/// The worker built for this test run, with `input` on stdin and `env` added.
+fn run_worker(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> std::process::Output {
+    run_with_input(
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(args)
+            .envs(env.iter().copied()),
+        input,
+    )
 }
 
 fn json_lines(text: &str) -> Vec<Value> {
@@ -238,12 +236,16 @@ fn compare_fill_mask(masks: usize) {
         input.to_str().unwrap(),
         expected_path.to_str().unwrap(),
     ]);
-    let out = run_worker(&["fill-mask", "--model", &f.s("proj")], &std::fs::read(&input).unwrap());
+    let out = run_worker(
+        &["fill-mask", "--model", &f.s("proj")],
+        &std::fs::read(&input).unwrap(),
+        &[],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ours = json_lines(&String::from_utf8(out.stdout).unwrap());
     let expected = json_lines(&std::fs::read_to_string(&expected_path).unwrap());
     assert_eq!(ours.len(), expected.len());
-    assert!(ours.len() >= 500);
+    assert_eq!(ours.len(), 520, "one prediction line per masked line the oracle wrote");
     for (line, (a, b)) in ours.iter().zip(&expected).enumerate() {
         let (a_masks, b_masks): (Vec<&Value>, Vec<&Value>) = if masks == 1 {
             (vec![a], vec![b])
@@ -301,6 +303,7 @@ fn fill_mask_targets_and_lines_without_a_mask() {
     let out = run_worker(
         &["fill-mask", "--model", &f.s("proj"), "--targets", "영화,정말,재밌"],
         &std::fs::read(&input).unwrap(),
+        &[],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ours = json_lines(&String::from_utf8(out.stdout).unwrap());
@@ -338,6 +341,7 @@ fn compare_tokenization(lines_file: &Path, tag: &str, max_len: usize) {
             "--decode",
         ],
         &std::fs::read(lines_file).unwrap(),
+        &[],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ours = json_lines(&String::from_utf8(out.stdout).unwrap());
@@ -382,58 +386,41 @@ fn tokenizer_edge_cases_match() {
 #[test]
 fn invalid_utf8_input_is_a_clear_error() {
     let f = fixture();
-    let out = run_worker(&["tokenize", "--model", &f.s("tok")], b"fine\nbad \xff\xfe byte\n");
+    let out = run_worker(&["tokenize", "--model", &f.s("tok")], b"fine\nbad \xff\xfe byte\n", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("stdin line 2: invalid UTF-8 at byte 4"), "{err}");
 }
 
-/// The hub stand-in, killed when dropped.
+/// The hub stand-in (`tests/python/hub_standin.py`), killed when dropped.
 struct HubStandIn {
-    child: std::process::Child,
+    _server: Proc,
     endpoint: String,
 }
 
 impl HubStandIn {
     fn start(repo: &str, revision: &str, dir: &Path) -> Self {
         use std::io::BufRead;
-        let mut child = Command::new(python())
-            .arg(workspace().join("tests/python/hub_standin.py"))
+        let mut command = Command::new(oracle_python());
+        command
+            .arg(workspace_root().join("tests/python/hub_standin.py"))
             .args([repo, revision, dir.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        let mut server = Proc::spawn("the hub stand-in", &mut command);
+        // Its first line is the port it listens on (it exits, closing stdout, if it cannot).
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
+        std::io::BufReader::new(server.child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the hub stand-in printed {line:?}, not its port"));
         Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{}", line.trim()),
+            _server: server,
+            endpoint: format!("http://127.0.0.1:{port}"),
         }
     }
-}
-
-impl Drop for HubStandIn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_worker_env(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
-    command
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -442,12 +429,12 @@ fn hub_ids_download_at_a_revision_then_work_offline_from_the_cache() {
     let cache = tempfile::tempdir().unwrap();
     let home = cache.path().to_str().unwrap().to_string();
     let input = "영화 [MASK] 재밌다\n".as_bytes();
-    let local = run_worker(&["fill-mask", "--model", &f.s("bin")], input);
+    let local = run_worker(&["fill-mask", "--model", &f.s("bin")], input, &[]);
     assert!(local.status.success());
     let args = ["fill-mask", "--model", "kormlm-test/tiny-electra", "--revision", "v1"];
     {
         let hub = HubStandIn::start("kormlm-test/tiny-electra", "v1", &f.path("bin"));
-        let out = run_worker_env(&args, input, &[("HF_HOME", &home), ("HF_ENDPOINT", &hub.endpoint)]);
+        let out = run_worker(&args, input, &[("HF_HOME", &home), ("HF_ENDPOINT", &hub.endpoint)]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(
             out.stdout, local.stdout,
@@ -456,10 +443,10 @@ fn hub_ids_download_at_a_revision_then_work_offline_from_the_cache() {
     }
     // The stand-in is gone: the cache serves HF_HUB_OFFLINE=1, and a revision never fetched fails
     // with advice to pass a local directory.
-    let out = run_worker_env(&args, input, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", "1")]);
+    let out = run_worker(&args, input, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", "1")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, local.stdout);
-    let out = run_worker_env(
+    let out = run_worker(
         &["fill-mask", "--model", "kormlm-test/tiny-electra", "--revision", "v2"],
         input,
         &[("HF_HOME", &home), ("HF_ENDPOINT", "http://127.0.0.1:9")],

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::*;
+use common::{logits_diff, max_abs_diff, tensor_map};
+use kormlm_e2e::{
+    assert_early_stopped, nsmc_documents, oracle, oracle_vocabulary, shared_data, text, val_loss_history, Fixture,
+};
 use kormlm_proto::ds_config::{DsConfig, Fp16Config, ResolvedConfig, SchedulerConfig, WarmupType};
 use kormlm_proto::train_args::TrainArgs;
 use kormlm_worker::batch::MaskedBatch;
@@ -24,17 +27,8 @@ use tch::{Device, Tensor};
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let f = Fixture {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        oracle(&[
-            "vocab",
-            &f.s("tok"),
-            "--data",
-            shared_data().to_str().unwrap(),
-            "--size",
-            "6000",
-        ]);
+        let f = Fixture::new();
+        oracle_vocabulary(&f.path("tok"), 6000);
         oracle(&[
             "model",
             &f.s("tiny"),
@@ -58,13 +52,9 @@ fn resolved(json: &str) -> ResolvedConfig {
 }
 
 /// Builds masked micro-batches in Rust, runs one kormlm step and one PyTorch AdamW step from the
-/// same weights, and returns the largest weight difference.
-fn step_difference(micro_batches: usize, clip: f64, tag: &str) -> f64 {
-    step_difference_with(micro_batches, clip, tag, false)
-}
-
-/// `l2`: DeepSpeed's `Adam` with `adam_w_mode: false`, against `torch.optim.Adam`.
-fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) -> f64 {
+/// same weights, and returns the largest weight difference. `l2`: DeepSpeed's `Adam` with
+/// `adam_w_mode: false`, against `torch.optim.Adam`.
+fn step_difference(micro_batches: usize, clip: f64, tag: &str, l2: bool) -> f64 {
     let f = fixture();
     let loaded = LoadedModel::load(&f.s("tiny"), None, Device::Cpu).unwrap();
     let docs = nsmc_documents(16);
@@ -148,32 +138,37 @@ fn step_difference_with(micro_batches: usize, clip: f64, tag: &str, l2: bool) ->
     worst
 }
 
+/// One kormlm step ends within 1e-5 of PyTorch's (`reference`) weights.
+fn assert_step_matches(micro_batches: usize, clip: f64, tag: &str, l2: bool, reference: &str) {
+    let diff = step_difference(micro_batches, clip, tag, l2);
+    eprintln!("{tag} step vs {reference}: max abs weight diff {diff:e}");
+    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+}
+
 #[test]
 fn adamw_step_matches_pytorch() {
-    let diff = step_difference(1, 0.0, "plain");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(1, 0.0, "plain", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adamw_step_with_clipping_matches_pytorch() {
-    let diff = step_difference(1, 0.05, "clip");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(1, 0.05, "clip", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adamw_step_with_accumulation_and_clipping_matches_pytorch() {
-    let diff = step_difference(2, 0.05, "accum");
-    eprintln!("AdamW step vs torch.optim.AdamW: max abs weight diff {diff:e}");
-    assert!(diff <= 1e-5, "max abs weight diff {diff}");
+    assert_step_matches(2, 0.05, "accum", false, "torch.optim.AdamW");
 }
 
 #[test]
 fn adam_with_l2_decay_matches_pytorch_adam() {
-    let l2 = step_difference_with(1, 0.0, "adam-l2", true);
-    eprintln!("Adam (adam_w_mode false) step vs torch.optim.Adam: max abs weight diff {l2:e}");
-    assert!(l2 <= 1e-5, "max abs weight diff {l2}");
+    assert_step_matches(
+        1,
+        0.0,
+        "adam-l2",
+        true,
+        "torch.optim.Adam (DeepSpeed Adam, adam_w_mode false)",
+    );
 }
 
 #[test]
@@ -294,26 +289,25 @@ fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
-fn run_train(f: &Fixture, out: &str, data_path: &Path, config: &str, extra: &[&str]) -> Value {
-    let config_path = f.path(&format!("{out}.ds.json"));
+/// Training of the fixture's tiny model on `data_path` into the fixture's `out`, every other
+/// flag at its default.
+fn training(f: &Fixture, out: &str, data_path: &Path) -> TrainArgs {
+    TrainArgs {
+        model_name_or_path: f.s("tiny"),
+        data_path: text(data_path),
+        output_dir: Some(f.s(out)),
+        ..Default::default()
+    }
+}
+
+/// `worker train` with `args` and the DeepSpeed config `config`; returns the summary it prints.
+fn run_train(f: &Fixture, args: &TrainArgs, config: &str) -> Value {
+    let out = args.output_dir.as_deref().expect("a test names its output directory");
+    let config_path = Path::new(out).with_extension("ds.json");
     std::fs::write(&config_path, config).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args([
-            "train",
-            "--config",
-            config_path.to_str().unwrap(),
-            "--model_name_or_path",
-            &f.s("tiny"),
-        ])
-        .args([
-            "--data_path",
-            data_path.to_str().unwrap(),
-            "--output_dir",
-            &f.s(out),
-            "--cache_dir",
-            &f.s("cache"),
-        ])
-        .args(extra)
+        .args(["train", "--config", &text(&config_path), "--cache_dir", &f.s("cache")])
+        .args(args.to_argv())
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -327,26 +321,14 @@ fn training_lowers_dev_loss_and_the_best_model_reloads_in_transformers() {
     let config = r#"{"train_micro_batch_size_per_gpu": 32, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 20, "warmup_type": "linear"}}}"#;
-    let summary = run_train(
-        f,
-        "falls",
-        &data,
-        config,
-        &[
-            "--num_train_epochs",
-            "3",
-            "--max_seq_len",
-            "64",
-            "--logging_steps",
-            "20",
-        ],
-    );
-    let history: Vec<f64> = summary["val_loss_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let args = TrainArgs {
+        num_train_epochs: 3,
+        max_seq_len: 64,
+        logging_steps: 20,
+        ..training(f, "falls", &data)
+    };
+    let summary = run_train(f, &args, config);
+    let history = val_loss_history(&summary);
     assert_eq!(history.len(), 3);
     assert!(
         history.windows(2).all(|w| w[1] < w[0]) && history[2] < history[0] - 0.1,
@@ -370,6 +352,51 @@ fn training_lowers_dev_loss_and_the_best_model_reloads_in_transformers() {
     for key in ["val_loss", "val_accuracy", "best_val_loss", "stop_count"] {
         assert!(!eval[key].is_null(), "eval record lacks {key}: {eval}");
     }
+    // The records hold what the run did, by the documented rules rather than by presence:
+    // a train record every 20 steps and at each epoch's end, with the learning rate of
+    // DeepSpeed's linear WarmupLR (0 to 1e-3 over 20 iterations) at the step taken.
+    let global_steps = summary["global_steps"].as_u64().unwrap();
+    assert_eq!(global_steps % 3, 0, "3 epochs of equal length: {summary}");
+    let per_epoch = global_steps / 3;
+    let mut expected_steps: Vec<u64> = (1..=global_steps / 20).map(|k| 20 * k).collect();
+    expected_steps.extend([per_epoch, 2 * per_epoch, global_steps]);
+    expected_steps.sort_unstable();
+    expected_steps.dedup();
+    let trains: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
+    let steps: Vec<u64> = trains.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, expected_steps);
+    let mut last_elapsed = 0.0;
+    for r in &trains {
+        let step = r["step"].as_u64().unwrap();
+        // Step g (from 1) runs at DeepSpeed's scheduler iteration g - 2 (iteration -1 is the
+        // constructor's), as the schedule test above shows against DeepSpeed itself.
+        let lr = 1e-3 * ((step - 2) as f64 / 20.0).min(1.0);
+        assert!((r["lr"].as_f64().unwrap() - lr).abs() <= 1e-12, "step {step}: {r}");
+        let epoch = r["epoch"].as_u64().unwrap();
+        assert_eq!(epoch, (step - 1) / per_epoch, "{r}");
+        let tokens_per_sample = r["tokens_per_s"].as_f64().unwrap() / r["samples_per_s"].as_f64().unwrap();
+        assert!(
+            (2.0..=64.0).contains(&tokens_per_sample),
+            "[CLS] + [SEP] at least, --max_seq_len 64 at most: {r}"
+        );
+        let elapsed = r["elapsed_s"].as_f64().unwrap();
+        assert!(elapsed > last_elapsed, "{r}");
+        last_elapsed = elapsed;
+    }
+    // One evaluation per epoch, each the history's entry, the best the minimum so far.
+    let evals: Vec<&Value> = records.iter().filter(|r| r["type"] == "eval").collect();
+    assert_eq!(evals.len(), 3);
+    for (i, r) in evals.iter().enumerate() {
+        assert_eq!(r["val_loss"].as_f64(), Some(history[i]), "{r}");
+        let best = history[..=i].iter().copied().fold(f64::INFINITY, f64::min);
+        assert_eq!(r["best_val_loss"].as_f64(), Some(best), "{r}");
+        assert_eq!(r["stop_count"], 0, "the dev loss fell every epoch: {r}");
+    }
+    let accuracy = |r: &Value| r["val_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy(evals[2]) > accuracy(evals[0]),
+        "a falling dev loss comes with a rising masked-token accuracy: {evals:?}"
+    );
     let diff = logits_diff(&f.path("falls/best"), f.dir.path(), "best");
     assert!(diff <= 1e-4, "best model logits differ from transformers by {diff}");
 }
@@ -388,31 +415,20 @@ fn early_stopping_fires_when_the_model_overfits() {
     .unwrap();
     let config = r#"{"train_micro_batch_size_per_gpu": 16,
         "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.0}}}"#;
-    let summary = run_train(
-        f,
-        "overfit",
-        &spec,
-        config,
-        &[
-            "--num_train_epochs",
-            "60",
-            "--max_seq_len",
-            "48",
-            "--max_stop_number",
-            "3",
-        ],
-    );
+    let args = TrainArgs {
+        num_train_epochs: 60,
+        max_seq_len: 48,
+        max_stop_number: 3,
+        ..training(f, "overfit", &spec)
+    };
+    let summary = run_train(f, &args, config);
     assert_eq!(summary["early_stopped"], true, "{summary}");
     assert!(summary["epochs_run"].as_u64().unwrap() < 60);
     assert_eq!(summary["stop_count"], 3);
-    let history: Vec<f64> = summary["val_loss_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let history = val_loss_history(&summary);
     let best = summary["best_val_loss"].as_f64().unwrap();
     assert!(history[history.len() - 3..].iter().all(|v| *v >= best));
+    assert_early_stopped(&summary, 3);
 }
 
 #[test]
@@ -420,13 +436,13 @@ fn max_steps_stops_training() {
     let f = fixture();
     let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
     let config = r#"{"train_micro_batch_size_per_gpu": 8}"#;
-    let summary = run_train(
-        f,
-        "maxsteps",
-        &data,
-        config,
-        &["--num_train_epochs", "5", "--max_steps", "7", "--max_seq_len", "32"],
-    );
+    let args = TrainArgs {
+        num_train_epochs: 5,
+        max_steps: 7,
+        max_seq_len: 32,
+        ..training(f, "maxsteps", &data)
+    };
+    let summary = run_train(f, &args, config);
     assert_eq!(summary["global_steps"], 7);
     assert_eq!(summary["epochs_run"], 1);
 }

@@ -1,0 +1,268 @@
+//! Processes under test: the binaries, child processes killed when dropped, a running
+//! coordinator with its workers, and deadlines on every wait.
+
+use crate::data::{config, text, workspace_root};
+use crate::flags::busy_training_flags;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_dir() -> PathBuf {
+    let dir = std::env::var_os("KORMLM_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release"));
+    for name in ["coordinator", "worker"] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: build the binaries first (scripts/build.sh, or ./test.sh does it)",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command) -> Self {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Waits for the exit status, failing the test after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let name = self.name.clone();
+        wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.signal(Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A running coordinator with its state directory.
+pub struct CoordinatorProc {
+    pub proc: Proc,
+    pub url: String,
+    pub state_dir: PathBuf,
+}
+
+impl CoordinatorProc {
+    /// Starts `coordinator --listen 127.0.0.1:0 --state-dir DIR ARGS…` and waits until it listens.
+    pub fn start(state_dir: &Path, args: &[&str]) -> Self {
+        Self::start_listening(state_dir, "127.0.0.1:0", args)
+    }
+
+    /// A coordinator on `DIR/state` with the CPU demo config, `args`, and the busy training job
+    /// of `busy_training_flags` (output `DIR/out`): a job that runs until the test acts on it.
+    pub fn start_busy(dir: &Path, args: &[&str]) -> Self {
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+        let cpu_demo = text(&config("cpu-demo.json"));
+        let flags = busy_training_flags(&dir.join("out"));
+        let mut all = vec!["--config", cpu_demo.as_str()];
+        all.extend(args);
+        all.extend(flags.iter().map(String::as_str));
+        Self::start(&state, &all)
+    }
+
+    /// Like `start`, on a given address (a restarted coordinator keeps its address).
+    pub fn start_listening(state_dir: &Path, listen: &str, args: &[&str]) -> Self {
+        let addr_file = state_dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::File::create(state_dir.with_extension("coordinator.log")).ok();
+        let mut command = Command::new(binary("coordinator"));
+        command
+            .args(["--listen", listen, "--state-dir"])
+            .arg(state_dir)
+            .args(args)
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        let mut proc = Proc::spawn("coordinator", &mut command);
+        let url = wait_for("the coordinator to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("coordinator exited early with {status}; log: {}", read_log(state_dir));
+            }
+            std::fs::read_to_string(&addr_file).ok().map(|s| s.trim().to_string())
+        });
+        Self {
+            proc,
+            url,
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.state_dir)
+    }
+
+    /// `coordinator status --addr URL --json [--job ID]`, parsed.
+    pub fn status(&self, job: Option<&str>) -> Value {
+        let mut args = vec!["status", "--addr", &self.url, "--json"];
+        if let Some(job) = job {
+            args.extend(["--job", job]);
+        }
+        let out = run(Command::new(binary("coordinator")).args(&args));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    pub fn worker(&self, rank: u32) -> Proc {
+        self.worker_with(rank, &[])
+    }
+
+    pub fn worker_with(&self, rank: u32, extra: &[&str]) -> Proc {
+        let log = std::fs::File::create(self.state_dir.with_extension(format!("worker-{rank}.log"))).ok();
+        let mut command = Command::new(binary("worker"));
+        command
+            .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
+            .args(extra)
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        Proc::spawn(&format!("worker rank {rank}"), &mut command)
+    }
+}
+
+/// The coordinator's log, then the last lines of every worker log it started (for failures).
+fn read_log(state_dir: &Path) -> String {
+    let mut text = std::fs::read_to_string(state_dir.with_extension("coordinator.log")).unwrap_or_default();
+    let mut logs = Vec::new();
+    let mut dirs = vec![state_dir.join("logs")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                logs.push(path);
+            }
+        }
+    }
+    logs.sort();
+    for path in logs {
+        let content = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = content.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(25)..];
+        text += &format!(
+            "\n--- {} (last {} lines)\n{}\n",
+            path.display(),
+            tail.len(),
+            tail.join("\n")
+        );
+    }
+    text
+}
+
+/// Runs a command to completion and captures its output.
+pub fn run(command: &mut Command) -> Output {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+pub fn worker_state(status: &Value, rank: u64) -> Option<String> {
+    status["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["rank"].as_u64() == Some(rank))
+        .and_then(|w| w["state"].as_str())
+        .map(str::to_string)
+}
+
+/// Runs a command to completion with `input` on its stdin and captures its output (the input is
+/// written from another thread, so a command that writes before it reads cannot block on it).
+pub fn run_with_input(command: &mut Command, input: &[u8]) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let data = input.to_vec();
+    // A command that exits before reading everything closes the pipe: not the test's concern.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("cannot wait for {command:?}: {e}"));
+    writer.join().expect("the stdin writer does not panic");
+    out
+}
+
+/// True when a process with this pid still exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// The parent pid of a running process, from `/proc/PID/stat` (None once it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the `(name)` field come the state, then the parent pid.
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
