@@ -156,6 +156,61 @@ impl CoordinatorProc {
         read_log(&self.state_dir)
     }
 
+    /// Like `start`, with extra environment variables for the coordinator and the workers it
+    /// starts (never `std::env::set_var`: tests of one binary run in parallel).
+    pub fn start_with_env(state_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let addr_file = state_dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::File::create(state_dir.with_extension("coordinator.log")).ok();
+        let mut command = Command::new(binary("coordinator"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        let mut proc = Proc::spawn("coordinator", &mut command);
+        let url = wait_for("the coordinator to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("coordinator exited early with {status}; log: {}", read_log(state_dir));
+            }
+            std::fs::read_to_string(&addr_file).ok().map(|s| s.trim().to_string())
+        });
+        Self {
+            proc,
+            url,
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    /// Like `worker_with`, with extra environment variables for the worker.
+    pub fn worker_with_env(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(self.worker_log_path(rank)).ok();
+        let mut command = Command::new(binary("worker"));
+        command
+            .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command.stderr(log);
+        }
+        Proc::spawn(&format!("worker rank {rank}"), &mut command)
+    }
+
+    /// Where `worker`/`worker_with`/`worker_with_env` write rank `rank`'s log.
+    pub fn worker_log_path(&self, rank: u32) -> PathBuf {
+        self.state_dir.with_extension(format!("worker-{rank}.log"))
+    }
+
+    /// The log of a worker this harness started for rank `rank`.
+    pub fn worker_log(&self, rank: u32) -> String {
+        std::fs::read_to_string(self.worker_log_path(rank)).unwrap_or_default()
+    }
+
     /// `coordinator status --addr URL --json [--job ID]`, parsed.
     pub fn status(&self, job: Option<&str>) -> Value {
         let mut args = vec!["status", "--addr", &self.url, "--json"];
