@@ -172,6 +172,7 @@ fn a_sigterm_to_a_worker_stops_the_job_at_a_checkpoint_of_the_step_it_reached() 
     // Rank 0 ended by itself (not by a signal; 0, or 1 when today's coordinator aborted it on
     // rank 1's PREEMPTED report after its work ended), and no worker process is left.
     let exit0 = wait_for("rank 0 to exit", Duration::from_secs(30), || launcher_exit(&c.log(), 0));
+    eprintln!("rank 0 ended: {exit0}");
     assert!(exit0.starts_with("exit status: "), "rank 0 ended by {exit0}");
     for pid in pids {
         assert!(!pid_alive(pid), "worker {pid} is still running");
@@ -424,11 +425,15 @@ fn a_worker_frozen_past_the_timeout_drops_its_stale_work_and_joins_the_restarted
         Some(u64::from(rank1.pid())),
         "rank 1 of attempt 2 is the process that was frozen: {status}"
     );
-    assert!(
-        c.worker_log(1).contains("dropping the stale work"),
-        "{}",
-        c.worker_log(1)
-    );
+    let log1 = c.worker_log(1);
+    for line in log1.lines().filter(|l| {
+        ["registered", "stale", "registering again", "released work"]
+            .iter()
+            .any(|k| l.contains(k))
+    }) {
+        eprintln!("rank 1: {line}");
+    }
+    assert!(log1.contains("dropping the stale work"), "{log1}");
     for (rank, proc) in [(0, &mut fresh0), (1, &mut rank1)] {
         let exit = proc.wait_exit(Duration::from_secs(30));
         assert!(exit.success(), "rank {rank}: {exit}\n{}", c.worker_log(rank));

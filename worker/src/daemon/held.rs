@@ -131,33 +131,40 @@ impl HeldWork {
         self.abort.abort();
     }
 
-    /// Drops the work: asks it to stop, aborts its group (a set-up or a collective it is blocked
-    /// in returns at once) and waits for its thread — a checkpoint it is writing gets finished —
-    /// for at most `within`. Its outcome is discarded, never reported.
-    pub async fn drop_work(mut self, within: Duration) -> Result<(), StillRunning> {
+    /// Lets the work go: asks it to stop and gives it `stop_within` to end by itself (at the next
+    /// step every rank agrees on, checkpointed); then aborts its group — a set-up or collective
+    /// it is blocked in returns at once — and waits at most `drain` more for its thread (a file
+    /// it is writing gets finished). Its outcome is discarded, never reported.
+    pub async fn release(mut self, stop_within: Duration, drain: Duration) -> Result<(), StillRunning> {
+        self.request_stop();
+        if !stop_within.is_zero() && tokio::time::timeout(stop_within, self.until_ended()).await.is_ok() {
+            return Ok(());
+        }
         self.abandon();
+        if let Phase::Starting(task) = &self.phase {
+            // The rendezvous is cancelled here; a set-up on a blocking thread sees the abort.
+            task.abort();
+        }
         let (job_id, attempt) = (self.job_id.clone(), self.attempt);
-        let ended = async {
-            if let Phase::Starting(task) = &mut self.phase {
-                // The rendezvous is cancelled here; a set-up running on a blocking thread sees
-                // the abort within milliseconds.
-                task.abort();
-            }
-            loop {
-                if let Phase::Ended(outcome) = &self.phase {
-                    if let Err(e) = outcome {
-                        tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "dropped work ended");
-                    }
-                    return;
+        tokio::time::timeout(drain, self.until_ended())
+            .await
+            .map_err(|_| StillRunning {
+                job_id,
+                attempt,
+                waited_s: (stop_within + drain).as_secs(),
+            })
+    }
+
+    async fn until_ended(&mut self) {
+        loop {
+            if let Some(outcome) = self.ended() {
+                if let Err(e) = outcome {
+                    tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "released work ended");
                 }
-                self.advance().await;
+                return;
             }
-        };
-        tokio::time::timeout(within, ended).await.map_err(|_| StillRunning {
-            job_id,
-            attempt,
-            waited_s: within.as_secs(),
-        })
+            self.advance().await;
+        }
     }
 }
 

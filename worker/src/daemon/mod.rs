@@ -26,12 +26,17 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// How long stale work may take to stop before the worker gives up on it and exits (its thread
-/// may be inside a step or a checkpoint write; collectives and set-up end at once).
+/// How long stale work may take to end once its group is aborted before the worker gives up on
+/// it and exits (its thread may be inside a step or a checkpoint write; collectives and set-up
+/// end at once).
 const STALE_WORK_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long work still held when the daemon leaves may take to finish a write it is in.
 const EXIT_DRAIN: Duration = Duration::from_secs(5);
+
+/// After a stop signal, how long held work may take to stop at its next agreed step when the
+/// daemon leaves without the coordinator (well inside Slurm's `--signal=B:TERM@120`).
+const SIGNAL_STOP_WITHIN: Duration = Duration::from_secs(60);
 
 /// The worker's client of the coordinator; every call carries the token in its metadata.
 pub type CoordinatorClient = WorkerServiceClient<InterceptedService<Channel, TokenInterceptor>>;
@@ -161,7 +166,8 @@ struct Daemon {
 
 impl Daemon {
     /// Acts on the first stop signal: the held work stops at the next agreed step. Returns
-    /// whether there is work to wait for.
+    /// whether there is work to wait for. A signalled worker never registers again (it would
+    /// take a rank of an attempt it is about to leave).
     fn on_signal(&mut self, signal: StopSignal) -> bool {
         self.stopped_by = Some(signal);
         match &self.held {
@@ -223,10 +229,8 @@ impl Daemon {
             let result = tokio::select! {
                 result = attempt => result,
                 signal = signals.wait(), if !signalled => {
-                    if !self.on_signal(signal) {
-                        return Ok(Registration::Stopped(signal));
-                    }
-                    continue;
+                    self.on_signal(signal);
+                    return Ok(Registration::Stopped(signal));
                 }
             };
             match result {
@@ -289,7 +293,7 @@ impl Daemon {
                     held_attempt = stale.attempt,
                     "the job moved on: dropping the stale work before taking the new assignment"
                 );
-                stale.drop_work(STALE_WORK_DEADLINE).await?;
+                stale.release(Duration::ZERO, STALE_WORK_DEADLINE).await?;
             }
             if self.held.is_none() {
                 if let Some(signal) = self.stopped_by {
@@ -300,16 +304,21 @@ impl Daemon {
             }
             match self.session(&mut client, &assignment).await? {
                 SessionEnd::Done(outcome) => return Ok(outcome),
-                SessionEnd::Disconnected(reason) => {
-                    tracing::warn!(%reason, "lost the coordinator; registering again");
-                }
+                SessionEnd::Disconnected(reason) => match self.stopped_by {
+                    Some(signal) => {
+                        tracing::warn!(%reason, "lost the coordinator after a stop signal; leaving");
+                        return Ok(Outcome::Stopped(signal));
+                    }
+                    None => tracing::warn!(%reason, "lost the coordinator; registering again"),
+                },
             }
         }
     }
 }
 
 /// Runs the daemon until the job ends for this rank. Work still held when it leaves (aborted,
-/// refused, the coordinator unreachable) is dropped first.
+/// refused, the coordinator unreachable, a stop signal without the coordinator) is released
+/// first.
 pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     let signals = Signals::install().map_err(DaemonError::Signals)?;
     let info = DeviceInfo::probe();
@@ -330,7 +339,11 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
     };
     let result = daemon.serve().await;
     if let Some(held) = daemon.held.take() {
-        if let Err(e) = held.drop_work(EXIT_DRAIN).await {
+        let stop_within = match daemon.stopped_by {
+            Some(_) => SIGNAL_STOP_WITHIN,
+            None => Duration::ZERO,
+        };
+        if let Err(e) = held.release(stop_within, EXIT_DRAIN).await {
             tracing::warn!(error = %e, "leaving anyway");
         }
     }

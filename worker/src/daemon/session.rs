@@ -93,7 +93,8 @@ fn stop_detail(outcome: &WorkOutcome, event: Option<&ProgressEvent>, rank: u32) 
 
 /// Lets the last report reach the coordinator: waits until it has left the queue, then for the
 /// coordinator's reply, at most [`LINGER`]. Returns why the stream closed when the coordinator
-/// closed it meanwhile — it no longer counts this session, so the report may not have counted.
+/// closed it without an order: it had dropped this session (a lost worker, a resumed job), so
+/// the report may not have counted.
 async fn linger(tx: &mpsc::Sender<WorkerReport>, commands: &mut Streaming<CoordinatorCommand>) -> Option<String> {
     let drained = async {
         while tx.capacity() < tx.max_capacity() {
@@ -186,8 +187,9 @@ impl Daemon {
     }
 
     /// Sends the ended work's last report: `finished`, its failure, or PREEMPTED when a stop
-    /// signal stopped it early. Once delivered the work is let go; when the coordinator closed
-    /// the session meanwhile it stays held, for the next registration to decide on.
+    /// signal stopped it early, and lets the work go. Only a failure report the coordinator may
+    /// not have taken (it closed the session without an order) keeps the work held, for the
+    /// next registration to re-send or discard.
     async fn deliver(
         &mut self,
         assignment: &Assignment,
@@ -213,11 +215,16 @@ impl Daemon {
             (Some(Ok(outcome)), None) => tracing::info!(summary = %outcome, "work finished"),
             _ => {}
         }
+        // A failure may be the consequence of the coordinator having moved on without this
+        // worker (it was frozen past the worker timeout): when the coordinator closed this
+        // session without an order, registering again tells whether the job wants it back.
+        let maybe_stale = failure.is_some() && preempted.is_none() && self.stopped_by.is_none();
         let last = report(assignment, event, failure.is_none(), failure);
-        if tx.send(last).await.is_err() {
-            return Ok(SessionEnd::Disconnected("heartbeat stream closed".into()));
-        }
-        if let Some(reason) = linger(tx, commands).await {
+        let closed = match tx.send(last).await {
+            Err(_) => Some("heartbeat stream closed".to_string()),
+            Ok(()) => linger(tx, commands).await,
+        };
+        if let Some(reason) = closed.filter(|_| maybe_stale) {
             return Ok(SessionEnd::Disconnected(reason));
         }
         let outcome = self.held.take().and_then(HeldWork::into_ended);
