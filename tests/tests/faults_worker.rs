@@ -1,6 +1,6 @@
 //! Faults seen from the worker process, with real processes, signals and sockets: SIGTERM
-//! (preemption) stops a job at a checkpoint of the step it reached, during start-up too, and a
-//! second signal exits at once; a peer that dies between the rendezvous and the communicator
+//! (preemption) stops a job at a checkpoint of the step it reached, during start-up too, and an
+//! augmentation between chunks; a second signal exits at once; a peer that dies between the rendezvous and the communicator
 //! set-up fails its partner within the collective timeout; an abort during set-up ends the
 //! worker at once; a worker frozen past the worker timeout drops its stale work and joins the
 //! restarted attempt.
@@ -177,6 +177,94 @@ fn a_sigterm_to_a_worker_stops_the_job_at_a_checkpoint_of_the_step_it_reached() 
     for pid in pids {
         assert!(!pid_alive(pid), "worker {pid} is still running");
     }
+}
+
+/// Rank 1's part files (`part-NNNNNN.csv`, chunks `first..`) in an augmentation's parts folder.
+fn part_chunks(parts: &Path, first: usize) -> Vec<usize> {
+    let mut chunks: Vec<usize> = std::fs::read_dir(parts)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("part-")?.strip_suffix(".csv")?.parse().ok()
+        })
+        .filter(|chunk| *chunk >= first)
+        .collect();
+    chunks.sort();
+    chunks
+}
+
+#[test]
+fn a_sigterm_stops_an_augmentation_between_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, input, output) = (
+        dir.path().join("state"),
+        dir.path().join("docs.txt"),
+        dir.path().join("augmented.csv"),
+    );
+    // 12 000 documents: 24 chunks of 512, rank 1 has chunks 12..24.
+    let text = std::fs::read_to_string(shared_data().join("nsmc/ratings_train.txt")).unwrap();
+    let docs: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(1))
+        .take(12_000)
+        .collect();
+    assert_eq!(docs.len(), 12_000);
+    std::fs::write(&input, docs.join("\n") + "\n").unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let c = CoordinatorProc::start(
+        &state,
+        &[
+            "--task",
+            "augment",
+            "--num_workers",
+            "2",
+            "--device",
+            "cpu",
+            "--model_name_or_path",
+            tiny_model().to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--seed",
+            "5",
+            "--max_seq_len",
+            "64",
+            "--num_augmentations",
+            "2",
+        ],
+    );
+    let parts = kormlm_proto::augment_parts::parts_dir(&output);
+    wait_for("rank 1's first part", Duration::from_secs(300), || {
+        (!part_chunks(&parts, 12).is_empty()).then_some(())
+    });
+    let status = c.status(Some("job-1"));
+    let pid1 = worker(&status, 1)["pid"].as_u64().unwrap() as i32;
+    kill(Pid::from_raw(pid1), Signal::SIGTERM).unwrap();
+    let exit = wait_for("rank 1 to exit", Duration::from_secs(120), || {
+        launcher_exit(&c.log(), 1)
+    });
+    assert_eq!(exit, "exit status: 143", "{}", c.log());
+    let status = wait_for("rank 1's report", Duration::from_secs(30), || {
+        let s = c.status(Some("job-1"));
+        (worker(&s, 1)["failure_kind"] != "").then_some(s)
+    });
+    let rank1 = worker(&status, 1);
+    assert_eq!(rank1["failure_kind"], "PREEMPTED", "{status}");
+    let reason = rank1["reason"].as_str().unwrap();
+    let written: usize = reason
+        .strip_prefix("preempted: SIGTERM; ")
+        .and_then(|r| r.split_once(" of 12 chunk(s) of rank 1 written"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{reason:?}"));
+    eprintln!("SIGTERM to rank 1 of an augmentation: {reason}");
+    // It stopped between chunks, early, and its parts on disk are exactly the chunks it reported.
+    assert!((1..12).contains(&written), "{reason}");
+    assert_eq!(part_chunks(&parts, 12), (12..12 + written).collect::<Vec<_>>());
+    assert!(!output.exists(), "a stopped augmentation was merged");
 }
 
 #[test]
