@@ -120,6 +120,16 @@ impl CoordinatorProc {
 
     /// Like `start`, on a given address (a restarted coordinator keeps its address).
     pub fn start_listening(state_dir: &Path, listen: &str, args: &[&str]) -> Self {
+        Self::start_full(state_dir, listen, args, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the coordinator and the workers it
+    /// starts (never `std::env::set_var`: tests of one binary run in parallel).
+    pub fn start_with_env(state_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(state_dir, "127.0.0.1:0", args, env)
+    }
+
+    fn start_full(state_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let addr_file = state_dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::File::create(state_dir.with_extension("coordinator.log")).ok();
@@ -128,6 +138,7 @@ impl CoordinatorProc {
             .args(["--listen", listen, "--state-dir"])
             .arg(state_dir)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null());
         if let Some(log) = log {
             command.stderr(log);
@@ -170,16 +181,32 @@ impl CoordinatorProc {
     }
 
     pub fn worker_with(&self, rank: u32, extra: &[&str]) -> Proc {
-        let log = std::fs::File::create(self.state_dir.with_extension(format!("worker-{rank}.log"))).ok();
+        self.worker_with_env(rank, extra, &[])
+    }
+
+    /// Like `worker_with`, with extra environment variables for the worker.
+    pub fn worker_with_env(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(self.worker_log_path(rank)).ok();
         let mut command = Command::new(binary("worker"));
         command
             .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null());
         if let Some(log) = log {
             command.stderr(log);
         }
         Proc::spawn(&format!("worker rank {rank}"), &mut command)
+    }
+
+    /// Where `worker`/`worker_with`/`worker_with_env` write rank `rank`'s log.
+    pub fn worker_log_path(&self, rank: u32) -> PathBuf {
+        self.state_dir.with_extension(format!("worker-{rank}.log"))
+    }
+
+    /// The log of a worker this harness started for rank `rank`.
+    pub fn worker_log(&self, rank: u32) -> String {
+        std::fs::read_to_string(self.worker_log_path(rank)).unwrap_or_default()
     }
 }
 

@@ -147,8 +147,7 @@ fn a_killed_worker_fails_the_job_naming_its_rank_and_nothing_hangs() {
     let model = tiny_model();
     let data = shared_data().join("korean-hate-speech/labeled/train.tsv");
     let out = dir.path().join("out");
-    std::env::set_var("KORMLM_COLLECTIVE_TIMEOUT_S", "10");
-    let c = CoordinatorProc::start(
+    let c = CoordinatorProc::start_with_env(
         &state,
         &[
             "--config",
@@ -170,6 +169,7 @@ fn a_killed_worker_fails_the_job_naming_its_rank_and_nothing_hangs() {
             "--logging_steps",
             "1",
         ],
+        &[("KORMLM_COLLECTIVE_TIMEOUT_S", "10")],
     );
     let status = wait_for("training progress in status", Duration::from_secs(120), || {
         let s = c.status(None);

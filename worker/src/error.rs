@@ -63,6 +63,10 @@ pub enum WorkerError {
     Thread(std::io::Error),
     #[error("the start-up task failed: {0}")]
     StartUp(tokio::task::JoinError),
+    /// A stop signal (SIGTERM: preemption, a time limit, an eviction; SIGINT) stopped the work
+    /// before it was complete; `detail` says where it can continue from.
+    #[error("preempted: {signal}; {detail}")]
+    Preempted { signal: &'static str, detail: String },
 }
 
 impl WorkerError {
@@ -82,6 +86,7 @@ impl WorkerError {
             Self::Io { .. } => FailureKind::Io,
             Self::Json(_) | Self::Thread(_) | Self::StartUp(_) => FailureKind::Internal,
             Self::Panicked(message) => torch_kind(message),
+            Self::Preempted { .. } => FailureKind::Preempted,
         }
     }
 
@@ -175,15 +180,17 @@ fn comm_kind(e: &CommError) -> FailureKind {
     match e {
         CommError::PeerLost { .. } => FailureKind::PeerLost,
         CommError::Timeout { .. } => FailureKind::CollectiveTimeout,
-        CommError::Failed { .. } => FailureKind::Internal,
+        // Only a worker that drops its own work aborts its group; that failure is not reported.
+        CommError::Failed { .. } | CommError::Aborted { .. } => FailureKind::Internal,
     }
 }
 
 fn checkpoint_kind(e: &CheckpointError) -> FailureKind {
     match e {
         CheckpointError::Io { .. } => FailureKind::Io,
-        // A damaged checkpoint stays damaged: resuming from it again fails the same way.
-        CheckpointError::Invalid { .. } => FailureKind::BadInput,
+        // Read back while resuming, a damaged checkpoint stays damaged: the coordinator picks the
+        // previous complete one (a checkpoint that could not be completed is equally unusable).
+        CheckpointError::Invalid { .. } => FailureKind::CheckpointUnreadable,
         CheckpointError::Comm(e) => comm_kind(e),
     }
 }
@@ -196,6 +203,7 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::Comm(e) => comm_kind(e),
         TrainError::Checkpoint(e) => checkpoint_kind(e),
         TrainError::Output { .. } => FailureKind::Io,
+        TrainError::UnreadableCheckpoint { .. } => FailureKind::CheckpointUnreadable,
         TrainError::Step(message) => torch_kind(message),
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
     }
@@ -469,6 +477,10 @@ mod tests {
                 Internal,
             ),
             (
+                TrainError::Comm(CommError::Aborted { op: "all_gather" }).into(),
+                Internal,
+            ),
+            (
                 TrainError::Checkpoint(CheckpointError::Io {
                     path: s(),
                     message: s(),
@@ -482,7 +494,15 @@ mod tests {
                     message: s(),
                 })
                 .into(),
-                BadInput,
+                CheckpointUnreadable,
+            ),
+            (
+                TrainError::UnreadableCheckpoint {
+                    path: "out/checkpoints/step-40".into(),
+                    message: "trainer_state.json: No such file or directory".into(),
+                }
+                .into(),
+                CheckpointUnreadable,
             ),
             (
                 TrainError::Checkpoint(CheckpointError::Comm(peer_lost())).into(),
@@ -584,16 +604,21 @@ mod tests {
             (WorkerError::Thread(io_error()), Internal),
             (WorkerError::Panicked("index out of range".into()), Internal),
             (WorkerError::Panicked(format!("Torch(\"{oom}\")")), OutOfMemory),
+            // Stopped by a signal.
+            (
+                WorkerError::Preempted {
+                    signal: "SIGTERM",
+                    detail: "checkpoint at step 12".into(),
+                },
+                Preempted,
+            ),
         ];
         for (error, kind) in &table {
             assert_eq!(error.kind(), *kind, "{error:?}");
         }
         let covered: std::collections::HashSet<_> = table.iter().map(|(_, k)| *k).collect();
         for kind in FailureKind::ALL {
-            assert!(
-                covered.contains(&kind) || kind == Preempted,
-                "no error of kind {kind} in the table"
-            );
+            assert!(covered.contains(&kind), "no error of kind {kind} in the table");
         }
     }
 
@@ -608,5 +633,10 @@ mod tests {
         assert_eq!(e.to_string(), "assignment: error: unexpected argument '--x' found");
         let e = WorkerError::from_panic(&"boom");
         assert_eq!(e.to_string(), "the work panicked: boom");
+        let e = WorkerError::Preempted {
+            signal: "SIGTERM",
+            detail: "checkpoint at step 12".into(),
+        };
+        assert_eq!(e.to_string(), "preempted: SIGTERM; checkpoint at step 12");
     }
 }

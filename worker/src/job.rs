@@ -4,7 +4,7 @@
 
 use crate::comm::nccl::{self, NcclGroup};
 use crate::comm::ring::{self, Ring};
-use crate::comm::{Collective, CommError, SingleRank};
+use crate::comm::{Collective, CommError, GroupAbort, SingleRank};
 use crate::error::WorkerError;
 use crate::train::{self, ProgressEvent, TrainError, TrainJob, TrainSummary};
 use crate::work::{AugmentJob, AugmentOutcome};
@@ -44,12 +44,14 @@ fn ring_host(coordinator: &str) -> &'static str {
     }
 }
 
-/// Forms the group through the coordinator's rendezvous.
+/// Forms the group through the coordinator's rendezvous. The set-up has the collective
+/// deadline; `abort` makes it, and later the group's collectives, give up at once.
 pub async fn form_group(
     client: &mut crate::daemon::CoordinatorClient,
     assignment: &Assignment,
     device: Device,
     coordinator_url: &str,
+    abort: &GroupAbort,
 ) -> Result<Box<dyn Collective + Send>, JobError> {
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
     if world == 1 {
@@ -72,10 +74,11 @@ pub async fn form_group(
                 .await
                 .map_err(JobError::Rendezvous)?
                 .into_inner();
-            let id = info.nccl_unique_id;
-            let group = tokio::task::spawn_blocking(move || NcclGroup::init(ordinal, rank, world, &id, timeout))
-                .await
-                .map_err(JobError::GroupSetUp)??;
+            let (id, abort) = (info.nccl_unique_id, abort.clone());
+            let group =
+                tokio::task::spawn_blocking(move || NcclGroup::init(ordinal, rank, world, &id, timeout, &abort))
+                    .await
+                    .map_err(JobError::GroupSetUp)??;
             Ok(Box::new(group))
         }
         _ => {
@@ -93,10 +96,12 @@ pub async fn form_group(
                 .await
                 .map_err(JobError::Rendezvous)?
                 .into_inner();
-            let addresses = info.ring_addresses;
-            let group = tokio::task::spawn_blocking(move || Ring::connect(listener, rank, &addresses, timeout))
-                .await
-                .map_err(JobError::GroupSetUp)??;
+            let (addresses, abort) = (info.ring_addresses, abort.clone());
+            let group = tokio::task::spawn_blocking(move || {
+                Ring::connect_abortable(listener, rank, &addresses, timeout, &abort)
+            })
+            .await
+            .map_err(JobError::GroupSetUp)??;
             Ok(Box::new(group))
         }
     }
@@ -158,6 +163,7 @@ pub fn run_augmentation(
     Ok(AugmentOutcome {
         summary: summary.finish(),
         chunks: total,
+        completed_chunks: done,
         reused_chunks: reused,
     })
 }

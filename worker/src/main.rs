@@ -1,5 +1,6 @@
 //! The `worker` binary: wiring only. It sets up logging, parses the command line and hands the
-//! command to the library; an error is printed as `worker: error: …` with exit status 1.
+//! command to the library; an error is printed as `worker: error: …` with exit status 1. The
+//! daemon ends the process itself: 0, 1 on an error, 143/130 after SIGTERM/SIGINT.
 
 use clap::Parser;
 use kormlm_worker::cli::{Cli, Command};
@@ -22,7 +23,21 @@ fn main() {
         Some(Command::InitModel(command)) => commands::init_model::run(&command).map_err(Into::into),
         Some(Command::Tokenize(command)) => commands::tokenize::run(&command).map_err(Into::into),
         Some(Command::FillMask(command)) => commands::fill_mask::run(&command).map_err(Into::into),
-        None => daemon::run_blocking(cli.daemon).map(drop).map_err(Into::into),
+        None => {
+            let code = match daemon::run_blocking(cli.daemon) {
+                Ok(outcome) => {
+                    if let daemon::Outcome::Stopped(signal) = outcome {
+                        eprintln!("worker: stopped by {}", signal.name());
+                    }
+                    outcome.exit_code()
+                }
+                Err(e) => {
+                    eprintln!("worker: error: {e:#}");
+                    1
+                }
+            };
+            daemon::exit_now(code)
+        }
     };
     if let Err(e) = result {
         eprintln!("worker: error: {e:#}");

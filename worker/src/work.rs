@@ -55,8 +55,20 @@ pub struct AugmentOutcome {
     pub summary: AugmentSummary,
     /// The chunks of this rank.
     pub chunks: u64,
+    /// Those with a part file now (fewer than `chunks` when the work was stopped).
+    pub completed_chunks: u64,
     /// Chunks whose part file an earlier attempt had already written.
     pub reused_chunks: usize,
+}
+
+impl WorkOutcome {
+    /// Whether the work stopped on request before it was complete.
+    pub fn stopped_early(&self) -> bool {
+        match self {
+            Self::Train(summary) => summary.stopped_by_request,
+            Self::Augment(outcome) => outcome.completed_chunks < outcome.chunks,
+        }
+    }
 }
 
 impl std::fmt::Display for WorkOutcome {

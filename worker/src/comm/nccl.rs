@@ -2,9 +2,10 @@
 //! the torch wheel, linked as `libnccl.so` by `scripts/build.sh`). Collectives run in place on
 //! flat CUDA buffers on libtorch's default (null) stream, so they are ordered after the
 //! backward kernels without extra synchronisation; completion is awaited with an event polled
-//! against a deadline, and a communicator that fails or times out is aborted.
+//! against a deadline, and a communicator that fails, times out or is given up (a
+//! [`GroupAbort`]) is aborted. The communicator's set-up has the same deadline.
 
-use super::{Collective, CommError};
+use super::{wait_for_set_up, Collective, CommError, GroupAbort};
 use cudarc::nccl::{result, sys};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -56,6 +57,7 @@ pub struct NcclGroup {
     device: usize,
     timeout: Duration,
     aborted: bool,
+    abort: GroupAbort,
 }
 
 // SAFETY: an NCCL communicator is not tied to the thread that created it; NcclGroup is owned
@@ -63,25 +65,51 @@ pub struct NcclGroup {
 // concurrently.
 unsafe impl Send for NcclGroup {}
 
+/// A communicator handed from the set-up thread to the caller.
+struct InitializedComm(sys::ncclComm_t);
+
+// SAFETY: the handle moves from the thread that initialised it to exactly one owner (the caller,
+// or the abandon path that aborts it); it is never used by two threads.
+unsafe impl Send for InitializedComm {}
+
 impl NcclGroup {
     /// Joins the communicator described by `id` as `rank` of `world` on CUDA device `device`.
-    pub fn init(device: usize, rank: usize, world: usize, id: &[u8], timeout: Duration) -> Result<Self, CommError> {
+    /// `ncclCommInitRank` blocks until every rank has joined and cannot be interrupted, so it
+    /// runs on its own thread: after `timeout` (a peer died between rendezvous and set-up) or
+    /// an abort this returns an error, and a communicator that forms later is aborted there.
+    pub fn init(
+        device: usize,
+        rank: usize,
+        world: usize,
+        id: &[u8],
+        timeout: Duration,
+        abort: &GroupAbort,
+    ) -> Result<Self, CommError> {
         if id.len() != 128 {
             return Err(failed(
                 "nccl_init",
                 format!("the unique id has {} bytes, NCCL needs 128", id.len()),
             ));
         }
-        cudarc::runtime::result::device::set(device as i32)
-            .map_err(|e| failed("nccl_init", format!("cudaSetDevice({device}): {e:?}")))?;
         let mut unique = sys::ncclUniqueId { internal: [0; 128] };
         for (dst, src) in unique.internal.iter_mut().zip(id) {
             *dst = *src as std::ffi::c_char;
         }
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; the id came from ncclGetUniqueId on rank 0.
-        unsafe { result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }
-            .map_err(|e| failed("nccl_init", describe(e)))?;
+        let init = move || {
+            cudarc::runtime::result::device::set(device as i32)
+                .map_err(|e| failed("nccl_init", format!("cudaSetDevice({device}): {e:?}")))?;
+            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: `comm` is a valid out-pointer; the id came from ncclGetUniqueId on rank 0.
+            unsafe { result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }
+                .map_err(|e| failed("nccl_init", describe(e)))?;
+            Ok(InitializedComm(comm))
+        };
+        let abandon = |comm: InitializedComm| {
+            tracing::warn!("an NCCL communicator formed after its set-up was given up; aborting it");
+            // SAFETY: the communicator was initialised and nobody else holds it.
+            let _ = unsafe { result::comm_abort(comm.0) };
+        };
+        let comm = wait_for_set_up("nccl_init", timeout, abort, init, abandon)?.0;
         Ok(Self {
             comm,
             rank,
@@ -89,6 +117,7 @@ impl NcclGroup {
             device,
             timeout,
             aborted: false,
+            abort: abort.clone(),
         })
     }
 
@@ -141,6 +170,9 @@ impl NcclGroup {
             }
             if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
                 break Err(failed(op, describe(result::NcclError(async_error))));
+            }
+            if self.abort.is_aborted() {
+                break Err(CommError::Aborted { op });
             }
             if started.elapsed() > self.timeout {
                 break Err(CommError::Timeout {

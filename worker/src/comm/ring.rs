@@ -3,7 +3,7 @@
 //! the receive runs here, so large chunks cannot deadlock; every socket has a timeout, so a dead
 //! peer is an error, never a hang.
 
-use super::{tensor_f32_mut, Collective, CommError};
+use super::{tensor_f32_mut, Collective, CommError, GroupAbort};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ pub struct Ring {
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
     timeout: Duration,
+    abort: GroupAbort,
 }
 
 fn failed(op: &'static str, e: impl std::fmt::Display) -> CommError {
@@ -66,11 +67,25 @@ fn disjoint(data: &mut [f32], a: usize, b: usize, shard: usize) -> (&[f32], &mut
 
 impl Ring {
     /// Connects rank `rank` to its neighbours; `addresses[k]` is rank k's listening address.
+    /// Gives up with [`CommError::Timeout`] when a neighbour does not connect within `timeout`
+    /// (it died or froze between the rendezvous and the set-up).
     pub fn connect(
         listener: TcpListener,
         rank: usize,
         addresses: &[String],
         timeout: Duration,
+    ) -> Result<Self, CommError> {
+        Self::connect_abortable(listener, rank, addresses, timeout, &GroupAbort::default())
+    }
+
+    /// [`Ring::connect`] that also gives up, and whose collectives fail at once, when `abort`
+    /// fires.
+    pub fn connect_abortable(
+        listener: TcpListener,
+        rank: usize,
+        addresses: &[String],
+        timeout: Duration,
+        abort: &GroupAbort,
     ) -> Result<Self, CommError> {
         let world = addresses.len();
         if world <= 1 {
@@ -80,61 +95,89 @@ impl Ring {
                 next: None,
                 prev: None,
                 timeout,
+                abort: abort.clone(),
             });
         }
-        let next_addr = &addresses[(rank + 1) % world];
         let deadline = Instant::now() + timeout;
+        let next_rank = (rank + 1) % world;
+        let next_addr = &addresses[next_rank];
+        let gave_up = |op: &'static str, waiting_for: usize| {
+            if abort.is_aborted() {
+                return CommError::Aborted { op };
+            }
+            tracing::error!(
+                rank,
+                peer = waiting_for,
+                "rank {waiting_for} did not join the ring within {timeout:?}"
+            );
+            CommError::Timeout {
+                op,
+                seconds: timeout.as_secs(),
+            }
+        };
+        let target = next_addr
+            .to_socket_addrs()
+            .map_err(|e| failed("connect", format!("{next_addr}: {e}")))?
+            .next()
+            .ok_or_else(|| failed("connect", format!("{next_addr}: no address")))?;
         let next = loop {
-            let target = next_addr
-                .to_socket_addrs()
-                .map_err(|e| failed("connect", format!("{next_addr}: {e}")))?
-                .next()
-                .ok_or_else(|| failed("connect", format!("{next_addr}: no address")))?;
-            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || abort.is_aborted() {
+                return Err(gave_up("connect to the next rank", next_rank));
+            }
+            match TcpStream::connect_timeout(&target, left.min(Duration::from_secs(2))) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "next rank not listening yet");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
                 Err(e) => {
-                    return Err(failed(
-                        "connect",
-                        format!("rank {} at {next_addr}: {e}", (rank + 1) % world),
-                    ))
+                    tracing::debug!(error = %e, "rank {next_rank} at {next_addr} not listening yet");
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         };
+        abort.watch(&next).map_err(|e| failed("connect", e))?;
         next.set_nodelay(true).map_err(|e| failed("connect", e))?;
+        next.set_write_timeout(Some(timeout))
+            .map_err(|e| failed("connect", e))?;
         (&next)
             .write_all(&(rank as u32).to_le_bytes())
-            .map_err(|e| failed("connect", e))?;
+            .map_err(|e| io_error("handshake", e, timeout))?;
+        let prev_rank = (rank + world - 1) % world;
         listener.set_nonblocking(true).map_err(|e| failed("accept", e))?;
         let prev = loop {
+            if Instant::now() >= deadline || abort.is_aborted() {
+                return Err(gave_up("accept from the previous rank", prev_rank));
+            }
             match listener.accept() {
                 Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(io_error("accept", e, timeout)),
             }
         };
+        abort.watch(&prev).map_err(|e| failed("accept", e))?;
         prev.set_nonblocking(false).map_err(|e| failed("accept", e))?;
         prev.set_nodelay(true).map_err(|e| failed("accept", e))?;
+        // The hello must come within what is left of the set-up deadline.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        prev.set_read_timeout(Some(left)).map_err(|e| failed("handshake", e))?;
+        let mut hello = [0u8; 4];
+        (&prev).read_exact(&mut hello).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => gave_up("handshake", prev_rank),
+            _ if abort.is_aborted() => CommError::Aborted { op: "handshake" },
+            _ => io_error("handshake", e, timeout),
+        })?;
+        let from = u32::from_le_bytes(hello) as usize;
+        if from != prev_rank {
+            return Err(failed(
+                "handshake",
+                format!("expected rank {prev_rank}, rank {from} connected"),
+            ));
+        }
         for s in [&next, &prev] {
             s.set_read_timeout(Some(timeout)).map_err(|e| failed("connect", e))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| failed("connect", e))?;
-        }
-        let mut hello = [0u8; 4];
-        (&prev)
-            .read_exact(&mut hello)
-            .map_err(|e| io_error("handshake", e, timeout))?;
-        let from = u32::from_le_bytes(hello) as usize;
-        let expected = (rank + world - 1) % world;
-        if from != expected {
-            return Err(failed(
-                "handshake",
-                format!("expected rank {expected}, rank {from} connected"),
-            ));
         }
         Ok(Self {
             rank,
@@ -142,6 +185,7 @@ impl Ring {
             next: Some(next),
             prev: Some(prev),
             timeout,
+            abort: abort.clone(),
         })
     }
 
@@ -151,6 +195,13 @@ impl Ring {
             return Ok(());
         };
         let timeout = self.timeout;
+        let error = |e: std::io::Error| {
+            if self.abort.is_aborted() {
+                CommError::Aborted { op }
+            } else {
+                io_error(op, e, timeout)
+            }
+        };
         std::thread::scope(|scope| {
             let sender = scope.spawn(|| {
                 let mut s = next;
@@ -159,8 +210,8 @@ impl Ring {
             let mut p = prev;
             let received = p.read_exact(recv);
             let sent = sender.join().map_err(|_| failed(op, "sender thread panicked"))?;
-            received.map_err(|e| io_error(op, e, timeout))?;
-            sent.map_err(|e| io_error(op, e, timeout))
+            received.map_err(error)?;
+            sent.map_err(error)
         })
     }
 
@@ -329,6 +380,102 @@ mod tests {
                 assert_eq!(scalars, &vec![expected, world as f64]);
             }
         }
+    }
+
+    /// Rank 0 of two whose peer announced `peer` at rendezvous and then never set up.
+    fn connect_alone(peer: String, timeout: Duration, abort: &GroupAbort) -> (Result<Ring, CommError>, Duration) {
+        let (l0, a0) = listen("127.0.0.1").unwrap();
+        let started = Instant::now();
+        let result = Ring::connect_abortable(l0, 0, &[a0, peer], timeout, abort);
+        (result, started.elapsed())
+    }
+
+    #[test]
+    fn set_up_gives_up_within_the_deadline_when_a_peer_never_connects() {
+        let timeout = Duration::from_secs(1);
+        // The peer's socket still accepts (a frozen process), but the peer never connects back.
+        let (frozen, frozen_addr) = listen("127.0.0.1").unwrap();
+        let (result, waited) = connect_alone(frozen_addr, timeout, &GroupAbort::default());
+        let err = result.err().expect("set-up without the peer fails");
+        assert!(
+            matches!(
+                err,
+                CommError::Timeout {
+                    op: "accept from the previous rank",
+                    seconds: 1
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        drop(frozen);
+        // The peer is gone: nothing listens at its address any more.
+        let (gone, gone_addr) = listen("127.0.0.1").unwrap();
+        drop(gone);
+        let (result, waited) = connect_alone(gone_addr, timeout, &GroupAbort::default());
+        let err = result.err().expect("set-up without the peer fails");
+        assert!(
+            matches!(
+                err,
+                CommError::Timeout {
+                    op: "connect to the next rank",
+                    seconds: 1
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "collective connect to the next rank timed out after 1 s: a peer is gone or stuck"
+        );
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_secs(3),
+            "{waited:?}"
+        );
+    }
+
+    #[test]
+    fn an_abort_ends_set_up_and_blocked_collectives_at_once() {
+        let (_frozen, frozen_addr) = listen("127.0.0.1").unwrap();
+        let abort = GroupAbort::default();
+        let aborter = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            aborter.abort();
+        });
+        let (result, waited) = connect_alone(frozen_addr, Duration::from_secs(30), &abort);
+        assert!(matches!(result, Err(CommError::Aborted { .. })), "{:?}", result.err());
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+
+        // A formed ring whose peer stops taking part: rank 0 blocks in a collective until its
+        // abort fires.
+        let (l0, a0) = listen("127.0.0.1").unwrap();
+        let (l1, a1) = listen("127.0.0.1").unwrap();
+        let addresses = vec![a0, a1];
+        let peer_addresses = addresses.clone();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let ring = Ring::connect(l1, 1, &peer_addresses, Duration::from_secs(30)).unwrap();
+            let _ = hold_rx.recv();
+            drop(ring);
+        });
+        let abort = GroupAbort::default();
+        let mut ring = Ring::connect_abortable(l0, 0, &addresses, Duration::from_secs(30), &abort).unwrap();
+        let aborter = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            aborter.abort();
+        });
+        let started = Instant::now();
+        let mut data = vec![1f32; 1 << 10];
+        let err = ring.reduce_scatter_f32(&mut data).unwrap_err();
+        assert!(matches!(err, CommError::Aborted { op: "reduce_scatter" }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        let _ = hold_tx.send(());
+        peer.join().unwrap();
     }
 
     #[test]

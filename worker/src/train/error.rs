@@ -22,6 +22,9 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{path}: {message}")]
     Output { path: String, message: String },
+    /// The checkpoint the run was told to resume from cannot be read.
+    #[error("checkpoint {path} cannot be resumed from: {message}")]
+    UnreadableCheckpoint { path: String, message: String },
     #[error("training: {0}")]
     Step(String),
     #[error("the training set is empty after reading {0}")]
