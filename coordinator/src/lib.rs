@@ -12,6 +12,7 @@ pub mod launcher;
 pub mod run;
 pub mod run_dir;
 pub mod server;
+pub mod signals;
 pub mod state;
 pub mod status_view;
 pub mod store;

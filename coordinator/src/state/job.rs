@@ -514,7 +514,7 @@ impl Job {
             )));
         }
         let at_once = if force {
-            Some(format!("{why} (--force)"))
+            Some(why.to_string())
         } else if self.state == JobState::Pending {
             Some(format!("{why} while waiting for workers (nothing to checkpoint)"))
         } else if alive_workers == 0 {

@@ -734,15 +734,16 @@ impl Coordinator {
             .collect()
     }
 
-    /// The newest KILLED or FAILED job writing to `output_dir`, with its state and message: the
-    /// job a rerun of the same command would continue.
-    pub fn resumable_in(&self, output_dir: &str) -> Option<(String, JobState, String)> {
+    /// The newest KILLED or FAILED job that writes where a job of this command line would
+    /// (`dir_for(job id)`), with its state and message: the job a rerun of the same command
+    /// would continue.
+    pub fn resumable_for(&self, dir_for: impl Fn(&str) -> String) -> Option<(String, JobState, String)> {
         self.lock()
             .jobs
             .values()
             .rev()
             .filter(|e| matches!(e.job.state, JobState::Killed | JobState::Failed) && e.job.record_error.is_none())
-            .find(|e| run_dir::same_dir(&e.job.output_dir, output_dir))
+            .find(|e| run_dir::same_dir(&e.job.output_dir, &dir_for(&e.job.id)))
             .map(|e| (e.job.id.clone(), e.job.state, e.job.message.clone()))
     }
 
