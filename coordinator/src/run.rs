@@ -220,6 +220,17 @@ fn start_or_resume(coordinator: &Coordinator, args: &ServeArgs, spec: JobSpec, p
     }
 }
 
+/// What a signal did to the running jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// No job was running.
+    Nothing,
+    /// Every rank stopped after its step with a checkpoint.
+    Gracefully,
+    /// The stop was forced (a second signal, or --stop-timeout-s).
+    AtOnce,
+}
+
 /// How the serving loop ended.
 enum Ended {
     /// With --exit-when-done: the job ended in this state.
@@ -229,12 +240,12 @@ enum Ended {
 
 /// The first signal stops every active job gracefully: each rank finishes its step and writes
 /// a checkpoint, the job ends KILLED. A second signal, or `timeout`, forces the stop (the jobs
-/// are KILLED at once, their workers told to shut down). Returns whether a job was stopped.
-async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Received, timeout: Duration) -> bool {
+/// are KILLED at once, their workers told to shut down).
+async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Received, timeout: Duration) -> Stopped {
     let jobs = coordinator.active_job_ids();
     if jobs.is_empty() {
         tracing::info!(signal = first.name(), "no job is running; shutting down");
-        return false;
+        return Stopped::Nothing;
     }
     let why = format!("the coordinator received {}", first.name());
     for id in &jobs {
@@ -265,7 +276,7 @@ async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Rece
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     };
-    if let Some(by) = forced_by {
+    if let Some(by) = &forced_by {
         tracing::warn!("stopping at once after {by}");
         for id in &jobs {
             if coordinator.job_state(id).is_some_and(JobState::is_active) {
@@ -280,7 +291,10 @@ async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Rece
             eprintln!("job {id} {}: {}", view.job.state.name(), view.job.message);
         }
     }
-    true
+    match forced_by {
+        Some(_) => Stopped::AtOnce,
+        None => Stopped::Gracefully,
+    }
 }
 
 pub async fn serve(args: ServeArgs) -> Result<i32> {
@@ -384,12 +398,18 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     };
+    // How long the workers this coordinator started get between SIGTERM and SIGKILL.
+    let mut grace = Duration::from_secs(10);
     let code = match outcome {
         Ended::Signal(first) => {
             let stop_timeout = Duration::from_secs(args.stop_timeout_s);
             match stop_jobs(&coordinator, &mut signals, first, stop_timeout).await {
-                true => first.exit_code(),
-                false => 0,
+                Stopped::Nothing => 0,
+                Stopped::Gracefully => first.exit_code(),
+                Stopped::AtOnce => {
+                    grace = Duration::from_secs(5);
+                    first.exit_code()
+                }
             }
         }
         Ended::Job(JobState::Succeeded) => 0,
@@ -404,7 +424,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     };
     // Every process this coordinator started ends with it (each leads its own process group).
     for (_, (_, workers)) in launched {
-        workers.terminate(Duration::from_secs(10)).await;
+        workers.terminate(grace).await;
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

@@ -256,6 +256,60 @@ fn sigterm_stops_the_job_with_a_checkpoint_and_a_rerun_resumes_or_starts_afresh_
     );
 }
 
+/// Starts job-1 with `extra` flags, waits for it to train, freezes its workers (SIGSTOP, so no
+/// graceful stop can complete) and sends the coordinator SIGTERM; returns the coordinator and
+/// the worker pids.
+fn stop_with_frozen_workers(d: &Path, extra: &[&str]) -> (CoordinatorProc, Vec<u32>) {
+    let args = with(&job_args(d, &d.join("out"), 2, 16, 40), extra);
+    let c = start(&d.join("state"), &args);
+    let pids = worker_pids(&wait_steps(&c, 3));
+    for pid in &pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGSTOP).unwrap();
+    }
+    c.proc.signal(Signal::SIGTERM);
+    wait_for("job-1 to be STOPPING", Duration::from_secs(30), || {
+        (c.status(Some("job-1"))["state"] == "STOPPING").then_some(())
+    });
+    (c, pids)
+}
+
+/// The coordinator has exited 143 with job-1 KILLED at once (`by` says what forced it) and no
+/// worker process left.
+fn forced(mut c: CoordinatorProc, pids: &[u32], by: &str, started: Instant) {
+    let exit = c.proc.wait_exit(Duration::from_secs(60));
+    assert_eq!(exit.code(), Some(143), "{}", c.log());
+    eprintln!("forced by {by}: coordinator exited 143 after {:?}", started.elapsed());
+    for pid in pids {
+        assert!(!pid_alive(*pid), "worker {pid} outlived the coordinator");
+    }
+    let v = viewer(&c.state_dir);
+    let job = v.status(Some("job-1"));
+    assert_eq!(job["state"], "KILLED", "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the coordinator received SIGTERM; stopped at once after") && message.contains(by),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_second_signal_forces_the_stop_and_leaves_no_worker_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, pids) = stop_with_frozen_workers(dir.path(), &[]);
+    let started = Instant::now();
+    c.proc.signal(Signal::SIGTERM);
+    forced(c, &pids, "a second signal (SIGTERM)", started);
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_graceful_stop_has_a_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (c, pids) = stop_with_frozen_workers(dir.path(), &["--stop-timeout-s", "3"]);
+    forced(c, &pids, "--stop-timeout-s 3", started);
+}
+
 #[test]
 fn an_output_directory_holding_another_run_is_refused_unless_overwritten() {
     let dir = tempfile::tempdir().unwrap();
