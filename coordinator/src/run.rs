@@ -32,20 +32,47 @@ fn is_loopback(listen: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// How long `worker info` may take (it initialises CUDA when there is one).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// CUDA devices on this host, as the worker binary (which links libtorch) sees them.
 fn local_gpu_count(worker_binary: &std::path::Path) -> Result<u32> {
+    use std::io::Read;
     let what = format!("{} info", worker_binary.display());
-    let out = std::process::Command::new(worker_binary)
+    let fail = |message: String| CoordinatorError::Spawn {
+        what: what.clone(),
+        message,
+    };
+    let mut child = std::process::Command::new(worker_binary)
         .args(["info", "--json"])
-        .output()
-        .map_err(|e| CoordinatorError::Spawn {
-            what: what.clone(),
-            message: e.to_string(),
-        })?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| CoordinatorError::Spawn {
-        what,
-        message: format!("unexpected output: {e}"),
-    })?;
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+    loop {
+        match child.try_wait().map_err(|e| fail(e.to_string()))? {
+            Some(_) => break,
+            None if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())));
+            }
+        }
+    }
+    let bytes = reader
+        .join()
+        .map_err(|_| fail("reading its output failed".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("unexpected output: {e}")))?;
     Ok(info["cuda_device_count"].as_u64().unwrap_or(0) as u32)
 }
 
@@ -197,6 +224,23 @@ fn start_or_resume(coordinator: &Coordinator, args: &ServeArgs, spec: JobSpec, p
     let earlier = coordinator.resumable_for(|id| plan.train.output_dir_or(id).display().to_string());
     match earlier {
         Some((id, _, _)) if args.resume => {
+            let stored = coordinator.status(&id)?.job.spec.args;
+            let ignored: Vec<String> = spec
+                .args
+                .iter()
+                .filter(|(key, value)| key.as_str() != "output_dir" && stored.get(*key) != Some(*value))
+                .map(|(key, value)| {
+                    let was = stored.get(key).map_or("unset", String::as_str);
+                    format!("--{key} {value} (the job has {was})")
+                })
+                .collect();
+            if !ignored.is_empty() {
+                tracing::warn!(
+                    job_id = %id,
+                    "--resume continues the job with the flags it was submitted with; not used: {}",
+                    ignored.join(", ")
+                );
+            }
             let view = coordinator.resume(&id, spec.world_size)?;
             tracing::info!(job_id = %id, message = %view.job.message, "--resume: continuing the job");
             Ok(id)

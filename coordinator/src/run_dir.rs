@@ -56,28 +56,30 @@ pub fn holder(dir: &Path) -> Holder {
     }
 }
 
-fn describe(run: &RunFile, state_id: &str) -> String {
+fn describe(run: &RunFile, state_id: &str, own_job: &dyn Fn(&str) -> String) -> String {
     let job = if run.job_id.is_empty() { "?" } else { &run.job_id };
     match run.run_id.strip_prefix(state_id).and_then(|r| r.strip_prefix('/')) {
-        Some(own) => format!(
-            "run `{}` ({own} of this state directory); continue that job with `coordinator resume --job {own}` \
-             (or this command with --resume)",
-            run.run_id
-        ),
+        Some(own) => format!("run `{}` ({own} of this state directory; {})", run.run_id, own_job(own)),
         None => format!("run `{}` ({job} of another coordinator's state directory)", run.run_id),
     }
 }
 
 /// A new job of state directory `state_id` may write into `dir`: it holds no run, or
-/// `overwrite` (`--overwrite_output_dir`) says the workers may clear it.
-pub fn check_new(dir: &Path, state_id: &str, overwrite: bool) -> Result<(), CoordinatorError> {
+/// `overwrite` (`--overwrite_output_dir`) says the workers may clear it. `own_job` says what
+/// became of a job of this state directory whose run holds the directory (by job id).
+pub fn check_new(
+    dir: &Path,
+    state_id: &str,
+    overwrite: bool,
+    own_job: &dyn Fn(&str) -> String,
+) -> Result<(), CoordinatorError> {
     let found = match holder(dir) {
         Holder::Nothing => return Ok(()),
         _ if overwrite => {
             tracing::warn!(output_dir = %dir.display(), "--overwrite_output_dir: the workers clear what another run left there");
             return Ok(());
         }
-        Holder::Run(run) => format!("holds {}", describe(&run, state_id)),
+        Holder::Run(run) => format!("holds {}", describe(&run, state_id, own_job)),
         Holder::Unnamed(files) => format!(
             "holds {} of a run that left no {RUN_FILE} (an earlier kormlm version or another tool)",
             files.join(" and ")
@@ -133,10 +135,15 @@ mod tests {
         .unwrap();
     }
 
+    fn resumable(job: &str) -> String {
+        format!("continue it with `coordinator resume --job {job}`")
+    }
+
     #[test]
     fn a_new_job_takes_only_a_directory_without_a_run() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
+        let check_new = |dir: &Path, state_id: &str, overwrite: bool| check_new(dir, state_id, overwrite, &resumable);
         check_new(&out, "aaaa", false).unwrap();
         write_run(&out, "bbbb/job-3", "job-3");
         let err = check_new(&out, "aaaa", false).unwrap_err().to_string();
@@ -147,7 +154,7 @@ mod tests {
         );
         let err = check_new(&out, "bbbb", false).unwrap_err().to_string();
         assert!(
-            err.contains("(job-3 of this state directory); continue that job with `coordinator resume --job job-3`"),
+            err.contains("(job-3 of this state directory; continue it with `coordinator resume --job job-3`)"),
             "{err}"
         );
         check_new(&out, "aaaa", true).unwrap();

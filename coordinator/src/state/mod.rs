@@ -271,8 +271,9 @@ impl Coordinator {
     pub fn submit(&self, spec: JobSpec) -> Result<(String, Vec<String>)> {
         let plan = JobPlan::resolve(&spec, spec.world_size)?;
         let overwrite = plan.train.overwrite_output_dir;
+        let own_job = |id: &str| self.what_became_of(id);
         if let Some(dir) = &plan.train.output_dir {
-            run_dir::check_new(std::path::Path::new(dir), &self.state_id, overwrite)?;
+            run_dir::check_new(std::path::Path::new(dir), &self.state_id, overwrite, &own_job)?;
         }
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
@@ -280,7 +281,12 @@ impl Coordinator {
         let number = self.store.next_job_number()?;
         let job = Job::submitted(number, spec, &plan, &self.state_id);
         if plan.train.output_dir.is_none() {
-            run_dir::check_new(std::path::Path::new(&job.output_dir), &self.state_id, overwrite)?;
+            run_dir::check_new(
+                std::path::Path::new(&job.output_dir),
+                &self.state_id,
+                overwrite,
+                &own_job,
+            )?;
         }
         let id = job.id.clone();
         let mut inner = self.lock();
@@ -295,6 +301,19 @@ impl Coordinator {
         drop(inner);
         self.notify();
         Ok((id, plan.warnings))
+    }
+
+    /// What became of job `job_id`, for a message about the output directory it holds.
+    fn what_became_of(&self, job_id: &str) -> String {
+        let inner = self.lock();
+        match job_number(job_id).and_then(|n| inner.jobs.get(&n)).map(|e| e.job.state) {
+            Some(state @ (JobState::Killed | JobState::Failed)) => format!(
+                "it is {}: continue it with `coordinator resume --job {job_id}`, or this command with --resume",
+                state.name()
+            ),
+            Some(state) => format!("it is {}", state.name()),
+            None => "no such job is recorded any more".into(),
+        }
     }
 
     /// The job with this id, or the newest job when `job_id` is empty.
@@ -1361,5 +1380,36 @@ mod tests {
         assert!(events(&c, &id)
             .iter()
             .any(|e| e.contains("checkpoint step-8 (/o/step-8) cannot be read")));
+    }
+
+    #[test]
+    fn a_job_is_refused_where_another_run_writes_and_told_what_became_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(&dir.path().join("state"));
+        let out = dir.path().join("out");
+        let mut with_out = spec(1);
+        with_out.args.insert("output_dir".into(), out.display().to_string());
+        let (id, _) = c.submit(with_out.clone()).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let run_file = format!(r#"{{"run_id": "{}/{id}", "job_id": "{id}"}}"#, c.state_id());
+        std::fs::write(out.join(run_dir::RUN_FILE), run_file).unwrap();
+        c.kill(&id, true, "kill requested").unwrap();
+        let err = c.submit(with_out.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "(job-1 of this state directory; it is KILLED: continue it with `coordinator resume --job job-1`"
+            ),
+            "{err}"
+        );
+        assert_eq!(c.list().len(), 1, "nothing was recorded");
+        with_out.args.insert("overwrite_output_dir".into(), "true".into());
+        let (second, _) = c.submit(with_out).unwrap();
+        assert_eq!(c.status(&second).unwrap().job.run_id, format!("{}/job-2", c.state_id()));
+        // job-1's directory is job-2's now: job-1 cannot be resumed into it.
+        let run_file = format!(r#"{{"run_id": "{}/{second}", "job_id": "{second}"}}"#, c.state_id());
+        std::fs::write(out.join(run_dir::RUN_FILE), run_file).unwrap();
+        c.kill(&second, true, "kill requested").unwrap();
+        let err = c.resume(&id, 0).unwrap_err().to_string();
+        assert!(err.contains("now holds run") && err.contains("job-2"), "{err}");
     }
 }
