@@ -278,10 +278,16 @@ fn the_batch_script_runs_a_two_rank_job_with_a_token_on_all_interfaces() {
         assert!(leaks.is_empty(), "the token is on a command line: {leaks:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(seen.len(), 2, "both workers were seen running: {seen:?}\n{}", batch.output());
+    assert_eq!(
+        seen.len(),
+        2,
+        "both workers were seen running: {seen:?}\n{}",
+        batch.output()
+    );
     for rank in 0..2 {
         assert!(
-            seen.iter().any(|l| l.contains(&format!("--rank {rank} --local_rank {rank}"))),
+            seen.iter()
+                .any(|l| l.contains(&format!("--rank {rank} --local_rank {rank}"))),
             "{seen:?}"
         );
     }
@@ -424,7 +430,11 @@ fn a_signal_stops_the_batch_job_with_a_checkpoint_and_a_requeue_resumes_it() {
         (s["global_step"].as_u64().unwrap_or(0) >= 3).then_some(s)
     });
     let mode = std::fs::metadata(state.join("token")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "the token file is private even though it existed: {mode:o}");
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the token file is private even though it existed: {mode:o}"
+    );
     // SIGTERM to the batch shell only, as `--signal=B:TERM@120` sends it.
     nix::sys::signal::kill(Pid::from_raw(batch.child.id() as i32), Signal::SIGTERM).unwrap();
     let exit = batch.wait(Duration::from_secs(120));
@@ -443,7 +453,11 @@ fn a_signal_stops_the_batch_job_with_a_checkpoint_and_a_requeue_resumes_it() {
     let stopped_at = killed["global_step"].as_u64().unwrap();
     assert!(stopped_at >= training["global_step"].as_u64().unwrap());
     assert!(stopped_at < killed["total_steps"].as_u64().unwrap(), "{killed}");
-    assert_eq!(killed["latest_checkpoint"]["global_step"].as_u64(), Some(stopped_at), "{killed}");
+    assert_eq!(
+        killed["latest_checkpoint"]["global_step"].as_u64(),
+        Some(stopped_at),
+        "{killed}"
+    );
     drop(viewer);
 
     // Slurm runs the script again under the same job id: the job continues.
@@ -453,12 +467,20 @@ fn a_signal_stops_the_batch_job_with_a_checkpoint_and_a_requeue_resumes_it() {
     let exit = batch.wait(Duration::from_secs(300));
     let output = batch.output();
     assert!(exit.success(), "{output}\n{}", task_logs(d));
-    assert!(output.contains("requeued (SLURM_RESTART_COUNT=1): continuing the job"), "{output}");
+    assert!(
+        output.contains("requeued (SLURM_RESTART_COUNT=1): continuing the job"),
+        "{output}"
+    );
     let viewer = CoordinatorProc::start(&state, &[]);
     let done = viewer.status(Some("job-1"));
     assert_eq!(done["state"], "SUCCEEDED", "{done}");
     assert_eq!(done["restarts"], 1, "{done}");
     let total = done["global_step"].as_u64().unwrap();
-    assert_eq!(logged_steps(&out), (1..=total).collect::<Vec<_>>(), "resumed at step {}", stopped_at + 1);
+    assert_eq!(
+        logged_steps(&out),
+        (1..=total).collect::<Vec<_>>(),
+        "resumed at step {}",
+        stopped_at + 1
+    );
     eprintln!("batch job stopped by SIGTERM at step {stopped_at}; the requeued run finished at step {total}");
 }
