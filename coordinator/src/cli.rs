@@ -75,12 +75,26 @@ pub struct ServeArgs {
     pub hostfile: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
-    /// Exit when the job has ended: status 0 if it succeeded, 1 otherwise.
+    /// Exit when the job has ended: status 0 if it succeeded, 1 otherwise (130/143 when a
+    /// SIGINT/SIGTERM stopped it).
     #[arg(long = "exit-when-done", visible_alias = "exit_when_done")]
     pub exit_when_done: bool,
     /// Restart a failed job from its latest checkpoint up to this many times.
     #[arg(long = "max_restarts", visible_alias = "max-restarts", default_value_t = 0)]
     pub max_restarts: u32,
+    /// Elastic continuation (torchrun's --nnodes=MIN:MAX): when a rank is lost and no automatic
+    /// restart is left, continue from the latest checkpoint on the surviving ranks if at least
+    /// this many survive and the batch rule holds for them (0: never).
+    #[arg(long = "min_workers", visible_alias = "min-workers", default_value_t = 0)]
+    pub min_workers: u32,
+    /// Continue the killed or failed job of --state-dir that writes to the same output
+    /// directory, instead of refusing to start (as a rerun of the same command would).
+    #[arg(long)]
+    pub resume: bool,
+    /// On SIGINT/SIGTERM the running jobs stop gracefully (every rank finishes its step and
+    /// checkpoints); after this many seconds, or on a second signal, they are stopped at once.
+    #[arg(long = "stop-timeout-s", visible_alias = "stop_timeout_s", default_value_t = 120)]
+    pub stop_timeout_s: u64,
     /// Heartbeat interval asked of workers, in milliseconds.
     #[arg(long = "heartbeat-ms", default_value_t = 1000)]
     pub heartbeat_ms: u64,

@@ -14,6 +14,20 @@ use tonic::transport::{Channel, Endpoint};
 
 type Client = JobServiceClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// How long connecting to the coordinator may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The deadline of a status, list, kill or resume call (`watch` follows a job for as long as it
+/// runs).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A request with the deadline of a one-shot call.
+fn call<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
+
 /// A JobService client whose every call carries the token (when one is given).
 async fn connect(args: &ClientArgs) -> Result<Client> {
     let token = TokenInterceptor::new(args.token.as_deref()).map_err(|e| CoordinatorError::Flag {
@@ -31,6 +45,7 @@ async fn connect(args: &ClientArgs) -> Result<Client> {
     };
     let channel = Endpoint::new(addr.clone())
         .map_err(unreachable)?
+        .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
         .map_err(unreachable)?;
@@ -50,14 +65,14 @@ pub async fn status(args: StatusArgs) -> Result<i32> {
     let request = GetJobStatusRequest {
         job_id: args.job.unwrap_or_default(),
     };
-    let status = client.get_job_status(request).await?.into_inner();
+    let status = client.get_job_status(call(request)).await?.into_inner();
     print_status(&status, args.client.json);
     Ok(0)
 }
 
 pub async fn list(args: ListArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let jobs = client.list_jobs(ListJobsRequest {}).await?.into_inner().jobs;
+    let jobs = client.list_jobs(call(ListJobsRequest {})).await?.into_inner().jobs;
     if args.client.json {
         let all: Vec<_> = jobs.iter().map(status_view::to_json).collect();
         println!("{}", serde_json::Value::Array(all));
@@ -155,7 +170,12 @@ pub async fn kill(args: KillArgs) -> Result<i32> {
         job_id: args.job,
         force: args.force,
     };
-    let status = client.kill_job(request).await?.into_inner().status.unwrap_or_default();
+    let status = client
+        .kill_job(call(request))
+        .await?
+        .into_inner()
+        .status
+        .unwrap_or_default();
     print_status(&status, args.client.json);
     Ok(0)
 }
@@ -167,7 +187,7 @@ pub async fn resume(args: ResumeArgs) -> Result<i32> {
         world_size: args.world_size.unwrap_or(0),
     };
     let status = client
-        .resume_job(request)
+        .resume_job(call(request))
         .await?
         .into_inner()
         .status

@@ -43,6 +43,8 @@ pub enum CoordinatorError {
     Rpc(String),
     #[error("cannot start worker {what}: {message}")]
     Spawn { what: String, message: String },
+    #[error("cannot take over SIGINT/SIGTERM: {0}")]
+    Signal(String),
 }
 
 /// What a client of the `coordinator status|…` commands got back from the server.
@@ -71,7 +73,9 @@ impl From<CoordinatorError> for tonic::Status {
                 tracing::error!(error = %message, "state store failure");
                 tonic::Status::internal(message)
             }
-            E::Listen { .. } | E::Connect { .. } | E::Rpc(_) | E::Spawn { .. } => tonic::Status::internal(message),
+            E::Listen { .. } | E::Connect { .. } | E::Rpc(_) | E::Spawn { .. } | E::Signal(_) => {
+                tonic::Status::internal(message)
+            }
         }
     }
 }

@@ -76,7 +76,9 @@ impl JobService for JobApi {
 
     async fn kill_job(&self, request: Request<KillJobRequest>) -> Result<Response<KillJobResponse>, Status> {
         let request = request.into_inner();
-        let view = self.coordinator.kill(&request.job_id, request.force)?;
+        let view = self
+            .coordinator
+            .kill(&request.job_id, request.force, "kill requested")?;
         if request.force {
             let pids = self.coordinator.worker_pids(&request.job_id);
             tokio::spawn(crate::launcher::force_stop(pids));

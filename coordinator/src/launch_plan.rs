@@ -202,6 +202,29 @@ pub fn cpu_plan(n: u32) -> Vec<Placement> {
         .collect()
 }
 
+/// The placements of the ranks in `keep` (old rank numbers), renumbered 0..M-1 in rank order,
+/// with local ranks renumbered per host: what an elastic continuation on the surviving ranks
+/// launches. Each survivor keeps its host and devices.
+pub fn renumbered(placements: &[Placement], keep: &[u32]) -> Vec<Placement> {
+    let mut kept: Vec<&Placement> = placements.iter().filter(|p| keep.contains(&p.rank)).collect();
+    kept.sort_by_key(|p| p.rank);
+    let mut per_host: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    kept.iter()
+        .enumerate()
+        .map(|(rank, p)| {
+            let local = per_host.entry(p.host.as_str()).or_insert(0);
+            let placement = Placement {
+                rank: rank as u32,
+                local_rank: *local,
+                host: p.host.clone(),
+                cuda_devices: p.cuda_devices.clone(),
+            };
+            *local += 1;
+            placement
+        })
+        .collect()
+}
+
 /// The devices one rank runs on, as the assignment and the status name them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankDevices {
@@ -261,6 +284,27 @@ pub fn remote_worker_command(rank: u32, local_rank: u32, coordinator_url: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn survivors_are_renumbered_and_keep_their_devices() {
+        let gpu = |rank, local_rank, host: &str, device| Placement {
+            rank,
+            local_rank,
+            host: host.into(),
+            cuda_devices: vec![device],
+        };
+        let plan = vec![
+            gpu(0, 0, "a", 0),
+            gpu(1, 1, "a", 1),
+            gpu(2, 0, "b", 4),
+            gpu(3, 1, "b", 5),
+        ];
+        assert_eq!(
+            renumbered(&plan, &[0, 2, 3]),
+            vec![gpu(0, 0, "a", 0), gpu(1, 0, "b", 4), gpu(2, 1, "b", 5)]
+        );
+        assert_eq!(renumbered(&cpu_plan(3), &[0, 2]), cpu_plan(2));
+    }
 
     #[test]
     fn other_hosts_get_a_reachable_url() {

@@ -114,9 +114,18 @@ impl LocalWorkers {
         Ok(workers)
     }
 
-    /// SIGTERM to every worker process group, then SIGKILL to those still there after `grace`.
+    /// SIGTERM to the process group of every worker still running, then SIGKILL to those still
+    /// there after `grace`; returns once every process is reaped (at most `grace` + 5 s). A
+    /// worker already reaped is not signalled: its group id may belong to someone else by now.
     pub async fn terminate(self, grace: Duration) {
-        for (_, pid) in &self.pids {
+        let running: Vec<(u32, i32)> = self
+            .pids
+            .iter()
+            .zip(&self.waiters)
+            .filter(|(_, waiter)| !waiter.is_finished())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for (_, pid) in &running {
             let _ = killpg(Pid::from_raw(*pid), Signal::SIGTERM);
         }
         let deadline = tokio::time::Instant::now() + grace;
@@ -125,8 +134,8 @@ impl LocalWorkers {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        for (rank, pid) in &self.pids {
-            if killpg(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
+        for ((rank, pid), waiter) in self.pids.iter().zip(&self.waiters) {
+            if !waiter.is_finished() && killpg(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
                 tracing::warn!(rank, pid, "worker did not stop after SIGTERM; sent SIGKILL");
             }
         }

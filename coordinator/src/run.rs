@@ -1,5 +1,7 @@
-//! `coordinator --config …`: open the state, start or adopt the job, serve, launch workers,
-//! and (with --exit-when-done) exit with the job's outcome.
+//! `coordinator --config …`: open the state, start, adopt or resume the job, serve, launch
+//! workers, and (with --exit-when-done) exit with the job's outcome. On SIGINT/SIGTERM the
+//! running jobs stop gracefully (every rank checkpoints; KILLED, resumable) within
+//! --stop-timeout-s, a second signal forces, and the exit status is 130/143.
 
 use crate::cli::{DeviceArg, ServeArgs, TaskArg};
 use crate::dry_run;
@@ -7,6 +9,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
 use crate::server;
+use crate::signals::{Received, Signals};
 use crate::state::job::JobState;
 use crate::state::{Coordinator, Settings};
 use crate::store::Store;
@@ -29,20 +32,47 @@ fn is_loopback(listen: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// How long `worker info` may take (it initialises CUDA when there is one).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// CUDA devices on this host, as the worker binary (which links libtorch) sees them.
 fn local_gpu_count(worker_binary: &std::path::Path) -> Result<u32> {
+    use std::io::Read;
     let what = format!("{} info", worker_binary.display());
-    let out = std::process::Command::new(worker_binary)
+    let fail = |message: String| CoordinatorError::Spawn {
+        what: what.clone(),
+        message,
+    };
+    let mut child = std::process::Command::new(worker_binary)
         .args(["info", "--json"])
-        .output()
-        .map_err(|e| CoordinatorError::Spawn {
-            what: what.clone(),
-            message: e.to_string(),
-        })?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| CoordinatorError::Spawn {
-        what,
-        message: format!("unexpected output: {e}"),
-    })?;
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+    loop {
+        match child.try_wait().map_err(|e| fail(e.to_string()))? {
+            Some(_) => break,
+            None if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())));
+            }
+        }
+    }
+    let bytes = reader
+        .join()
+        .map_err(|_| fail("reading its output failed".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("unexpected output: {e}")))?;
     Ok(info["cuda_device_count"].as_u64().unwrap_or(0) as u32)
 }
 
@@ -164,8 +194,14 @@ fn job_spec(
         args: job_args.into_iter().collect(),
         max_restarts: args.max_restarts,
         placements: placements.iter().map(Placement::to_proto).collect(),
-        min_workers: 0,
+        min_workers: args.min_workers,
     };
+    if args.min_workers > world_size {
+        return Err(flag(
+            "--min_workers",
+            format!("{} is more than the {world_size} rank(s) of the job", args.min_workers),
+        ));
+    }
     let plan = JobPlan::resolve(&spec, world_size)?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
@@ -173,11 +209,135 @@ fn job_spec(
     Ok(Some((spec, plan)))
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+/// The job this command line runs: a new one, or — with --resume — the killed or failed job of
+/// the state directory that writes to the same output directory. Without --resume such a job
+/// makes the command refuse to start (a rerun of the same command must not start over there),
+/// unless --overwrite_output_dir asks for a new job in its place.
+fn start_or_resume(coordinator: &Coordinator, args: &ServeArgs, spec: JobSpec, plan: &JobPlan) -> Result<String> {
+    let overwrite = plan.train.overwrite_output_dir;
+    if args.resume && overwrite {
+        return Err(flag(
+            "--resume",
+            "contradicts --overwrite_output_dir: continue the earlier job, or start afresh in its place",
+        ));
+    }
+    let earlier = coordinator.resumable_for(|id| plan.train.output_dir_or(id).display().to_string());
+    match earlier {
+        Some((id, _, _)) if args.resume => {
+            let stored = coordinator.status(&id)?.job.spec.args;
+            let ignored: Vec<String> = spec
+                .args
+                .iter()
+                .filter(|(key, value)| key.as_str() != "output_dir" && stored.get(*key) != Some(*value))
+                .map(|(key, value)| {
+                    let was = stored.get(key).map_or("unset", String::as_str);
+                    format!("--{key} {value} (the job has {was})")
+                })
+                .collect();
+            if !ignored.is_empty() {
+                tracing::warn!(
+                    job_id = %id,
+                    "--resume continues the job with the flags it was submitted with; not used: {}",
+                    ignored.join(", ")
+                );
+            }
+            let view = coordinator.resume(&id, spec.world_size)?;
+            tracing::info!(job_id = %id, message = %view.job.message, "--resume: continuing the job");
+            Ok(id)
+        }
+        Some((id, state, message)) if !overwrite => Err(CoordinatorError::Refused(format!(
+            "job {id} of {} ({}: {message}) writes to the same output directory ({}); continue it by running \
+             this command again with --resume (or `coordinator resume --job {id}` while a coordinator serves the \
+             state directory), or start a new job there with --overwrite_output_dir ({id}'s files are removed)",
+            args.state_dir.display(),
+            state.name(),
+            plan.train.output_dir_or(&id).display()
+        ))),
+        _ => {
+            if args.resume {
+                tracing::info!("--resume: no killed or failed job writes to this output directory; starting a new job");
+            }
+            let (id, _) = coordinator.submit(spec)?;
+            tracing::info!(job_id = %id, "job submitted");
+            Ok(id)
+        }
+    }
+}
+
+/// What a signal did to the running jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// No job was running.
+    Nothing,
+    /// Every rank stopped after its step with a checkpoint.
+    Gracefully,
+    /// The stop was forced (a second signal, or --stop-timeout-s).
+    AtOnce,
+}
+
+/// How the serving loop ended.
+enum Ended {
+    /// With --exit-when-done: the job ended in this state.
+    Job(JobState),
+    Signal(Received),
+}
+
+/// The first signal stops every active job gracefully: each rank finishes its step and writes
+/// a checkpoint, the job ends KILLED. A second signal, or `timeout`, forces the stop (the jobs
+/// are KILLED at once, their workers told to shut down).
+async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Received, timeout: Duration) -> Stopped {
+    let jobs = coordinator.active_job_ids();
+    if jobs.is_empty() {
+        tracing::info!(signal = first.name(), "no job is running; shutting down");
+        return Stopped::Nothing;
+    }
+    let why = format!("the coordinator received {}", first.name());
+    for id in &jobs {
+        if let Err(e) = coordinator.kill(id, false, &why) {
+            tracing::warn!(job_id = %id, error = %e, "cannot stop the job");
+        }
+    }
+    tracing::warn!(
+        signal = first.name(),
+        jobs = ?jobs,
+        "stopping: every rank finishes its step and checkpoints (another signal, or --stop-timeout-s {}, stops at once)",
+        timeout.as_secs()
+    );
+    let mut changes = coordinator.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ended = |coordinator: &Coordinator| {
+        jobs.iter()
+            .all(|id| coordinator.job_state(id).is_none_or(JobState::is_terminal))
+    };
+    let forced_by = loop {
+        if ended(coordinator) {
+            break None;
+        }
+        tokio::select! {
+            second = signals.recv() => break Some(format!("a second signal ({})", second.name())),
+            _ = tokio::time::sleep_until(deadline) => break Some(format!("--stop-timeout-s {}", timeout.as_secs())),
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    if let Some(by) = &forced_by {
+        tracing::warn!("stopping at once after {by}");
+        for id in &jobs {
+            if coordinator.job_state(id).is_some_and(JobState::is_active) {
+                if let Err(e) = coordinator.kill(id, true, &format!("{why}; stopped at once after {by}")) {
+                    tracing::warn!(job_id = %id, error = %e, "cannot stop the job");
+                }
+            }
+        }
+    }
+    for id in &jobs {
+        if let Ok(view) = coordinator.status(id) {
+            eprintln!("job {id} {}: {}", view.job.state.name(), view.job.message);
+        }
+    }
+    match forced_by {
+        Some(_) => Stopped::AtOnce,
+        None => Stopped::Gracefully,
     }
 }
 
@@ -199,6 +359,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         println!("{report:#}");
         return Ok(0);
     }
+    let mut signals = Signals::install().map_err(|e| CoordinatorError::Signal(e.to_string()))?;
     let store = Store::open(&args.state_dir)?;
     let settings = Settings {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
@@ -213,11 +374,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             tracing::info!(job_id = %id, "found an unfinished job in the state directory; continuing it");
             Some(id)
         }
-        (None, Some((spec, _))) => {
-            let (id, _) = coordinator.submit(spec)?;
-            tracing::info!(job_id = %id, "job submitted");
-            Some(id)
-        }
+        (None, Some((spec, plan))) => Some(start_or_resume(&coordinator, &args, spec, &plan)?),
         (None, None) => None,
     };
 
@@ -275,28 +432,32 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         if args.exit_when_done {
             if let Some(state) = job_id.as_deref().and_then(|id| coordinator.job_state(id)) {
                 if state.is_terminal() {
-                    break Some(state);
+                    break Ended::Job(state);
                 }
             }
         }
         tokio::select! {
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down on signal");
-                break None;
-            }
+            signal = signals.recv() => break Ended::Signal(signal),
             _ = changes.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     };
-    for (_, (_, workers)) in launched {
-        workers.terminate(Duration::from_secs(10)).await;
-    }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    let _ = std::fs::remove_file(&addr_file);
-    Ok(match outcome {
-        Some(JobState::Succeeded) | None => 0,
-        Some(state) => {
+    // How long the workers this coordinator started get between SIGTERM and SIGKILL.
+    let mut grace = Duration::from_secs(10);
+    let code = match outcome {
+        Ended::Signal(first) => {
+            let stop_timeout = Duration::from_secs(args.stop_timeout_s);
+            match stop_jobs(&coordinator, &mut signals, first, stop_timeout).await {
+                Stopped::Nothing => 0,
+                Stopped::Gracefully => first.exit_code(),
+                Stopped::AtOnce => {
+                    grace = Duration::from_secs(5);
+                    first.exit_code()
+                }
+            }
+        }
+        Ended::Job(JobState::Succeeded) => 0,
+        Ended::Job(state) => {
             if let Some(id) = &job_id {
                 if let Ok(view) = coordinator.status(id) {
                     eprintln!("job {id} ended {}: {}", state.name(), view.job.message);
@@ -304,7 +465,15 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             }
             1
         }
-    })
+    };
+    // Every process this coordinator started ends with it (each leads its own process group).
+    for (_, (_, workers)) in launched {
+        workers.terminate(grace).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = std::fs::remove_file(&addr_file);
+    Ok(code)
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ fn checkpoint(c: &Option<CheckpointRef>) -> Value {
             "world_size": c.world_size,
             "val_loss": c.val_loss,
             "created_unix_ms": c.created_unix_ms,
+            "run_id": c.run_id,
+            "attempt": c.attempt,
         }),
     }
 }
@@ -51,6 +53,7 @@ pub fn to_json(status: &JobStatus) -> Value {
     let workers: Vec<Value> = status.workers.iter().map(worker_json).collect();
     json!({
         "job_id": status.job_id,
+        "run_id": status.run_id,
         "state": job_state(status),
         "task": match task { TaskKind::Augment => "AUGMENT", _ => "TRAIN" },
         "message": status.message,
@@ -77,9 +80,11 @@ pub fn to_json(status: &JobStatus) -> Value {
         "val_loss_history": early.val_loss_history,
         "latest_checkpoint": checkpoint(&status.latest_checkpoint),
         "best_checkpoint": checkpoint(&status.best_checkpoint),
+        "checkpoints": status.checkpoints.iter().map(|c| checkpoint(&Some(c.clone()))).collect::<Vec<_>>(),
         "restarts": status.restarts,
         "max_restarts": status.max_restarts,
         "automatic_restarts": status.automatic_restarts,
+        "shrinks": status.shrinks,
         "created_unix_ms": status.created_unix_ms,
         "started_unix_ms": status.started_unix_ms,
         "ended_unix_ms": status.ended_unix_ms,
@@ -113,7 +118,13 @@ pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
     let progress = status.progress.unwrap_or_default();
     let early = status.early_stop.clone().unwrap_or_default();
     let mut out = String::new();
-    out.push_str(&format!("job         {}  {}\n", status.job_id, job_state(status)));
+    out.push_str(&format!(
+        "job         {}  {}  (run {}, world size {})\n",
+        status.job_id,
+        job_state(status),
+        status.run_id,
+        status.world_size
+    ));
     if !status.message.is_empty() {
         out.push_str(&format!("message     {}\n", status.message));
     }
@@ -138,6 +149,12 @@ pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
     }
     if let Some(c) = &status.best_checkpoint {
         out.push_str(&format!("checkpoint  best   {} ({})\n", c.tag, c.path));
+    }
+    if status.restarts > 0 || status.shrinks > 0 {
+        out.push_str(&format!(
+            "restarts    {} ({} automatic of {}), shrinks {}\n",
+            status.restarts, status.automatic_restarts, status.max_restarts, status.shrinks
+        ));
     }
     out.push_str(&format!(
         "{:>4}  {:<8}  {:<16}  {:>8}  {:<10}  {:>12}  {:>14}\n",
@@ -176,7 +193,16 @@ mod tests {
     fn json_has_the_documented_fields() {
         let status = JobStatus {
             job_id: "job-3".into(),
+            run_id: "5eed/job-3".into(),
             state: JobState::Running as i32,
+            shrinks: 1,
+            restarts: 1,
+            checkpoints: vec![CheckpointRef {
+                tag: "step-4".into(),
+                run_id: "5eed/job-3".into(),
+                attempt: 1,
+                ..Default::default()
+            }],
             workers: vec![WorkerInfo {
                 rank: 1,
                 state: WorkerState::Lost as i32,
@@ -207,6 +233,17 @@ mod tests {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["state"], "RUNNING");
+        assert_eq!(
+            (v["run_id"].as_str(), v["shrinks"].as_u64()),
+            (Some("5eed/job-3"), Some(1))
+        );
+        assert_eq!(v["checkpoints"][0]["tag"], "step-4");
+        assert_eq!(v["checkpoints"][0]["run_id"], "5eed/job-3");
+        let table = to_table(&status, 0);
+        assert!(
+            table.contains("(run 5eed/job-3, world size 0)") && table.contains("shrinks 1"),
+            "{table}"
+        );
         let w = &v["workers"][0];
         for key in [
             "rank",

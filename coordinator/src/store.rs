@@ -15,6 +15,9 @@ pub const RECORD_VERSION: u8 = 1;
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// Tests: make every job write fail, as a full disk would.
+    #[cfg(test)]
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// The sled key of job `number`'s record.
@@ -37,6 +40,14 @@ pub fn job_number(job_id: &str) -> Option<u64> {
 
 pub fn job_id(number: u64) -> String {
     format!("job-{number}")
+}
+
+/// 8 random bytes from the kernel, as 16 hex digits.
+fn random_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn encode<M: Message>(message: &M) -> Vec<u8> {
@@ -84,6 +95,8 @@ impl Store {
         Ok(Self {
             db,
             path: dir.to_path_buf(),
+            #[cfg(test)]
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -120,26 +133,60 @@ impl Store {
     }
 
     pub fn put_job(&self, number: u64, record: &JobRecord) -> Result<()> {
+        #[cfg(test)]
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CoordinatorError::Store {
+                path: self.path.display().to_string(),
+                message: "No space left on device (injected)".into(),
+            });
+        }
         self.db
             .insert(job_key(number), encode(record))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
-    /// All jobs, oldest first.
-    pub fn jobs(&self) -> Result<Vec<(u64, JobRecord)>> {
+    /// This state directory's id: random, made on first use and kept in `meta/state_id`. With a
+    /// job id it names a run (`ID/job-N`), so files a run leaves in an output directory can be
+    /// told from another run's, also one of another state directory.
+    pub fn state_id(&self) -> Result<String> {
+        let key = "meta/state_id";
+        if let Some(existing) = self.db.get(key).map_err(|e| self.err(e))? {
+            return String::from_utf8(existing.to_vec()).map_err(|_| CoordinatorError::Record {
+                key: key.into(),
+                message: "not UTF-8 text".into(),
+            });
+        }
+        let fresh = random_id().map_err(|e| CoordinatorError::Store {
+            path: self.path.display().to_string(),
+            message: format!("cannot read random bytes for the state id: {e}"),
+        })?;
+        // Another writer cannot exist (sled holds a lock), but keep whatever is there if so.
+        let _ = self
+            .db
+            .compare_and_swap(key, None as Option<&[u8]>, Some(fresh.as_bytes()))
+            .map_err(|e| self.err(e))?;
+        self.flush()?;
+        self.state_id()
+    }
+
+    /// Every job record, oldest first. A record that cannot be read is returned as its error
+    /// (naming the key), so one damaged record does not hide the others.
+    pub fn jobs(&self) -> Result<Vec<(u64, Result<JobRecord>)>> {
         let mut jobs = Vec::new();
         for entry in self.db.scan_prefix("job/") {
             let (key, value) = entry.map_err(|e| self.err(e))?;
             let number = std::str::from_utf8(&key)
                 .ok()
                 .and_then(|k| k.strip_prefix("job/"))
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| CoordinatorError::Record {
-                    key: String::from_utf8_lossy(&key).into(),
-                    message: "malformed job key".into(),
-                })?;
-            jobs.push((number, decode(&key, &value)?));
+                .and_then(|n| n.parse().ok());
+            match number {
+                Some(number) => jobs.push((number, decode(&key, &value))),
+                None => tracing::error!(
+                    key = %String::from_utf8_lossy(&key),
+                    "a job record with a malformed key is left alone; it is not a job this coordinator can show"
+                ),
+            }
         }
         Ok(jobs)
     }
@@ -195,6 +242,12 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Makes every job write fail (or work again); for tests of what a failed write leaves.
+    #[cfg(test)]
+    pub fn fail_writes(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Writes raw bytes under a key; for tests that damage records on purpose.
@@ -256,7 +309,12 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.next_job_number().unwrap(), 3);
-        let jobs = store.jobs().unwrap();
+        let jobs: Vec<(u64, JobRecord)> = store
+            .jobs()
+            .unwrap()
+            .into_iter()
+            .map(|(n, r)| (n, r.unwrap()))
+            .collect();
         assert_eq!(jobs, vec![(1, record(JobState::Running))]);
         assert_eq!(store.workers(1).unwrap()[0].pid, 42);
         assert_eq!(store.events(1).unwrap()[0].message, "started");
@@ -266,17 +324,39 @@ mod tests {
     fn unreadable_record_is_an_error_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        store.put_job(3, &record(JobState::Killed)).unwrap();
         store.put_raw("job/000000000007", &[9, 1, 2]).unwrap();
-        let err = store.jobs().unwrap_err().to_string();
+        let jobs = store.jobs().unwrap();
+        assert_eq!(jobs.len(), 2, "the readable record is still there");
+        assert_eq!(jobs[0].1.as_ref().unwrap(), &record(JobState::Killed));
+        let err = jobs[1].1.as_ref().unwrap_err().to_string();
         assert!(
-            err.contains("job/000000000007") && err.contains("record version 9"),
+            jobs[1].0 == 7 && err.contains("job/000000000007") && err.contains("record version 9"),
             "{err}"
         );
         store
             .put_raw("job/000000000007", &[RECORD_VERSION, 0xff, 0xff])
             .unwrap();
-        let err = store.jobs().unwrap_err().to_string();
+        let err = store.jobs().unwrap()[1].1.as_ref().unwrap_err().to_string();
         assert!(err.contains("invalid record body"), "{err}");
+        store.put_raw("worker/000000000003/00000001", &[]).unwrap();
+        let err = store.workers(3).unwrap_err().to_string();
+        assert!(
+            err.contains("worker/000000000003/00000001") && err.contains("empty record"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_state_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Store::open(dir.path()).unwrap().state_id().unwrap();
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        let again = Store::open(dir.path()).unwrap().state_id().unwrap();
+        assert_eq!(id, again);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Store::open(other.path()).unwrap().state_id().unwrap(), id);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! that cannot be a domain value is an error naming its key, never a silent default.
 
 use crate::error::{CoordinatorError, Result};
-use crate::state::job::{Assignment, Job, JobState, Order, OrderKind, Telemetry};
+use crate::state::job::{self, Assignment, Job, JobState, Order, OrderKind, StopCause, Telemetry};
 use crate::state::rendezvous::{Arrival, Group};
 use crate::state::workers::{Registration, Report, ReportedFailure, Worker, WorkerState};
 use crate::state::JobView;
@@ -60,8 +60,10 @@ fn failure_kind_from_proto(value: i32) -> Option<FailureKind> {
     (value != v1::FailureKind::Unspecified as i32).then(|| FailureKind::from_wire(value))
 }
 
-/// The job's sled record (its status without workers, which are records of their own).
-pub fn job_from_record(number: u64, record: v1::JobRecord) -> Result<Job> {
+/// The job's sled record (its status without workers, which are records of their own). A record
+/// written before run ids and checkpoint lists gets the run id `STATE_ID/job-N` of this state
+/// directory and its latest checkpoint as its list.
+pub fn job_from_record(number: u64, record: v1::JobRecord, state_id: &str) -> Result<Job> {
     let damaged = |message: &str| CoordinatorError::Record {
         key: job_key(number),
         message: message.into(),
@@ -70,24 +72,49 @@ pub fn job_from_record(number: u64, record: v1::JobRecord) -> Result<Job> {
     let status = record.status.ok_or_else(|| damaged("the job record has no status"))?;
     let state =
         job_state_from_proto(status.state).ok_or_else(|| damaged(&format!("unknown job state {}", status.state)))?;
+    let keep_checkpoints = kormlm_proto::train_args::TrainArgs::from_map(&spec.args)
+        .map_err(|e| damaged(&format!("the job's flags: {e}")))?
+        .keep_checkpoints;
+    let stop_cause = (state == JobState::Stopping).then(|| {
+        if status.message.starts_with(job::PREEMPTED) {
+            StopCause::Preemption
+        } else {
+            StopCause::Request
+        }
+    });
+    let run_id = if status.run_id.is_empty() {
+        job::run_id(state_id, &status.job_id)
+    } else {
+        status.run_id
+    };
+    let checkpoints = match (status.checkpoints.is_empty(), &status.latest_checkpoint) {
+        (true, Some(latest)) => vec![latest.clone()],
+        _ => status.checkpoints,
+    };
     Ok(Job {
         number,
         id: status.job_id,
+        run_id,
         spec,
         resolved_config_json: record.resolved_config_json,
         batch: batch_from_proto(status.batch.unwrap_or_default()),
         state,
+        stop_cause,
         message: status.message,
         progress: status.progress.unwrap_or_default(),
         early_stop: status.early_stop.unwrap_or_default(),
         latest_checkpoint: status.latest_checkpoint,
         best_checkpoint: status.best_checkpoint,
+        checkpoints,
+        keep_checkpoints,
         created_unix_ms: status.created_unix_ms,
         started_unix_ms: status.started_unix_ms,
         ended_unix_ms: status.ended_unix_ms,
         restarts: status.restarts,
         automatic_restarts: status.automatic_restarts,
+        shrinks: status.shrinks,
         output_dir: status.output_dir,
+        record_error: None,
     })
 }
 
@@ -111,10 +138,9 @@ fn job_status(job: &Job, workers: Vec<v1::WorkerInfo>) -> v1::JobStatus {
         max_restarts: job.max_restarts(),
         output_dir: job.output_dir.clone(),
         automatic_restarts: job.automatic_restarts,
-        // Run identity, the checkpoint list and elastic shrinks come with issue #13.
-        run_id: String::new(),
-        checkpoints: Vec::new(),
-        shrinks: 0,
+        run_id: job.run_id.clone(),
+        checkpoints: job.checkpoints.clone(),
+        shrinks: job.shrinks,
     }
 }
 
@@ -183,11 +209,12 @@ impl From<v1::WorkerInfo> for Worker {
     }
 }
 
-/// The request's `token` field is not read: the token travels in metadata, where the
-/// authentication layer checks it.
+/// The token travels in metadata, where the authentication layer checks it. Held work is
+/// named by its job id (an empty one: the worker holds none, or does not say).
 impl From<v1::RegisterRequest> for Registration {
     fn from(r: v1::RegisterRequest) -> Self {
         Self {
+            holds: (!r.current_job_id.is_empty()).then(|| (r.current_job_id.clone(), r.current_attempt)),
             rank: r.rank,
             local_rank: u32::try_from(r.local_rank).ok(),
             host: r.host,
@@ -221,7 +248,7 @@ impl From<Assignment> for v1::Assignment {
             attempt: a.attempt,
             output_dir: a.output_dir,
             resume_from: a.resume_from,
-            run_id: String::new(),
+            run_id: a.run_id,
         }
     }
 }
@@ -236,6 +263,7 @@ impl From<v1::WorkerReport> for Report {
             job_id: r.job_id,
             rank: r.rank,
             incarnation: r.incarnation,
+            attempt: r.attempt,
             optimizer_state_bytes: r.optimizer_state_bytes,
             finished: r.finished,
             failure,
@@ -321,8 +349,16 @@ mod tests {
                 }),
                 latest_checkpoint: Some(CheckpointRef {
                     tag: "step-5".into(),
+                    run_id: "5eed/job-3".into(),
                     ..Default::default()
                 }),
+                checkpoints: vec![CheckpointRef {
+                    tag: "step-5".into(),
+                    run_id: "5eed/job-3".into(),
+                    ..Default::default()
+                }],
+                run_id: "5eed/job-3".into(),
+                shrinks: 1,
                 message: "all 2 worker(s) registered".into(),
                 created_unix_ms: 1,
                 started_unix_ms: 2,
@@ -338,25 +374,55 @@ mod tests {
 
     #[test]
     fn a_job_record_reads_back_unchanged() {
-        let job = job_from_record(3, record()).unwrap();
+        let job = job_from_record(3, record(), "other").unwrap();
         assert_eq!(
-            (job.state, job.progress.global_step, job.attempt()),
-            (JobState::Running, 7, 2)
+            (job.state, job.progress.global_step, job.attempt(), job.shrinks),
+            (JobState::Running, 7, 2, 1)
+        );
+        assert_eq!(
+            (job.run_id.as_str(), job.keep_checkpoints, job.stop_cause),
+            ("5eed/job-3", 2, None)
         );
         assert_eq!(v1::JobRecord::from(&job), record());
+    }
+
+    #[test]
+    fn an_older_record_gets_a_run_id_and_its_checkpoint_list() {
+        let mut r = record();
+        let status = r.status.as_mut().unwrap();
+        status.run_id.clear();
+        status.checkpoints.clear();
+        let job = job_from_record(3, r, "5eed").unwrap();
+        assert_eq!(job.run_id, "5eed/job-3");
+        assert_eq!(job.checkpoints.len(), 1);
+        assert_eq!(v1::JobRecord::from(&job), record());
+    }
+
+    #[test]
+    fn a_stopping_record_says_why_it_stops() {
+        let mut r = record();
+        let status = r.status.as_mut().unwrap();
+        status.state = v1::JobState::Stopping as i32;
+        status.message = "preempted: rank 1: SIGTERM; every rank finishes its step and checkpoints".into();
+        assert_eq!(
+            job_from_record(3, r.clone(), "x").unwrap().stop_cause,
+            Some(StopCause::Preemption)
+        );
+        r.status.as_mut().unwrap().message = "kill requested: finishing the current step".into();
+        assert_eq!(job_from_record(3, r, "x").unwrap().stop_cause, Some(StopCause::Request));
     }
 
     #[test]
     fn a_damaged_job_record_names_its_key() {
         let mut r = record();
         r.status.as_mut().unwrap().state = 0;
-        let err = job_from_record(3, r).unwrap_err().to_string();
+        let err = job_from_record(3, r, "x").unwrap_err().to_string();
         assert!(
             err.contains("job/000000000003") && err.contains("unknown job state 0"),
             "{err}"
         );
         let r = v1::JobRecord { spec: None, ..record() };
-        assert!(job_from_record(3, r).unwrap_err().to_string().contains("no spec"));
+        assert!(job_from_record(3, r, "x").unwrap_err().to_string().contains("no spec"));
     }
 
     #[test]
@@ -375,6 +441,22 @@ mod tests {
         );
         assert_eq!(v1::WorkerInfo::from(&worker), info);
         assert_eq!(Worker::from(v1::WorkerInfo::default()).failure_kind, None);
+    }
+
+    #[test]
+    fn registrations_say_what_work_they_hold() {
+        let r = Registration::from(v1::RegisterRequest {
+            current_job_id: "job-2".into(),
+            current_attempt: 3,
+            ..Default::default()
+        });
+        assert_eq!(r.holds, Some(("job-2".into(), 3)));
+        assert_eq!(Registration::from(v1::RegisterRequest::default()).holds, None);
+        let report = Report::from(v1::WorkerReport {
+            attempt: 4,
+            ..Default::default()
+        });
+        assert_eq!(report.attempt, 4);
     }
 
     #[test]

@@ -261,20 +261,35 @@ fn the_batch_script_runs_a_two_rank_job_with_a_token_on_all_interfaces() {
     assert!(leaks.is_empty(), "the token is on a command line: {leaks:?}");
 
     std::fs::write(&gate, "").unwrap();
-    // While the two workers run (if this poll catches them: the job takes well under a second),
-    // no process shows the token on its command line.
+    // While the two workers run (each lives for a second at least: loading libtorch, the model
+    // and the corpus), no process shows the token on its command line. /proc is polled directly,
+    // so the workers are seen however short the job is.
+    let worker_marker = format!("--coordinator http://localhost:{port}");
+    let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && batch.child.try_wait().unwrap().is_none() {
-        let out = status(&url, Some(&token));
-        if out.status.success() {
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if s["workers"].as_array().is_some_and(|w| w.len() == 2) {
-                let leaks = command_lines_containing(&token);
-                assert!(leaks.is_empty(), "the token is on a command line: {leaks:?}");
-                break;
+    while Instant::now() < deadline && seen.len() < 2 && batch.child.try_wait().unwrap().is_none() {
+        for line in command_lines_containing(&worker_marker) {
+            if line.contains("/worker --rank") && !seen.contains(&line) {
+                assert!(!line.contains(&token), "the token is on a command line: {line}");
+                seen.push(line);
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let leaks = command_lines_containing(&token);
+        assert!(leaks.is_empty(), "the token is on a command line: {leaks:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both workers were seen running: {seen:?}\n{}",
+        batch.output()
+    );
+    for rank in 0..2 {
+        assert!(
+            seen.iter()
+                .any(|l| l.contains(&format!("--rank {rank} --local_rank {rank}"))),
+            "{seen:?}"
+        );
     }
 
     let exit = batch.wait(Duration::from_secs(240));
@@ -351,4 +366,121 @@ fn a_config_that_does_not_fit_the_task_count_stops_before_srun() {
         !d.join("srun/options").exists(),
         "srun must not run when the coordinator cannot start"
     );
+}
+
+/// Steps of the `train` records of a training log, in file order.
+fn logged_steps(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("training_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "train")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_signal_stops_the_batch_job_with_a_checkpoint_and_a_requeue_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    let state = d.join("state");
+    // A token file left world-readable by someone: rewritten private.
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("token"), "old\n").unwrap();
+    std::fs::set_permissions(state.join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let model = tiny_model();
+    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    let args = [
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--data_path",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--max_seq_len",
+        "32",
+        "--num_train_epochs",
+        "8",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "3",
+    ];
+    let env = |restarts: &'static str| {
+        [
+            ("KORMLM_CONFIG", config("cpu-demo.json")),
+            ("KORMLM_DEVICE", PathBuf::from("cpu")),
+            ("KORMLM_COORDINATOR_FLAGS", PathBuf::from("--heartbeat-ms 200")),
+            ("SLURM_RESTART_COUNT", PathBuf::from(restarts)),
+        ]
+    };
+    let first_env = env("0");
+    let refs: Vec<(&str, &Path)> = first_env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    let port = free_port();
+    let mut batch = sbatch(d, port, &refs, &args);
+    let url = format!("http://127.0.0.1:{port}");
+    let training = wait_for("job-1 to train", Duration::from_secs(180), || {
+        if let Ok(Some(status)) = batch.child.try_wait() {
+            panic!("the batch script exited early with {status}:\n{}", batch.output());
+        }
+        let token = std::fs::read_to_string(state.join("token")).ok()?;
+        let out = status(&url, Some(token.trim()));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (s["global_step"].as_u64().unwrap_or(0) >= 3).then_some(s)
+    });
+    let mode = std::fs::metadata(state.join("token")).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the token file is private even though it existed: {mode:o}"
+    );
+    // SIGTERM to the batch shell only, as `--signal=B:TERM@120` sends it.
+    nix::sys::signal::kill(Pid::from_raw(batch.child.id() as i32), Signal::SIGTERM).unwrap();
+    let exit = batch.wait(Duration::from_secs(120));
+    let output = batch.output();
+    assert_eq!(exit.code(), Some(143), "{output}\n{}", task_logs(d));
+    assert!(output.contains("the job is resumable from its checkpoint"), "{output}");
+    assert!(
+        !output.contains("but srun exited") && !output.contains("workers still run"),
+        "the workers exited when told: {output}"
+    );
+    drop(batch);
+
+    let viewer = CoordinatorProc::start(&state, &[]);
+    let killed = viewer.status(Some("job-1"));
+    assert_eq!(killed["state"], "KILLED", "{killed}");
+    let stopped_at = killed["global_step"].as_u64().unwrap();
+    assert!(stopped_at >= training["global_step"].as_u64().unwrap());
+    assert!(stopped_at < killed["total_steps"].as_u64().unwrap(), "{killed}");
+    assert_eq!(
+        killed["latest_checkpoint"]["global_step"].as_u64(),
+        Some(stopped_at),
+        "{killed}"
+    );
+    drop(viewer);
+
+    // Slurm runs the script again under the same job id: the job continues.
+    let second_env = env("1");
+    let refs: Vec<(&str, &Path)> = second_env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    let mut batch = sbatch(d, free_port(), &refs, &args);
+    let exit = batch.wait(Duration::from_secs(300));
+    let output = batch.output();
+    assert!(exit.success(), "{output}\n{}", task_logs(d));
+    assert!(
+        output.contains("requeued (SLURM_RESTART_COUNT=1): continuing the job"),
+        "{output}"
+    );
+    let viewer = CoordinatorProc::start(&state, &[]);
+    let done = viewer.status(Some("job-1"));
+    assert_eq!(done["state"], "SUCCEEDED", "{done}");
+    assert_eq!(done["restarts"], 1, "{done}");
+    let total = done["global_step"].as_u64().unwrap();
+    assert_eq!(
+        logged_steps(&out),
+        (1..=total).collect::<Vec<_>>(),
+        "resumed at step {}",
+        stopped_at + 1
+    );
+    eprintln!("batch job stopped by SIGTERM at step {stopped_at}; the requeued run finished at step {total}");
 }

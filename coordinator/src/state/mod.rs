@@ -1,7 +1,8 @@
 //! The coordinator's state: every job with its workers and rendezvous, in memory and in sled.
 //! The parts decide — [`job`] a job's life cycle, [`workers`] who holds which rank,
-//! [`rendezvous`] forming the group — and this module holds the lock, carries out what they
-//! return (a change is durable before anyone can observe it) and tells watchers.
+//! [`rendezvous`] forming the group — and this module holds the lock and carries out what they
+//! return: a transition runs on a copy of the job, the copy is written (and flushed) to sled,
+//! and only then does it replace the job in memory, reach the workers and the watchers.
 
 pub mod job;
 pub mod rendezvous;
@@ -9,8 +10,9 @@ pub mod workers;
 
 use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::Placement;
+use crate::run_dir;
 use crate::store::{job_number, Store};
-use job::{Assignment, AugmentMerge, Effects, Failure, Job, JobState, Order, Settled};
+use job::{Assignment, AugmentMerge, Effects, Failure, Job, JobState, LostRank, Order, Settled};
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::v1::{EventRecord, JobRecord, JobSpec, WorkerInfo};
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use workers::{Registration, Report, Roster, Worker};
+use workers::{Claim, Registration, Report, Roster, Worker, WorkerState};
 
 /// Tunables of the coordinator.
 #[derive(Debug, Clone)]
@@ -71,6 +73,8 @@ struct Entry {
     held: Option<(Failure, Instant)>,
     /// The attempt whose augmentation parts are being merged.
     merging: Option<u32>,
+    /// The last checkpoint reference of another run that rank 0 reported (recorded once).
+    refused: Option<String>,
 }
 
 impl Entry {
@@ -81,7 +85,20 @@ impl Entry {
             round: None,
             held: None,
             merging: None,
+            refused: None,
         }
+    }
+
+    /// Every rank of the attempt is done: a running job's ranks have all finished, a stopping
+    /// job's have all ended (finished, failed or lost).
+    fn settles(&self) -> bool {
+        let world = self.job.world_size();
+        self.merging.is_none()
+            && match self.job.state {
+                JobState::Running => self.workers.all_exited(world),
+                JobState::Stopping => self.workers.all_ended(world),
+                _ => false,
+            }
     }
 
     fn view(&self) -> JobView {
@@ -114,32 +131,53 @@ pub struct Coordinator {
     inner: Mutex<Inner>,
     store: Store,
     settings: Settings,
+    /// This state directory's id: the first part of every run id.
+    state_id: String,
     changed: watch::Sender<u64>,
 }
 
 impl Coordinator {
-    /// Loads every job and worker record from the store.
+    /// Loads every job and worker record from the store. A job whose records cannot be read is
+    /// kept as a FAILED entry naming the record and the error; the others are served.
     pub fn load(store: Store, settings: Settings) -> Result<Arc<Self>> {
+        let state_id = store.state_id()?;
         let mut jobs = BTreeMap::new();
         // Workers of a previous coordinator get extra time to notice the restart and register
         // again (they back off up to 2 s between attempts) before the timeout applies.
         let seen = Instant::now() + RECONNECT_GRACE;
         for (number, record) in store.jobs()? {
-            let job = crate::wire::job_from_record(number, record)?;
-            let workers = store.workers(number)?.into_iter().map(Worker::from).collect();
-            jobs.insert(number, Entry::new(job, Roster::loaded(workers, seen)));
+            let loaded = record
+                .and_then(|record| crate::wire::job_from_record(number, record, &state_id))
+                .and_then(|job| Ok((job, store.workers(number)?)));
+            let entry = match loaded {
+                Ok((job, workers)) => {
+                    let workers = workers.into_iter().map(Worker::from).collect();
+                    Entry::new(job, Roster::loaded(workers, seen))
+                }
+                Err(e) => {
+                    tracing::error!(job = number, error = %e, "a job's records cannot be read; it is listed as FAILED");
+                    Entry::new(Job::unreadable(number, e.to_string()), Roster::default())
+                }
+            };
+            jobs.insert(number, entry);
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner { jobs, next_session: 1 }),
             store,
             settings,
+            state_id,
             changed,
         }))
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// This state directory's id (`STATE_ID` in every run id `STATE_ID/job-N`).
+    pub fn state_id(&self) -> &str {
+        &self.state_id
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -156,6 +194,13 @@ impl Coordinator {
     }
 
     fn persist(&self, job: &Job) -> Result<()> {
+        if let Some(error) = &job.record_error {
+            // The damaged record stays as it is, for whoever looks into it.
+            return Err(CoordinatorError::Refused(format!(
+                "job {} is not writable: {error}",
+                job.id
+            )));
+        }
         self.store.put_job(job.number, &JobRecord::from(job))
     }
 
@@ -176,19 +221,34 @@ impl Coordinator {
         )
     }
 
-    /// Carries out what a transition returned: the change durable (fsync) first, then the
-    /// orders to the workers, then the old attempt's workers and rendezvous forgotten.
-    fn apply(&self, entry: &mut Entry, effects: Effects) -> Result<()> {
+    /// Runs a transition on a copy of the entry's job and carries out what it returned.
+    fn transition(&self, entry: &mut Entry, step: impl FnOnce(&mut Job) -> Result<Effects>) -> Result<()> {
+        let mut next = entry.job.clone();
+        let effects = step(&mut next)?;
+        self.apply(entry, next, effects)
+    }
+
+    /// Carries out a transition: the new job and its events durable (fsync) first, then the
+    /// job replaced in memory, the orders sent, the old attempt's workers and rendezvous
+    /// forgotten. Nothing changes in memory when writing fails.
+    fn apply(&self, entry: &mut Entry, next: Job, effects: Effects) -> Result<()> {
+        let changed = next != entry.job;
+        if changed {
+            self.persist(&next)?;
+        }
         if let Some(change) = &effects.change {
-            self.persist(&entry.job)?;
-            self.event(&entry.job, "state", change.describe())?;
+            self.event(&next, "state", change.describe())?;
+        }
+        for (kind, message) in &effects.events {
+            self.event(&next, kind, message.clone())?;
         }
         if effects.restarted {
-            self.store.clear_workers(entry.job.number)?;
+            self.store.clear_workers(next.number)?;
         }
-        if effects.change.is_some() || effects.restarted {
+        if changed || effects.restarted || !effects.events.is_empty() {
             self.store.flush()?;
         }
+        entry.job = next;
         if let Some(order) = &effects.order {
             entry.workers.send(order);
         }
@@ -197,30 +257,63 @@ impl Coordinator {
             entry.round = None;
             entry.held = None;
             entry.merging = None;
+            entry.refused = None;
         }
         if effects.change.is_some_and(|c| c.to.is_terminal()) {
+            // Ends the rendezvous: ranks still waiting in it are woken with an error.
             entry.round = None;
         }
         Ok(())
     }
 
-    /// Resolves and records a new job; returns its id and the config warnings.
+    /// Resolves and records a new job; returns its id and the config warnings. Refused when its
+    /// output directory holds another run, unless the spec says `--overwrite_output_dir`.
     pub fn submit(&self, spec: JobSpec) -> Result<(String, Vec<String>)> {
         let plan = JobPlan::resolve(&spec, spec.world_size)?;
+        let overwrite = plan.train.overwrite_output_dir;
+        let own_job = |id: &str| self.what_became_of(id);
+        if let Some(dir) = &plan.train.output_dir {
+            run_dir::check_new(std::path::Path::new(dir), &self.state_id, overwrite, &own_job)?;
+        }
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
         let number = self.store.next_job_number()?;
-        let job = Job::submitted(number, spec, &plan);
+        let job = Job::submitted(number, spec, &plan, &self.state_id);
+        if plan.train.output_dir.is_none() {
+            run_dir::check_new(
+                std::path::Path::new(&job.output_dir),
+                &self.state_id,
+                overwrite,
+                &own_job,
+            )?;
+        }
         let id = job.id.clone();
         let mut inner = self.lock();
         self.persist(&job)?;
-        self.event(&job, "state", "submitted -> PENDING".into())?;
+        self.event(
+            &job,
+            "state",
+            format!("submitted -> PENDING (run {}, output {})", job.run_id, job.output_dir),
+        )?;
         self.store.flush()?;
         inner.jobs.insert(number, Entry::new(job, Roster::default()));
         drop(inner);
         self.notify();
         Ok((id, plan.warnings))
+    }
+
+    /// What became of job `job_id`, for a message about the output directory it holds.
+    fn what_became_of(&self, job_id: &str) -> String {
+        let inner = self.lock();
+        match job_number(job_id).and_then(|n| inner.jobs.get(&n)).map(|e| e.job.state) {
+            Some(state @ (JobState::Killed | JobState::Failed)) => format!(
+                "it is {}: continue it with `coordinator resume --job {job_id}`, or this command with --resume",
+                state.name()
+            ),
+            Some(state) => format!("it is {}", state.name()),
+            None => "no such job is recorded any more".into(),
+        }
     }
 
     /// The job with this id, or the newest job when `job_id` is empty.
@@ -246,7 +339,10 @@ impl Coordinator {
         self.lock().jobs.values().map(Entry::view).collect()
     }
 
-    /// Claims a rank of the active job for a worker.
+    /// Claims a rank of the active job for a worker. A worker that says it holds work of an
+    /// earlier attempt gets the current one (it drops the old work first); a new process for a
+    /// rank of a running attempt whose workers have not come back after a coordinator restart
+    /// starts a new attempt.
     pub fn register(&self, request: Registration) -> Result<Assignment> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(CoordinatorError::Refused(format!(
@@ -258,15 +354,28 @@ impl Coordinator {
         let entry = inner
             .active_mut()
             .ok_or_else(|| CoordinatorError::Refused("no job is waiting for workers on this coordinator".into()))?;
+        match entry.workers.claim(&entry.job, &request) {
+            Claim::Take => {}
+            Claim::Stale(why) => return Err(CoordinatorError::Refused(why)),
+            Claim::ReplacesAttempt(why) => self.transition(entry, |job| Ok(job.replace_attempt(&why)))?,
+        }
         let registered = entry.workers.register(&entry.job, &request)?;
-        let worker = &registered.worker;
-        self.persist_worker(&entry.job, worker)?;
+        let worker = registered.worker.clone();
+        self.persist_worker(&entry.job, &worker)?;
+        let held = match &request.holds {
+            Some((job_id, attempt)) if *job_id != entry.job.id || *attempt != entry.job.attempt() => {
+                format!("; it held work of {job_id} attempt {attempt}, which it drops")
+            }
+            Some(_) => "; it keeps the work it holds".to_string(),
+            None => String::new(),
+        };
         self.event(
             &entry.job,
             "worker",
             format!(
-                "rank {} registered: pid {} on {} (incarnation {}, torch {}, {} CUDA device(s))",
+                "rank {} registered for attempt {}: pid {} on {} (incarnation {}, torch {}, {} CUDA device(s)){held}",
                 worker.rank,
+                entry.job.attempt(),
                 worker.pid,
                 worker.host,
                 worker.incarnation,
@@ -274,11 +383,11 @@ impl Coordinator {
                 request.cuda_device_count
             ),
         )?;
-        if entry.workers.all_alive(entry.job.world_size()) {
-            let effects = entry.job.start();
-            self.apply(entry, effects)?;
-        }
         self.store.flush()?;
+        entry.workers.admit(worker.clone());
+        if entry.workers.all_alive(entry.job.world_size()) {
+            self.transition(entry, |job| Ok(job.start()))?;
+        }
         let assignment = entry.job.assignment(
             worker.rank,
             worker.local_rank,
@@ -320,50 +429,89 @@ impl Coordinator {
     fn record_report(&self, session: u64, report: Report) -> Result<Option<(u64, AugmentMerge)>> {
         let mut inner = self.lock();
         let entry = inner.entry_mut(&report.job_id)?;
+        if report.attempt != entry.job.attempt() {
+            // Work of an attempt that is over (a worker that was frozen or partitioned): it must
+            // not move the current attempt, nor count as a sign of life of its rank.
+            tracing::warn!(
+                job_id = %entry.job.id,
+                rank = report.rank,
+                attempt = report.attempt,
+                current = entry.job.attempt(),
+                "report of another attempt ignored"
+            );
+            return Ok(None);
+        }
         let rank = report.rank;
         let worker = entry.workers.report(session, &report)?;
+        let ended = worker.state != WorkerState::Alive;
         self.persist_worker(&entry.job, &worker)?;
+        if ended {
+            self.store.flush()?;
+        }
+        entry.workers.record(worker);
         if rank == 0 {
-            if let Some(observed) = entry.job.observe(report.telemetry) {
-                self.persist(&entry.job)?;
-                // Progress is durable before anyone can read it back.
-                if observed.step_advanced {
-                    self.store.flush()?;
-                }
-                if let Some(c) = observed.new_checkpoint {
-                    let message = format!("checkpoint {} at step {} ({})", c.tag, c.global_step, c.path);
-                    self.event(&entry.job, "checkpoint", message)?;
-                    self.store.flush()?;
-                }
-            }
+            self.observe(entry, report.telemetry)?;
         }
         if let Some(reported) = report.failure {
-            let message = format!("rank {rank} failed: {}", reported.message);
+            let kind = reported.kind.unwrap_or(FailureKind::Internal);
+            let message = match kind {
+                FailureKind::Preempted => format!("rank {rank}: {}", reported.message),
+                _ => format!("rank {rank} failed: {}", reported.message),
+            };
             self.event(&entry.job, "failure", message.clone())?;
             let failure = Failure {
-                kind: reported.kind.unwrap_or(FailureKind::Internal),
+                kind,
                 message,
+                lost: None,
             };
             if job::waits_for_a_peer(reported.kind) {
                 // The first such failure is kept: later ones are usually its consequences.
                 entry.held.get_or_insert((failure, Instant::now()));
             } else {
-                let effects = entry.job.fail(&failure);
-                self.apply(entry, effects)?;
+                self.transition(entry, |job| Ok(job.fail(&failure)))?;
             }
         } else if report.finished {
             self.event(&entry.job, "worker", format!("rank {rank} finished"))?;
-            if entry.merging.is_none() && entry.workers.all_exited(entry.job.world_size()) {
-                match entry.job.settle() {
-                    Settled::Done(effects) => self.apply(entry, effects)?,
-                    Settled::Merge(merge) => {
-                        entry.merging = Some(merge.attempt);
-                        return Ok(Some((entry.job.number, merge)));
-                    }
+        }
+        if entry.settles() {
+            let mut next = entry.job.clone();
+            match next.settle() {
+                Settled::Done(effects) => self.apply(entry, next, effects)?,
+                Settled::Merge(merge) => {
+                    entry.merging = Some(merge.attempt);
+                    return Ok(Some((entry.job.number, merge)));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Takes rank 0's telemetry: progress durable before anyone can read it back, a new
+    /// checkpoint recorded with an event, another run's checkpoint refused (said once).
+    fn observe(&self, entry: &mut Entry, telemetry: job::Telemetry) -> Result<()> {
+        let mut next = entry.job.clone();
+        let Some(observed) = next.observe(telemetry) else {
+            return Ok(());
+        };
+        if next != entry.job {
+            self.persist(&next)?;
+        }
+        if let Some(c) = &observed.new_checkpoint {
+            let message = format!("checkpoint {} at step {} ({})", c.tag, c.global_step, c.path);
+            self.event(&next, "checkpoint", message)?;
+        }
+        if observed.step_advanced || observed.new_checkpoint.is_some() {
+            self.store.flush()?;
+        }
+        entry.job = next;
+        if let Some((path, why)) = observed.refused {
+            if entry.refused.as_ref() != Some(&path) {
+                tracing::warn!(job_id = %entry.job.id, "{why}");
+                self.event(&entry.job, "checkpoint", why)?;
+                entry.refused = Some(path);
+            }
+        }
+        Ok(())
     }
 
     fn record_merge(&self, number: u64, merge: &AugmentMerge, outcome: std::result::Result<usize, String>) {
@@ -374,8 +522,7 @@ impl Coordinator {
         if entry.merging == Some(merge.attempt) {
             entry.merging = None;
         }
-        let effects = entry.job.merged(merge, outcome);
-        if let Err(e) = self.apply(entry, effects) {
+        if let Err(e) = self.transition(entry, |job| Ok(job.merged(merge, outcome))) {
             tracing::error!(error = %e, "cannot record the augmentation's outcome");
         }
         drop(inner);
@@ -383,23 +530,31 @@ impl Coordinator {
     }
 
     /// Every loss of a worker goes through here: the worker is recorded LOST and, while the job
-    /// runs, the attempt fails with PEER_LOST.
+    /// runs or stops, the attempt fails with PEER_LOST (naming the ranks that survive, for an
+    /// elastic continuation).
     fn mark_lost(&self, entry: &mut Entry, rank: u32, reason: &str) -> Result<()> {
         let Some(loss) = entry.workers.mark_lost(rank, reason, entry.job.state.is_terminal()) else {
             return Ok(());
         };
         self.persist_worker(&entry.job, &loss.worker)?;
+        self.store.flush()?;
+        entry.workers.record(loss.worker);
+        entry.workers.forget_session(rank);
         if !loss.fails_the_job {
             return Ok(());
         }
         let message = format!("rank {rank} lost: {reason}");
         self.event(&entry.job, "failure", message.clone())?;
         if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
-            let effects = entry.job.fail(&Failure {
+            let failure = Failure {
                 kind: FailureKind::PeerLost,
                 message,
-            });
-            self.apply(entry, effects)?;
+                lost: Some(LostRank {
+                    rank,
+                    survivors: entry.workers.survivors(entry.job.world_size()),
+                }),
+            };
+            self.transition(entry, |job| Ok(job.fail(&failure)))?;
         }
         self.store.flush()
     }
@@ -433,11 +588,12 @@ impl Coordinator {
         let result = if entry.workers.is_alive_in(rank, pid) {
             self.mark_lost(entry, rank, description)
         } else if entry.job.state == JobState::Pending && !entry.workers.contains(rank) {
-            let effects = entry.job.fail(&Failure {
+            let failure = Failure {
                 kind: FailureKind::PeerLost,
                 message: format!("rank {rank} exited before registering: {description}"),
-            });
-            self.apply(entry, effects)
+                lost: None,
+            };
+            self.transition(entry, |job| Ok(job.fail(&failure)))
         } else {
             Ok(())
         };
@@ -464,8 +620,7 @@ impl Coordinator {
                 .is_some_and(|(_, at)| at.elapsed() >= PEER_FAILURE_GRACE);
             if let Some((failure, _)) = entry.held.take_if(|_| expired) {
                 if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
-                    let effects = entry.job.fail(&failure);
-                    if let Err(e) = self.apply(entry, effects) {
+                    if let Err(e) = self.transition(entry, |job| Ok(job.fail(&failure))) {
                         tracing::error!(error = %e, "cannot record a failed job");
                     }
                     changed = true;
@@ -489,8 +644,9 @@ impl Coordinator {
         }
     }
 
-    /// Stops a job: gracefully (workers finish the step and exit) or at once.
-    pub fn kill(&self, job_id: &str, force: bool) -> Result<JobView> {
+    /// Stops a job because of `why` (e.g. "kill requested"): gracefully (workers finish the
+    /// step, checkpoint and exit) or at once.
+    pub fn kill(&self, job_id: &str, force: bool, why: &str) -> Result<JobView> {
         let mut inner = self.lock();
         let entry = inner.entry_mut(job_id)?;
         if entry.merging.is_some() {
@@ -500,8 +656,8 @@ impl Coordinator {
                 entry.job.id
             )));
         }
-        let effects = entry.job.kill(force, entry.workers.live_count())?;
-        self.apply(entry, effects)?;
+        let alive = entry.workers.alive_count();
+        self.transition(entry, |job| job.kill(force, alive, why))?;
         let view = entry.view();
         drop(inner);
         self.notify();
@@ -509,31 +665,57 @@ impl Coordinator {
     }
 
     /// Continues a KILLED or FAILED job from its latest checkpoint, optionally with another
-    /// world size.
+    /// world size; refused when another run has taken its output directory since.
     pub fn resume(&self, job_id: &str, world_size: u32) -> Result<JobView> {
+        let (id, run_id, output_dir) = {
+            let mut inner = self.lock();
+            let job = &inner.entry_mut(job_id)?.job;
+            (job.id.clone(), job.run_id.clone(), job.output_dir.clone())
+        };
+        if !output_dir.is_empty() {
+            run_dir::check_own(std::path::Path::new(&output_dir), &id, &run_id)?;
+        }
         let mut inner = self.lock();
         let active = inner.active_mut().map(|e| e.job.id.clone());
         let entry = inner.entry_mut(job_id)?;
-        let effects = entry.job.resume(world_size, active.as_deref())?;
-        self.apply(entry, effects)?;
+        self.transition(entry, |job| job.resume(world_size, active.as_deref()))?;
         let view = entry.view();
         drop(inner);
         self.notify();
         Ok(view)
     }
 
-    /// Joins the rendezvous of an attempt; resolves when every rank has joined.
+    /// Joins the rendezvous of an attempt; resolves when every rank has joined. Only ranks
+    /// registered (with this coordinator process) for the job's current attempt take part, so a
+    /// worker of an attempt that is over cannot join or complete the current group.
     pub async fn rendezvous(&self, arrival: Arrival) -> Result<Group> {
         let done = {
             let mut inner = self.lock();
             let entry = inner.entry_mut(&arrival.job_id)?;
-            if !entry.job.state.is_active() {
+            let job = &entry.job;
+            if !job.state.is_active() {
                 return Err(CoordinatorError::Refused(format!(
                     "job {} is not running",
                     arrival.job_id
                 )));
             }
-            rendezvous::arrive(&mut entry.round, entry.job.world_size() as usize, &arrival)?
+            if arrival.attempt != job.attempt() {
+                return Err(CoordinatorError::Refused(format!(
+                    "rendezvous attempt {} of job {} is over; the job runs attempt {}",
+                    arrival.attempt,
+                    job.id,
+                    job.attempt()
+                )));
+            }
+            if !entry.workers.is_live(arrival.rank) {
+                return Err(CoordinatorError::Refused(format!(
+                    "rank {} is not registered for attempt {} of job {}; register first",
+                    arrival.rank,
+                    job.attempt(),
+                    job.id
+                )));
+            }
+            rendezvous::arrive(&mut entry.round, job.world_size() as usize, &arrival)?
         };
         rendezvous::wait(done, self.settings.rendezvous_timeout, arrival.attempt).await
     }
@@ -561,6 +743,29 @@ impl Coordinator {
         self.lock().active_mut().map(|e| e.job.id.clone())
     }
 
+    /// Every job that has not ended.
+    pub fn active_job_ids(&self) -> Vec<String> {
+        self.lock()
+            .jobs
+            .values()
+            .filter(|e| e.job.state.is_active())
+            .map(|e| e.job.id.clone())
+            .collect()
+    }
+
+    /// The newest KILLED or FAILED job that writes where a job of this command line would
+    /// (`dir_for(job id)`), with its state and message: the job a rerun of the same command
+    /// would continue.
+    pub fn resumable_for(&self, dir_for: impl Fn(&str) -> String) -> Option<(String, JobState, String)> {
+        self.lock()
+            .jobs
+            .values()
+            .rev()
+            .filter(|e| matches!(e.job.state, JobState::Killed | JobState::Failed) && e.job.record_error.is_none())
+            .find(|e| run_dir::same_dir(&e.job.output_dir, &dir_for(&e.job.id)))
+            .map(|e| (e.job.id.clone(), e.job.state, e.job.message.clone()))
+    }
+
     /// The state of a job, if it exists.
     pub fn job_state(&self, job_id: &str) -> Option<JobState> {
         self.lock().entry_mut(job_id).ok().map(|e| e.job.state)
@@ -572,7 +777,7 @@ mod tests {
     use super::*;
     use job::OrderKind;
     use kormlm_proto::v1::TaskKind;
-    use workers::{ReportedFailure, WorkerState};
+    use workers::ReportedFailure;
 
     fn coordinator(dir: &std::path::Path) -> Arc<Coordinator> {
         Coordinator::load(Store::open(dir).unwrap(), Settings::default()).unwrap()
@@ -595,6 +800,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             cuda_device_count: 0,
             torch_version: String::new(),
+            holds: None,
         }
     }
 
@@ -603,6 +809,7 @@ mod tests {
             job_id: id.into(),
             rank,
             incarnation: 1,
+            attempt: 1,
             optimizer_state_bytes: 0,
             finished: false,
             failure: None,
@@ -672,7 +879,7 @@ mod tests {
         let (id, _) = c.submit(spec(2)).unwrap();
         let a0 = c.register(register(0)).unwrap();
         c.register(register(1)).unwrap();
-        c.kill(&id, false).unwrap();
+        c.kill(&id, false, "kill requested").unwrap();
         assert_eq!(c.status(&id).unwrap().job.state, JobState::Stopping);
         let (_, mut orders) = c.attach(&id, 0, a0.incarnation).unwrap();
         assert_eq!(orders.try_recv().unwrap().kind, OrderKind::StopAfterStep);
@@ -694,7 +901,7 @@ mod tests {
             c.attach(&id, 0, a0.incarnation).unwrap()
         };
         let (session, _rx) = fail_rank_0();
-        c.kill(&id, false).unwrap();
+        c.kill(&id, false, "kill requested").unwrap();
         c.detach(&id, 0, session, "stream closed");
         assert_eq!(c.status(&id).unwrap().job.state, JobState::Killed);
         c.resume(&id, 0).unwrap();
@@ -851,5 +1058,358 @@ mod tests {
         assert_eq!(status.state, JobState::Succeeded, "{}", status.message);
         assert_eq!(std::fs::read_to_string(&output).unwrap(), "text\na\nb\n");
         assert!(status.message.contains("2 part(s) merged"), "{}", status.message);
+    }
+
+    fn events(c: &Coordinator, id: &str) -> Vec<String> {
+        c.store
+            .events(job_number(id).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{}: {}", e.kind, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_damaged_record_makes_its_job_an_error_entry_and_the_others_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = coordinator(dir.path());
+            for world in [1, 1, 2] {
+                c.submit(spec(world)).unwrap();
+            }
+            c.register(register(0)).unwrap();
+            c.kill("job-1", true, "kill requested").unwrap();
+            c.store
+                .put_raw("job/000000000001", &[crate::store::RECORD_VERSION, 0xff, 0xff])
+                .unwrap();
+            c.store.put_raw("worker/000000000002/00000000", &[7]).unwrap();
+            c.store.flush().unwrap();
+        }
+        let c = coordinator(dir.path());
+        let jobs = c.list();
+        assert_eq!(jobs.len(), 3);
+        let damaged = &jobs[0].job;
+        assert_eq!((damaged.id.as_str(), damaged.state), ("job-1", JobState::Failed));
+        assert!(
+            damaged
+                .message
+                .contains("state record `job/000000000001` cannot be read: invalid record body"),
+            "{}",
+            damaged.message
+        );
+        let worker_damaged = &jobs[1].job;
+        assert_eq!(worker_damaged.state, JobState::Failed);
+        assert!(
+            worker_damaged
+                .message
+                .contains("`worker/000000000002/00000000` cannot be read: record version 7"),
+            "{}",
+            worker_damaged.message
+        );
+        assert!(c
+            .resume("job-1", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be resumed"));
+        // job-3 is served: workers register with it and it runs.
+        c.register(register(0)).unwrap();
+        c.register(register(1)).unwrap();
+        assert_eq!(c.status("job-3").unwrap().job.state, JobState::Running);
+        // The damaged bytes are left as they were.
+        let again = c.store.jobs().unwrap();
+        assert!(again[0].1.is_err());
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        c.register(register(0)).unwrap();
+        c.register(register(1)).unwrap();
+        let before = c.status(&id).unwrap();
+        c.store.fail_writes(true);
+        let err = c.kill(&id, false, "kill requested").unwrap_err().to_string();
+        assert!(err.contains("No space left on device"), "{err}");
+        assert_eq!(
+            c.status(&id).unwrap(),
+            before,
+            "the kill is not applied unless it is durable"
+        );
+        c.store.fail_writes(false);
+        c.kill(&id, false, "kill requested").unwrap();
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Stopping);
+    }
+
+    #[tokio::test]
+    async fn reports_of_another_attempt_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, sessions) = running_pair(&c);
+        let stale = Report {
+            attempt: 7,
+            telemetry: job::Telemetry {
+                progress: Some(kormlm_proto::v1::Progress {
+                    global_step: 99,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..failed(&id, 0, FailureKind::Io)
+        };
+        c.report(sessions[0].0, stale).await.unwrap();
+        let status = c.status(&id).unwrap();
+        assert_eq!(
+            (status.job.state, status.job.progress.global_step),
+            (JobState::Running, 0)
+        );
+        assert_eq!(status.workers[0].state, workers::WorkerState::Alive);
+    }
+
+    #[tokio::test]
+    async fn rendezvous_takes_only_registered_ranks_of_the_current_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        c.register(register(0)).unwrap();
+        let arrival = |rank: u32, attempt: u32| Arrival {
+            job_id: id.clone(),
+            rank,
+            attempt,
+            nccl_unique_id: vec![],
+            ring_address: format!("127.0.0.1:{}", 9000 + rank),
+        };
+        let err = c.rendezvous(arrival(1, 1)).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "rank 1 is not registered for attempt 1 of job job-1; register first"
+        );
+        let err = c.rendezvous(arrival(0, 2)).await.unwrap_err().to_string();
+        assert_eq!(err, "rendezvous attempt 2 of job job-1 is over; the job runs attempt 1");
+    }
+
+    #[tokio::test]
+    async fn killing_a_partly_registered_job_ends_it_and_wakes_the_rendezvous() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        let a0 = c.register(register(0)).unwrap();
+        let (_, mut orders) = c.attach(&id, 0, a0.incarnation).unwrap();
+        let waiting = {
+            let c = c.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                c.rendezvous(Arrival {
+                    job_id: id,
+                    rank: 0,
+                    attempt: 1,
+                    nccl_unique_id: vec![],
+                    ring_address: "127.0.0.1:9000".into(),
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        c.kill(&id, false, "kill requested").unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, CoordinatorError::Aborted(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Killed);
+        assert_eq!(orders.try_recv().unwrap().kind, OrderKind::Shutdown);
+    }
+
+    #[test]
+    fn a_stopping_job_takes_its_workers_back_after_a_coordinator_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let c = coordinator(dir.path());
+            let (id, _) = c.submit(spec(2)).unwrap();
+            c.register(register(0)).unwrap();
+            c.register(register(1)).unwrap();
+            c.kill(&id, false, "kill requested").unwrap();
+            id
+        };
+        let c = coordinator(dir.path());
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Stopping);
+        let stranger = Registration {
+            pid: 4242,
+            ..register(1)
+        };
+        let err = c.register(stranger).unwrap_err().to_string();
+        assert!(err.contains("is stopping; it takes no new workers"), "{err}");
+        for rank in 0..2 {
+            let a = c.register(register(rank)).unwrap();
+            assert_eq!(a.incarnation, 2);
+            let (_, mut orders) = c.attach(&id, rank, a.incarnation).unwrap();
+            assert_eq!(orders.try_recv().unwrap().kind, OrderKind::StopAfterStep);
+        }
+    }
+
+    #[test]
+    fn new_processes_for_a_running_attempt_whose_workers_are_gone_start_a_new_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let c = coordinator(dir.path());
+            let (id, _) = c.submit(spec(2)).unwrap();
+            c.register(register(0)).unwrap();
+            c.register(register(1)).unwrap();
+            id
+        };
+        let c = coordinator(dir.path());
+        let new_process = |rank: u32| Registration {
+            pid: 5000 + rank,
+            ..register(rank)
+        };
+        let a = c.register(new_process(0)).unwrap();
+        assert_eq!((a.attempt, a.incarnation), (2, 1));
+        let status = c.status(&id).unwrap().job;
+        assert_eq!(
+            (status.state, status.restarts, status.automatic_restarts),
+            (JobState::Pending, 1, 0)
+        );
+        assert!(
+            status.message.contains("rank 0 registered as pid 5000"),
+            "{}",
+            status.message
+        );
+        c.register(new_process(1)).unwrap();
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Running);
+        // A holder of attempt 1's work is refused now that attempt 2 runs with live holders.
+        let late = Registration {
+            holds: Some((id.clone(), 1)),
+            ..register(1)
+        };
+        assert!(matches!(c.register(late), Err(CoordinatorError::RankHeld(_))));
+    }
+
+    #[tokio::test]
+    async fn a_lost_rank_lets_an_elastic_job_continue_on_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c
+            .submit(JobSpec {
+                min_workers: 2,
+                ..spec(3)
+            })
+            .unwrap();
+        let mut sessions = Vec::new();
+        for rank in 0..3 {
+            let a = c.register(register(rank)).unwrap();
+            sessions.push(c.attach(&id, rank, a.incarnation).unwrap());
+        }
+        c.detach(&id, 1, sessions[1].0, "heartbeat stream closed");
+        let status = c.status(&id).unwrap().job;
+        assert_eq!(
+            (status.state, status.world_size(), status.shrinks),
+            (JobState::Pending, 2, 1)
+        );
+        assert_eq!(status.batch.train_batch_size, 8);
+        assert_eq!(sessions[0].1.try_recv().unwrap().kind, OrderKind::Abort);
+        assert!(events(&c, &id).iter().any(|e| e.starts_with("shrink: rank 1 lost")));
+        let a = c.register(register(1)).unwrap();
+        assert_eq!((a.world_size, a.attempt), (2, 2));
+        assert!(c.register(register(2)).is_err(), "rank 2 is out of range now");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_checkpoint_restarts_from_the_one_before_and_other_runs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, sessions) = running_pair(&c);
+        let run_id = c.status(&id).unwrap().job.run_id;
+        assert_eq!(run_id, format!("{}/job-1", c.state_id()));
+        let with_checkpoint = |step: u64, run_id: &str| Report {
+            telemetry: job::Telemetry {
+                progress: Some(kormlm_proto::v1::Progress {
+                    global_step: step,
+                    ..Default::default()
+                }),
+                early_stop: Some(Default::default()),
+                checkpoint: Some(kormlm_proto::v1::CheckpointRef {
+                    tag: format!("step-{step}"),
+                    path: format!("/o/step-{step}"),
+                    global_step: step,
+                    run_id: run_id.into(),
+                    attempt: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..report(&id, 0)
+        };
+        for step in [4, 8] {
+            c.report(sessions[0].0, with_checkpoint(step, &run_id)).await.unwrap();
+        }
+        for _ in 0..2 {
+            c.report(sessions[0].0, with_checkpoint(12, "elsewhere/job-1"))
+                .await
+                .unwrap();
+        }
+        let refusals = events(&c, &id)
+            .into_iter()
+            .filter(|e| e.contains("was not taken"))
+            .count();
+        assert_eq!(refusals, 1, "said once");
+        assert_eq!(c.status(&id).unwrap().job.latest_checkpoint.unwrap().tag, "step-8");
+        // The attempt fails; the next resumes from step-8, which cannot be read.
+        c.report(sessions[1].0, failed(&id, 1, FailureKind::Io)).await.unwrap();
+        let mut sessions = Vec::new();
+        for rank in 0..2 {
+            let a = c.register(register(rank)).unwrap();
+            assert_eq!((a.attempt, a.resume_from.as_str()), (2, "/o/step-8"));
+            sessions.push(c.attach(&id, rank, a.incarnation).unwrap());
+        }
+        let unreadable = Report {
+            attempt: 2,
+            ..failed(&id, 1, FailureKind::CheckpointUnreadable)
+        };
+        c.report(sessions[1].0, unreadable).await.unwrap();
+        let status = c.status(&id).unwrap().job;
+        assert_eq!(
+            (status.state, status.restarts, status.automatic_restarts),
+            (JobState::Pending, 2, 1)
+        );
+        assert_eq!(status.latest_checkpoint.unwrap().tag, "step-4");
+        let a = c.register(register(0)).unwrap();
+        assert_eq!(a.resume_from, "/o/step-4");
+        assert!(events(&c, &id)
+            .iter()
+            .any(|e| e.contains("checkpoint step-8 (/o/step-8) cannot be read")));
+    }
+
+    #[test]
+    fn a_job_is_refused_where_another_run_writes_and_told_what_became_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(&dir.path().join("state"));
+        let out = dir.path().join("out");
+        let mut with_out = spec(1);
+        with_out.args.insert("output_dir".into(), out.display().to_string());
+        let (id, _) = c.submit(with_out.clone()).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let run_file = format!(r#"{{"run_id": "{}/{id}", "job_id": "{id}"}}"#, c.state_id());
+        std::fs::write(out.join(run_dir::RUN_FILE), run_file).unwrap();
+        c.kill(&id, true, "kill requested").unwrap();
+        let err = c.submit(with_out.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "(job-1 of this state directory; it is KILLED: continue it with `coordinator resume --job job-1`"
+            ),
+            "{err}"
+        );
+        assert_eq!(c.list().len(), 1, "nothing was recorded");
+        with_out.args.insert("overwrite_output_dir".into(), "true".into());
+        let (second, _) = c.submit(with_out).unwrap();
+        assert_eq!(c.status(&second).unwrap().job.run_id, format!("{}/job-2", c.state_id()));
+        // job-1's directory is job-2's now: job-1 cannot be resumed into it.
+        let run_file = format!(r#"{{"run_id": "{}/{second}", "job_id": "{second}"}}"#, c.state_id());
+        std::fs::write(out.join(run_dir::RUN_FILE), run_file).unwrap();
+        c.kill(&second, true, "kill requested").unwrap();
+        let err = c.resume(&id, 0).unwrap_err().to_string();
+        assert!(err.contains("now holds run") && err.contains("job-2"), "{err}");
     }
 }

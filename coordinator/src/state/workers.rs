@@ -54,6 +54,9 @@ pub struct Registration {
     pub protocol_version: u32,
     pub cuda_device_count: u32,
     pub torch_version: String,
+    /// The work the process still holds from an earlier registration: (job id, attempt);
+    /// `None` for a process without work (or a build that does not say).
+    pub holds: Option<(String, u32)>,
 }
 
 /// A failure a worker reported.
@@ -70,6 +73,8 @@ pub struct Report {
     pub job_id: String,
     pub rank: u32,
     pub incarnation: u32,
+    /// The attempt the reporting work belongs to; reports of another attempt are not taken.
+    pub attempt: u32,
     pub optimizer_state_bytes: u64,
     /// The worker has finished its part.
     pub finished: bool,
@@ -83,6 +88,20 @@ pub struct Report {
 pub struct Registered {
     pub worker: Worker,
     pub devices: RankDevices,
+}
+
+/// How a registration stands to the rank's recorded holder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// A new worker for a free rank, or the recorded holder coming back (it keeps its work).
+    Take,
+    /// A new process (holding no work) claims a rank whose recorded holder (registered with a
+    /// previous coordinator process) has not come back: the attempt's group cannot be completed
+    /// with it, so the attempt is replaced. Carries the reason.
+    ReplacesAttempt(String),
+    /// A process holding work of another attempt or job claims such a rank: refused, so stale
+    /// work never ends an attempt whose holders may still come back. Carries the reason.
+    Stale(String),
 }
 
 /// A worker that was alive and no longer is.
@@ -141,8 +160,47 @@ impl Roster {
         self.members.values().map(|m| m.worker.clone()).collect()
     }
 
-    /// Claims a rank of `job` for a worker.
-    pub fn register(&mut self, job: &Job, request: &Registration) -> Result<Registered, CoordinatorError> {
+    /// How `request` stands to the holder of its rank in `job`'s current attempt. Only a
+    /// running job recorded by a previous coordinator process has holders that may not come
+    /// back; the holder is recognised by the work it says it holds or, for a build that does
+    /// not say, by its host and pid.
+    pub fn claim(&self, job: &Job, request: &Registration) -> Claim {
+        let Some(holder) = self
+            .members
+            .get(&request.rank)
+            .filter(|m| !m.live && m.worker.state == WorkerState::Alive)
+        else {
+            return Claim::Take;
+        };
+        if job.state != JobState::Running || is_holder(job, &holder.worker, request) {
+            return Claim::Take;
+        }
+        if let Some((job_id, attempt)) = &request.holds {
+            return Claim::Stale(format!(
+                "rank {} of job {} attempt {} is held by pid {} on {}, registered before the coordinator \
+                 restarted; this worker holds work of {job_id} attempt {attempt}, which is over",
+                request.rank,
+                job.id,
+                job.attempt(),
+                holder.worker.pid,
+                holder.worker.host
+            ));
+        }
+        Claim::ReplacesAttempt(format!(
+            "rank {} registered as pid {} on {} while its holder in attempt {} (pid {} on {}) has not come back \
+             since the coordinator restarted",
+            request.rank,
+            request.pid,
+            request.host,
+            job.attempt(),
+            holder.worker.pid,
+            holder.worker.host
+        ))
+    }
+
+    /// The worker `request` would be as the holder of its rank of `job`; [`Roster::admit`] makes
+    /// it one (after it is recorded).
+    pub fn register(&self, job: &Job, request: &Registration) -> Result<Registered, CoordinatorError> {
         let world = job.world_size();
         if request.rank >= world {
             return Err(CoordinatorError::InvalidRequest(format!(
@@ -152,21 +210,22 @@ impl Roster {
                 world.saturating_sub(1)
             )));
         }
-        if job.state == JobState::Stopping {
-            return Err(CoordinatorError::Refused(format!(
-                "job {} is stopping; it takes no new workers",
-                job.id
-            )));
-        }
-        if let Some(held) = self
-            .members
-            .get(&request.rank)
-            .filter(|m| m.live && m.worker.state == WorkerState::Alive)
-        {
+        let recorded = self.members.get(&request.rank);
+        if let Some(held) = recorded.filter(|m| m.live && m.worker.state == WorkerState::Alive) {
             return Err(CoordinatorError::RankHeld(format!(
                 "rank {} of job {} is already held by pid {} on host {}; each rank registers once \
                  (stop that worker first, or pick another --rank)",
                 request.rank, job.id, held.worker.pid, held.worker.host
+            )));
+        }
+        // A stopping job takes back the workers it had (to let them finish their stop
+        // checkpoint after a coordinator restart), and no others.
+        let returning =
+            recorded.is_some_and(|m| m.worker.state == WorkerState::Alive && is_holder(job, &m.worker, request));
+        if job.state == JobState::Stopping && !returning {
+            return Err(CoordinatorError::Refused(format!(
+                "job {} is stopping; it takes no new workers",
+                job.id
             )));
         }
         let placement = job.placement(request.rank);
@@ -176,7 +235,7 @@ impl Roster {
             (None, None) => request.rank,
         };
         let devices = launch_plan::rank_devices(job.device(), placement.as_ref(), local_rank);
-        let incarnation = self.members.get(&request.rank).map_or(0, |m| m.worker.incarnation) + 1;
+        let incarnation = recorded.map_or(0, |m| m.worker.incarnation) + 1;
         let worker = Worker {
             rank: request.rank,
             local_rank,
@@ -190,16 +249,20 @@ impl Roster {
             incarnation,
             failure_kind: None,
         };
+        Ok(Registered { worker, devices })
+    }
+
+    /// Makes a registered worker the holder of its rank.
+    pub fn admit(&mut self, worker: Worker) {
         self.members.insert(
-            request.rank,
+            worker.rank,
             Member {
-                worker: worker.clone(),
+                worker,
                 last_seen: Instant::now(),
                 session: None,
                 live: true,
             },
         );
-        Ok(Registered { worker, devices })
     }
 
     /// Whether every rank of `0..world` is held by a live worker.
@@ -220,8 +283,39 @@ impl Roster {
         })
     }
 
+    /// Whether every rank of `0..world` has ended its part (finished, failed or lost).
+    pub fn all_ended(&self, world: u32) -> bool {
+        (0..world).all(|r| {
+            self.members
+                .get(&r)
+                .is_some_and(|m| m.worker.state != WorkerState::Alive)
+        })
+    }
+
     pub fn live_count(&self) -> usize {
         self.members.values().filter(|m| m.live).count()
+    }
+
+    /// Workers alive or expected back (recorded ALIVE by a previous coordinator process).
+    pub fn alive_count(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.worker.state == WorkerState::Alive)
+            .count()
+    }
+
+    /// Whether `rank` is held by a worker registered with this process and alive.
+    pub fn is_live(&self, rank: u32) -> bool {
+        self.members
+            .get(&rank)
+            .is_some_and(|m| m.live && m.worker.state == WorkerState::Alive)
+    }
+
+    /// The ranks of `0..world` whose workers were not lost (their processes are still there).
+    pub fn survivors(&self, world: u32) -> Vec<u32> {
+        (0..world)
+            .filter(|r| self.members.get(r).is_none_or(|m| m.worker.state != WorkerState::Lost))
+            .collect()
     }
 
     pub fn contains(&self, rank: u32) -> bool {
@@ -287,43 +381,58 @@ impl Roster {
         Ok(rx)
     }
 
-    /// Records a heartbeat from stream `session`; returns the worker as it now stands.
-    pub fn report(&mut self, session: u64, report: &Report) -> Result<Worker, CoordinatorError> {
+    /// The worker as a heartbeat from stream `session` leaves it; [`Roster::record`] makes it so
+    /// (after it is recorded).
+    pub fn report(&self, session: u64, report: &Report) -> Result<Worker, CoordinatorError> {
         let member = self
             .members
-            .get_mut(&report.rank)
+            .get(&report.rank)
             .ok_or_else(|| CoordinatorError::Refused(format!("rank {} is not registered", report.rank)))?;
         if member.session.as_ref().map(|s| s.id) != Some(session) {
             return Err(CoordinatorError::Refused(
                 "this heartbeat stream was replaced by a newer registration".into(),
             ));
         }
-        member.last_seen = Instant::now();
-        let worker = &mut member.worker;
+        let mut worker = member.worker.clone();
         worker.last_heartbeat_ms = now_ms();
         worker.optimizer_state_bytes = report.optimizer_state_bytes;
         if let Some(failure) = &report.failure {
             worker.state = WorkerState::Failed;
             worker.reason = failure.message.clone();
             worker.failure_kind = Some(failure.kind.unwrap_or(FailureKind::Internal));
-            member.live = false;
         } else if report.finished {
             worker.state = WorkerState::Exited;
-            member.live = false;
         }
-        Ok(member.worker.clone())
+        Ok(worker)
     }
 
-    /// The one path for losing a worker. Only an ALIVE worker can be lost; after the job ended a
-    /// worker leaving is no failure and is recorded as EXITED.
-    pub fn mark_lost(&mut self, rank: u32, reason: &str, job_ended: bool) -> Option<Loss> {
+    /// Adopts a worker's new record (from [`Roster::report`] or [`Roster::mark_lost`]): a sign of
+    /// life while it is alive; once it is not, its rank can be claimed again, and a lost
+    /// worker's stream is forgotten.
+    pub fn record(&mut self, worker: Worker) {
+        let Some(member) = self.members.get_mut(&worker.rank) else {
+            return;
+        };
+        match worker.state {
+            WorkerState::Alive => member.last_seen = Instant::now(),
+            WorkerState::Lost => {
+                member.live = false;
+                member.session = None;
+            }
+            WorkerState::Exited | WorkerState::Failed => member.live = false,
+        }
+        member.worker = worker;
+    }
+
+    /// The one path for losing a worker: what losing it means. Only an ALIVE worker can be
+    /// lost; after the job ended a worker leaving is no failure and is recorded as EXITED.
+    /// [`Roster::record`] adopts the loss (after it is recorded).
+    pub fn mark_lost(&self, rank: u32, reason: &str, job_ended: bool) -> Option<Loss> {
         let member = self
             .members
-            .get_mut(&rank)
+            .get(&rank)
             .filter(|m| m.worker.state == WorkerState::Alive)?;
-        member.live = false;
-        member.session = None;
-        let worker = &mut member.worker;
+        let mut worker = member.worker.clone();
         if job_ended {
             worker.state = WorkerState::Exited;
             worker.reason = format!("left after the job ended ({reason})");
@@ -333,7 +442,7 @@ impl Roster {
             worker.failure_kind = Some(FailureKind::PeerLost);
         }
         Some(Loss {
-            worker: worker.clone(),
+            worker,
             fails_the_job: !job_ended,
         })
     }
@@ -362,9 +471,28 @@ impl Roster {
             .collect()
     }
 
+    /// Stops being the holder's stream after a loss; also ends the stream of a worker recorded
+    /// EXITED after the job ended.
+    pub fn forget_session(&mut self, rank: u32) {
+        if let Some(member) = self.members.get_mut(&rank) {
+            member.live = false;
+            member.session = None;
+        }
+    }
+
     /// Forgets every worker (a new attempt gets new ones).
     pub fn clear(&mut self) {
         self.members.clear();
+    }
+}
+
+/// Whether `request` comes from the process recorded as `holder` of its rank in `job`'s current
+/// attempt: it says it holds that attempt's work, or (a build that does not say) it is the same
+/// process.
+fn is_holder(job: &Job, holder: &Worker, request: &Registration) -> bool {
+    match &request.holds {
+        Some((job_id, attempt)) => *job_id == job.id && *attempt == job.attempt(),
+        None => holder.host == request.host && holder.pid == request.pid,
     }
 }
 
@@ -381,7 +509,7 @@ mod tests {
             ..Default::default()
         };
         let plan = JobPlan::resolve(&spec, world).unwrap();
-        Job::submitted(1, spec, &plan)
+        Job::submitted(1, spec, &plan, "5eed")
     }
 
     fn registration(rank: u32) -> Registration {
@@ -393,7 +521,15 @@ mod tests {
             protocol_version: kormlm_proto::PROTOCOL_VERSION,
             cuda_device_count: 0,
             torch_version: String::new(),
+            holds: None,
         }
+    }
+
+    /// Registers and admits, as the coordinator does.
+    fn take(roster: &mut Roster, j: &Job, request: &Registration) -> Result<Registered, CoordinatorError> {
+        let registered = roster.register(j, request)?;
+        roster.admit(registered.worker.clone());
+        Ok(registered)
     }
 
     fn report(rank: u32) -> Report {
@@ -401,6 +537,7 @@ mod tests {
             job_id: "job-1".into(),
             rank,
             incarnation: 1,
+            attempt: 1,
             optimizer_state_bytes: 0,
             finished: false,
             failure: None,
@@ -412,12 +549,13 @@ mod tests {
     fn a_lost_worker_is_peer_lost_and_frees_its_rank() {
         let j = job(2);
         let mut roster = Roster::default();
-        roster.register(&j, &registration(0)).unwrap();
+        take(&mut roster, &j, &registration(0)).unwrap();
         assert!(matches!(
             roster.register(&j, &registration(0)),
             Err(CoordinatorError::RankHeld(_))
         ));
         let loss = roster.mark_lost(0, "heartbeat stream closed", false).unwrap();
+        roster.record(loss.worker.clone());
         assert!(loss.fails_the_job);
         assert_eq!(
             (loss.worker.state, loss.worker.failure_kind),
@@ -428,7 +566,7 @@ mod tests {
             None,
             "only an alive worker is lost"
         );
-        let again = roster.register(&j, &registration(0)).unwrap();
+        let again = take(&mut roster, &j, &registration(0)).unwrap();
         assert_eq!(again.worker.incarnation, 2);
         let left = roster.mark_lost(0, "stream closed", true).unwrap();
         assert!(!left.fails_the_job);
@@ -440,7 +578,7 @@ mod tests {
     fn reports_record_the_failure_kind() {
         let j = job(1);
         let mut roster = Roster::default();
-        roster.register(&j, &registration(0)).unwrap();
+        take(&mut roster, &j, &registration(0)).unwrap();
         let mut failed = report(0);
         failed.failure = Some(ReportedFailure {
             kind: Some(FailureKind::BadInput),
@@ -449,6 +587,8 @@ mod tests {
         assert!(roster.report(7, &failed).is_err(), "an unattached stream is refused");
         let _orders = roster.attach(&j, 0, 1, 7).unwrap();
         let worker = roster.report(7, &failed).unwrap();
+        assert_eq!(roster.live_count(), 1, "nothing changes before the report is recorded");
+        roster.record(worker.clone());
         assert_eq!(
             (worker.state, worker.failure_kind, worker.reason.as_str()),
             (WorkerState::Failed, Some(FailureKind::BadInput), "no such corpus")
@@ -467,10 +607,101 @@ mod tests {
             cuda_devices: vec![3],
         }];
         let mut roster = Roster::default();
-        let placed = roster.register(&j, &registration(1)).unwrap();
+        let placed = take(&mut roster, &j, &registration(1)).unwrap();
         assert_eq!((placed.worker.local_rank, placed.devices.cuda), (0, vec![3]));
         assert_eq!(placed.worker.devices, vec!["cuda:3"]);
-        let free = roster.register(&j, &registration(0)).unwrap();
+        let free = take(&mut roster, &j, &registration(0)).unwrap();
         assert_eq!(free.worker.devices, vec!["cuda:0"]);
+    }
+
+    fn recorded(workers: Vec<Worker>) -> Roster {
+        Roster::loaded(workers, Instant::now())
+    }
+
+    fn alive(rank: u32, pid: u32) -> Worker {
+        Worker {
+            rank,
+            local_rank: rank,
+            host: "h".into(),
+            pid,
+            devices: vec!["cpu".into()],
+            state: WorkerState::Alive,
+            last_heartbeat_ms: 1,
+            optimizer_state_bytes: 0,
+            reason: String::new(),
+            incarnation: 1,
+            failure_kind: None,
+        }
+    }
+
+    #[test]
+    fn after_a_coordinator_restart_holders_come_back_and_others_replace_the_attempt() {
+        let mut j = job(2);
+        j.start();
+        let roster = recorded(vec![alive(0, 100), alive(1, 101)]);
+        // The same process (a build that does not say what it holds), or one that says it holds
+        // this attempt's work, takes its rank back.
+        assert_eq!(roster.claim(&j, &registration(0)), Claim::Take);
+        let holding = Registration {
+            pid: 555,
+            holds: Some(("job-1".into(), 1)),
+            ..registration(1)
+        };
+        assert_eq!(roster.claim(&j, &holding), Claim::Take);
+        // Another process cannot join the running attempt: it replaces it; one holding older
+        // work is refused.
+        let stranger = Registration {
+            pid: 777,
+            ..registration(1)
+        };
+        let Claim::ReplacesAttempt(why) = roster.claim(&j, &stranger) else {
+            panic!("a new process cannot complete the attempt's group")
+        };
+        assert!(
+            why.contains("rank 1 registered as pid 777 on h while its holder in attempt 1 (pid 101 on h)"),
+            "{why}"
+        );
+        let stale = Registration {
+            holds: Some(("job-1".into(), 0)),
+            ..registration(1)
+        };
+        let Claim::Stale(why) = roster.claim(&j, &stale) else {
+            panic!("stale work does not end the attempt")
+        };
+        assert!(why.contains("holds work of job-1 attempt 0, which is over"), "{why}");
+        // A stopping job takes back its holders only.
+        j.kill(false, 2, "kill requested").unwrap();
+        assert!(roster.register(&j, &registration(0)).is_ok());
+        let err = roster.register(&j, &stranger).unwrap_err().to_string();
+        assert_eq!(err, "job job-1 is stopping; it takes no new workers");
+        // A pending job's ranks are free.
+        let pending = job(2);
+        assert_eq!(roster.claim(&pending, &stranger), Claim::Take);
+    }
+
+    #[test]
+    fn ended_and_surviving_ranks() {
+        let j = job(3);
+        let mut roster = Roster::default();
+        for rank in 0..3 {
+            take(&mut roster, &j, &registration(rank)).unwrap();
+        }
+        assert!(!roster.all_ended(3));
+        let loss = roster.mark_lost(1, "gone", false).unwrap();
+        roster.record(loss.worker);
+        assert_eq!(roster.survivors(3), vec![0, 2]);
+        assert_eq!(
+            (roster.alive_count(), roster.is_live(1), roster.is_live(2)),
+            (2, false, true)
+        );
+        for rank in [0, 2] {
+            assert!(roster.report(0, &report(rank)).is_err(), "no stream attached yet");
+            let _orders = roster.attach(&j, rank, 1, 10 + u64::from(rank)).unwrap();
+            let mut finished = report(rank);
+            finished.finished = true;
+            let worker = roster.report(10 + u64::from(rank), &finished).unwrap();
+            roster.record(worker);
+        }
+        assert!(roster.all_ended(3) && !roster.all_exited(3));
     }
 }
