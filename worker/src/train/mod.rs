@@ -7,6 +7,7 @@ pub mod error;
 pub mod plan;
 pub mod plot;
 pub mod report;
+pub mod rng_state;
 pub mod run;
 pub mod run_files;
 pub mod trainer;
