@@ -16,6 +16,7 @@ use crate::model::ModelError;
 use crate::tokenizer::TokenizerError;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::TrainError;
+use kormlm_proto::augment_parts::PartsError;
 use kormlm_proto::ds_config::ConfigError;
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::PlanError;
@@ -208,6 +209,16 @@ fn augment_kind(e: &AugmentError) -> FailureKind {
         AugmentError::Output { .. } => FailureKind::Io,
         AugmentError::MissingFlag { .. } | AugmentError::InvalidFlag { .. } => FailureKind::BadInput,
         AugmentError::Input(e) => corpus_kind(e),
+        AugmentError::Model(e) => model_kind(e),
+        AugmentError::Parts(e) => parts_kind(e),
+    }
+}
+
+fn parts_kind(e: &PartsError) -> FailureKind {
+    match e {
+        PartsError::Read { .. } | PartsError::Write(_) => FailureKind::Io,
+        // Only the coordinator's merge meets these; a worker never does.
+        PartsError::NoManifest { .. } | PartsError::MissingPart { .. } => FailureKind::Internal,
     }
 }
 
