@@ -185,6 +185,8 @@ fn checkpoint_kind(e: &CheckpointError) -> FailureKind {
         CheckpointError::Io { .. } => FailureKind::Io,
         // A damaged checkpoint stays damaged: resuming from it again fails the same way.
         CheckpointError::Invalid { .. } => FailureKind::BadInput,
+        // A rank could not write its part (a full disk): a later attempt may succeed.
+        CheckpointError::NotWritten { .. } => FailureKind::Io,
         CheckpointError::Comm(e) => comm_kind(e),
     }
 }
@@ -199,6 +201,8 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::Output { .. } => FailureKind::Io,
         TrainError::Step(message) => torch_kind(message),
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
+        TrainError::UnreadableCheckpoint { .. } => FailureKind::CheckpointUnreadable,
+        TrainError::OutputDirInUse { .. } => FailureKind::BadInput,
     }
 }
 
@@ -498,6 +502,32 @@ mod tests {
             (
                 TrainError::Checkpoint(CheckpointError::Comm(peer_lost())).into(),
                 PeerLost,
+            ),
+            (
+                TrainError::Checkpoint(CheckpointError::NotWritten {
+                    path: s(),
+                    ranks: vec![1],
+                    message: s(),
+                })
+                .into(),
+                Io,
+            ),
+            (
+                TrainError::UnreadableCheckpoint {
+                    path: s(),
+                    message: s(),
+                }
+                .into(),
+                CheckpointUnreadable,
+            ),
+            (TrainError::OutputDirInUse { dir: s(), other: s() }.into(), BadInput),
+            (
+                AugmentError::Parts(PartsError::Read {
+                    path: "out/.parts/manifest.json".into(),
+                    message: s(),
+                })
+                .into(),
+                Io,
             ),
             (
                 TrainError::Output {

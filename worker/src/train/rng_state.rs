@@ -157,7 +157,7 @@ impl RngStates {
         Ok(())
     }
 
-    /// Writes the states as a safetensors file of byte tensors `cpu` and `cuda`.
+    /// Writes the states as a safetensors file of byte tensors `cpu` and `cuda` (durably).
     pub fn write(&self, path: &Path) -> Result<(), RngError> {
         let file_error = |message: String| RngError::File {
             path: path.display().to_string(),
@@ -172,7 +172,8 @@ impl RngStates {
             }
         }
         let metadata: HashMap<String, String> = [("format".to_string(), "kormlm-rng".to_string())].into();
-        safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| file_error(e.to_string()))
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| file_error(e.to_string()))?;
+        kormlm_proto::durable::write(path, bytes).map_err(|e| file_error(e.error.to_string()))
     }
 
     /// Reads a file [`RngStates::write`] wrote.
