@@ -176,6 +176,11 @@ impl CoordinatorProc {
     }
 
     pub fn worker_with(&self, rank: u32, extra: &[&str]) -> Proc {
+        self.worker_customised(rank, extra, |_| {})
+    }
+
+    /// Like `worker_with`, with the command changed by `customise` first (e.g. a resource limit).
+    pub fn worker_customised(&self, rank: u32, extra: &[&str], customise: impl FnOnce(&mut Command)) -> Proc {
         let log = std::fs::File::create(self.state_dir.with_extension(format!("worker-{rank}.log"))).ok();
         let mut command = Command::new(binary("worker"));
         command
@@ -185,6 +190,7 @@ impl CoordinatorProc {
         if let Some(log) = log {
             command.stderr(log);
         }
+        customise(&mut command);
         Proc::spawn(&format!("worker rank {rank}"), &mut command)
     }
 }
@@ -357,4 +363,56 @@ pub fn busy_training_flags(output_dir: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// A tiny random ELECTRA like `tiny_model()` (same vocabulary) but with dropout 0.1 (the
+/// transformers default), created once per test binary.
+pub fn tiny_dropout_model() -> PathBuf {
+    static MODEL: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let tok = tiny_model().with_file_name("tok");
+            let dir = tempfile::tempdir().unwrap();
+            let model = dir.path().join("tiny-dropout");
+            oracle(&[
+                "model",
+                model.to_str().unwrap(),
+                "--tokenizer",
+                tok.to_str().unwrap(),
+                "--dropout",
+                "0.1",
+                "--seed",
+                "5",
+            ]);
+            (dir, model)
+        })
+        .1
+        .clone()
+}
+
+/// Makes the process `command` starts unable to grow any file past `bytes` (RLIMIT_FSIZE, as
+/// `ulimit -f`): writes beyond fail with EFBIG ("File too large"), like a full disk for the
+/// files that reach the limit. SIGXFSZ is ignored, so the process gets the error instead of
+/// being killed by the signal.
+pub fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit and
+    // signal, both async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, bytes, bytes)?;
+            nix::sys::signal::signal(Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn)?;
+            Ok(())
+        });
+    }
+}
+
+/// The records of `OUTPUT_DIR/training_log.jsonl`.
+pub fn training_log(output_dir: &Path) -> Vec<Value> {
+    let path = output_dir.join("training_log.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
 }

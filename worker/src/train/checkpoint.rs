@@ -11,7 +11,7 @@
 //! A checkpoint names its run and attempt; pruning and clean-up only touch the run's own.
 
 use super::early_stopping::EarlyStopping;
-use super::rng_state::RngStates;
+use super::rng_state::{RngError, RngStates};
 use super::trainer::Trainer;
 use crate::comm::Collective;
 use crate::optim::loss_scale::DynamicLossScaler;
@@ -181,10 +181,14 @@ fn write_part(trainer: &Trainer, tmp: &Path, rank: usize) -> Result<(), Checkpoi
             trainer.optimizer.exp_avg_sq.to_device(tch::Device::Cpu),
         ),
     ];
-    crate::model::weights::write_safetensors(&tensors, &path).map_err(|e| io(&path, e))?;
+    let bytes = crate::model::weights::safetensors_bytes(&tensors, &path).map_err(|e| io(&path, e))?;
+    durable::write(&path, bytes).map_err(|e| io(&path, e.error))?;
     let path = tmp.join(rng_file(rank));
     let rng = RngStates::capture(trainer.device).map_err(|e| io(&path, e))?;
-    rng.write(&path).map_err(|e| io(&path, e))
+    rng.write(&path).map_err(|e| match e {
+        RngError::File { message, .. } => io(&path, message),
+        other => io(&path, other),
+    })
 }
 
 /// Rank 0 completes the checkpoint: the weights and the state, flushed, renamed into place.
