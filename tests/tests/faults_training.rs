@@ -510,8 +510,7 @@ fn a_rank_that_cannot_write_its_part_fails_the_checkpoint_for_every_rank() {
     flags.extend(strings(&["--world_size", "2"]));
     let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     let c = CoordinatorProc::start(&state, &refs);
-    let _rank0 = c.worker(0);
-    let mut rank1 = c.worker(1);
+    let mut workers = [c.worker(0), c.worker(1)];
     wait_for("a registered checkpoint", Duration::from_secs(300), || {
         c.status(Some("job-1"))["latest_checkpoint"]["path"]
             .as_str()
@@ -524,12 +523,15 @@ fn a_rank_that_cannot_write_its_part_fails_the_checkpoint_for_every_rank() {
     let previous = PathBuf::from(registered["path"].as_str().unwrap());
     assert_complete(&previous);
 
-    // Rank 1 comes back on a full disk; the job resumes and its next checkpoint fails there.
-    rank1.signal(Signal::SIGKILL);
-    rank1.wait_exit(Duration::from_secs(10));
-    let _rank1 = c.worker_customised(1, &[], |command| limit_file_size(command, SMALL_DISK));
+    // The workers leave with their job. It resumes with rank 1 on a full disk, where its next
+    // checkpoint fails.
+    for worker in &mut workers {
+        worker.wait_exit(Duration::from_secs(60));
+    }
     let resume = coordinator_client(&c, &["resume", "--job", "job-1"]);
     assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
+    let _rank0 = c.worker(0);
+    let _rank1 = c.worker_customised(1, &[], |command| limit_file_size(command, SMALL_DISK));
     let failed = wait_job(&c, "FAILED", Duration::from_secs(300));
     let message = failed["message"].as_str().unwrap_or_default();
     assert!(message.contains("not written: rank 1 failed"), "{failed}");
