@@ -299,6 +299,18 @@ fn worker_train_killed_and_resumed_equals_the_uninterrupted_run_with_dropout() {
     let diff = max_weight_diff(&final_weights(&reference), &final_weights(&resumed));
     eprintln!("worker train, dropout 0.1: SIGKILL past step 50, resumed from step 46: {compared} train losses equal, max abs weight diff {diff:e}");
     assert!(diff <= 1e-5, "{diff}");
+    // The log lists every checkpoint once, as the uninterrupted run's does.
+    let listed = records(&resumed, "checkpoint");
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        records(&reference, "checkpoint").keys().collect::<Vec<_>>()
+    );
+    assert!(listed.contains_key(&23) && listed.contains_key(&46) && listed.contains_key(&150));
+    for (step, record) in &listed {
+        let path = PathBuf::from(record["path"].as_str().unwrap());
+        assert_eq!(path, resumed.join(format!("checkpoints/step-{step}")));
+        assert_complete(&path);
+    }
     // Its checkpoints name one run; the second attempt is 2.
     let run: Value = serde_json::from_str(&std::fs::read_to_string(resumed.join("kormlm_run.json")).unwrap()).unwrap();
     let last = trainer_state(&resumed.join("checkpoints/step-150"));

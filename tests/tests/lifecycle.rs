@@ -24,7 +24,12 @@ fn config(dir: &Path) -> PathBuf {
 }
 
 fn job_args(dir: &Path, out: &Path, workers: u32, epochs: u32) -> Vec<String> {
-    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    job_args_on(dir, out, workers, epochs, "dev.tsv")
+}
+
+/// `job_args` on another file of the Korean HateSpeech corpus.
+fn job_args_on(dir: &Path, out: &Path, workers: u32, epochs: u32, data: &str) -> Vec<String> {
+    let data = shared_data().join("korean-hate-speech/labeled").join(data);
     [
         "--config",
         config(dir).to_str().unwrap(),
@@ -158,8 +163,10 @@ fn kill_mid_epoch(c: &CoordinatorProc, epochs: u32) -> Value {
 fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Long enough for the kill to land mid-training on a fast machine.
-    let epochs = 12;
+    // train.tsv: epochs of ~490 steps, so a kill sent early in an epoch lands mid-epoch although
+    // a status poll takes longer than a dev.tsv epoch.
+    let epochs = 2;
+    let job_args = |d: &Path, out: &Path, workers, epochs| job_args_on(d, out, workers, epochs, "train.tsv");
 
     // The uninterrupted reference.
     let reference = d.join("reference");

@@ -608,7 +608,7 @@ impl<'a> Run<'a> {
     }
 
     /// Writes a checkpoint (collectively) to continue from step `next_step` of epoch `epoch`;
-    /// the progress report names it.
+    /// the progress report and a `checkpoint` log record name it.
     fn save_checkpoint(&mut self, epoch: u32, next_step: u64, epoch_loss: LossSum) -> Result<PathBuf, TrainError> {
         let state = self.trainer_state(epoch, next_step, epoch_loss);
         let root = self.files.checkpoint_root();
@@ -620,6 +620,12 @@ impl<'a> Run<'a> {
             self.job.args.keep_checkpoints,
         )?;
         self.progress.checkpoint = Some((dir.display().to_string(), self.progress.global_step));
+        // The log lists the run's complete checkpoints (what `worker train --resume_from` takes).
+        self.files.record(&json!({
+            "type": "checkpoint",
+            "step": self.progress.global_step,
+            "path": dir.display().to_string(),
+        }))?;
         Ok(dir)
     }
 
