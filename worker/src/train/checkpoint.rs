@@ -7,8 +7,10 @@
 //! Resuming re-partitions the optimizer state for any world size.
 //!
 //! There is no `latest` pointer: the coordinator registers each checkpoint from the progress
-//! reports (`worker train` prints its path), and the resume point is always named explicitly.
+//! reports (the training log lists them too), and the resume point is always named explicitly.
 //! A checkpoint names its run and attempt; pruning and clean-up only touch the run's own.
+//! Pruning never deletes a checkpoint the coordinator may still hold as the latest: only those
+//! older than one that was committed [`PRUNE_GRACE_MS`] ago (and so has been reported since).
 
 use super::early_stopping::EarlyStopping;
 use super::rng_state::{RngError, RngStates};
@@ -96,6 +98,15 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
+}
+
+/// How long after its commit a checkpoint counts as registered by the coordinator (progress
+/// reports carry it within a heartbeat interval, a second or so): only checkpoints older than
+/// one committed this long ago are pruned.
+pub const PRUNE_GRACE_MS: i64 = 60_000;
+
 /// Everything besides tensors needed to continue exactly where a run stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -105,6 +116,9 @@ pub struct TrainerState {
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt: u32,
+    /// When rank 0 committed it (Unix ms; version 2).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub created_unix_ms: i64,
     /// Epoch to continue in, and the first step of it not yet taken.
     pub epoch: u32,
     pub next_step: u64,
@@ -273,7 +287,7 @@ pub fn save(
         return Err(not_written(vec![0], committed.as_ref().err()));
     }
     if rank == 0 {
-        prune(root, keep, state.run_id.as_deref(), step);
+        prune(root, keep, state.run_id.as_deref(), step, kormlm_proto::now_ms());
     }
     Ok(final_dir)
 }
@@ -313,12 +327,17 @@ fn own_step_dirs(root: &Path, run_id: Option<&str>) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
-/// Deletes all but the newest `keep` checkpoints of run `run_id`, never the one at `current`
-/// nor the best one (named in `best`).
-fn prune(root: &Path, keep: usize, run_id: Option<&str>, current: u64) {
+/// Deletes all but the newest `keep` checkpoints of run `run_id`, never the one at `current`,
+/// the best one (named in `best`), nor any not older than a checkpoint committed
+/// [`PRUNE_GRACE_MS`] before `now_ms` (the coordinator may not have registered a newer one yet).
+fn prune(root: &Path, keep: usize, run_id: Option<&str>, current: u64, now_ms: i64) {
     let best = std::fs::read_to_string(root.join("best")).ok();
     let tags = own_step_dirs(root, run_id);
-    let cut = tags.len().saturating_sub(keep.max(1));
+    let settled = tags
+        .iter()
+        .rposition(|(_, dir)| peek_state(dir).is_some_and(|s| s.created_unix_ms <= now_ms - PRUNE_GRACE_MS))
+        .unwrap_or(0);
+    let cut = tags.len().saturating_sub(keep.max(1)).min(settled);
     for (step, path) in &tags[..cut] {
         let name = path
             .file_name()
@@ -695,11 +714,35 @@ mod tests {
         fake_checkpoint(root, Some("theirs"), 5);
         fake_checkpoint(root, None, 7);
         std::fs::write(root.join("best"), "step-20").unwrap();
-        prune(root, 2, Some("mine"), 50);
+        prune(root, 2, Some("mine"), 50, PRUNE_GRACE_MS * 10);
         assert_eq!(
             names(root),
             vec!["best", "step-20", "step-40", "step-5", "step-50", "step-7"]
         );
+    }
+
+    #[test]
+    fn pruning_keeps_what_the_coordinator_may_still_hold_as_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Committed at t = 10 s, 20 s, … 50 s.
+        for (i, step) in [10, 20, 30, 40, 50].into_iter().enumerate() {
+            let dir = fake_checkpoint(root, Some("mine"), step);
+            let mut state = trainer_state_of(&dir);
+            state.created_unix_ms = 10_000 * (i as i64 + 1);
+            std::fs::write(dir.join(STATE_FILE), serde_json::to_string(&state).unwrap()).unwrap();
+        }
+        // At t = 85 s, step-20 (20 s) is the newest committed a grace period ago: the coordinator
+        // has registered it or a newer one, so only what is older than it may go.
+        prune(root, 2, Some("mine"), 50, 85_000);
+        assert_eq!(names(root), vec!["step-20", "step-30", "step-40", "step-50"]);
+        // Later, the newest two remain.
+        prune(root, 2, Some("mine"), 50, 200_000);
+        assert_eq!(names(root), vec!["step-40", "step-50"]);
+    }
+
+    fn trainer_state_of(dir: &Path) -> TrainerState {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE)).unwrap()).unwrap()
     }
 
     #[test]

@@ -585,6 +585,7 @@ impl<'a> Run<'a> {
             version: checkpoint::STATE_VERSION,
             run_id: Some(self.run_id.clone()),
             attempt: self.attempt,
+            created_unix_ms: kormlm_proto::now_ms(),
             epoch,
             next_step,
             steps: self.trainer.steps,
