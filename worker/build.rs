@@ -13,7 +13,7 @@ fn main() {
         return;
     };
     let lib_dir = PathBuf::from(lib_dir);
-    compile_autocast_shim(&lib_dir);
+    compile_shims(&lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if let Some(torch_dir) = lib_dir.parent() {
         let nccl_dir = torch_dir.with_file_name("kormlm-nccl");
@@ -27,9 +27,13 @@ fn main() {
     }
 }
 
-/// Compiles `csrc/autocast.cpp` against the same libtorch headers tch uses.
-fn compile_autocast_shim(lib_dir: &std::path::Path) {
-    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+/// Compiles the libtorch calls tch does not expose (`csrc/autocast.cpp`: bfloat16 autocast;
+/// `csrc/rng.cpp`: the random generators' states) against the same headers tch uses.
+fn compile_shims(lib_dir: &std::path::Path) {
+    const SOURCES: [&str; 2] = ["csrc/autocast.cpp", "csrc/rng.cpp"];
+    for source in SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     let Some(torch_dir) = lib_dir.parent() else {
         return;
     };
@@ -42,6 +46,6 @@ fn compile_autocast_shim(lib_dir: &std::path::Path) {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .file("csrc/autocast.cpp")
-        .compile("kormlm_autocast");
+        .files(SOURCES)
+        .compile("kormlm_shims");
 }

@@ -8,11 +8,13 @@
 //! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
 //! * [`auth`]: the token every client call carries.
 //! * [`failure`]: the kinds of failure workers report and the coordinator decides on.
+//! * [`durable`]: files written whole or not at all (temporary name, flush, rename).
 
 pub mod augment_args;
 pub mod augment_parts;
 pub mod auth;
 pub mod ds_config;
+pub mod durable;
 pub mod failure;
 mod flag_map;
 pub mod job_plan;

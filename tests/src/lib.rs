@@ -14,9 +14,10 @@ mod weights;
 
 pub use data::{config, nsmc_documents, nsmc_documents_where, shared_data, text, workspace_root, Fixture};
 pub use flags::{busy_training_flags, tiny_training, worker_augment_flags};
-pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_model};
+pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model};
 pub use procs::{
-    bin_dir, binary, parent_pid, pid_alive, run, run_with_input, wait_for, worker_state, CoordinatorProc, Proc,
+    bin_dir, binary, limit_file_size, parent_pid, pid_alive, run, run_with_input, wait_for, worker_state,
+    CoordinatorProc, Proc,
 };
-pub use summary::{assert_early_stopped, val_loss_history};
+pub use summary::{assert_early_stopped, training_log, val_loss_history};
 pub use weights::{max_weight_diff, read_weights};

@@ -98,3 +98,28 @@ pub fn tiny_model() -> PathBuf {
         .1
         .clone()
 }
+
+/// A tiny random ELECTRA like `tiny_model()` (same vocabulary) but with dropout 0.1 (the
+/// transformers default), created once per test binary.
+pub fn tiny_dropout_model() -> PathBuf {
+    static MODEL: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let tok = tiny_model().with_file_name("tok");
+            let dir = tempfile::tempdir().unwrap();
+            let model = dir.path().join("tiny-dropout");
+            oracle(&[
+                "model",
+                model.to_str().unwrap(),
+                "--tokenizer",
+                tok.to_str().unwrap(),
+                "--dropout",
+                "0.1",
+                "--seed",
+                "5",
+            ]);
+            (dir, model)
+        })
+        .1
+        .clone()
+}

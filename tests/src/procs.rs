@@ -186,16 +186,23 @@ impl CoordinatorProc {
 
     /// Like `worker_with`, with extra environment variables for the worker.
     pub fn worker_with_env(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.worker_customised(rank, extra, |command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
+    /// Like `worker_with`, with the command changed by `customise` first (e.g. a resource limit).
+    pub fn worker_customised(&self, rank: u32, extra: &[&str], customise: impl FnOnce(&mut Command)) -> Proc {
         let log = std::fs::File::create(self.worker_log_path(rank)).ok();
         let mut command = Command::new(binary("worker"));
         command
             .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
             .args(extra)
-            .envs(env.iter().copied())
             .stdout(Stdio::null());
         if let Some(log) = log {
             command.stderr(log);
         }
+        customise(&mut command);
         Proc::spawn(&format!("worker rank {rank}"), &mut command)
     }
 
@@ -292,4 +299,21 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the `(name)` field come the state, then the parent pid.
     stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Makes the process `command` starts unable to grow any file past `bytes` (RLIMIT_FSIZE, as
+/// `ulimit -f`): writes beyond fail with EFBIG ("File too large"), like a full disk for the
+/// files that reach the limit. SIGXFSZ is ignored, so the process gets the error instead of
+/// being killed by the signal.
+pub fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit and
+    // signal, both async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, bytes, bytes)?;
+            nix::sys::signal::signal(Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn)?;
+            Ok(())
+        });
+    }
 }

@@ -2,6 +2,7 @@
 //! against itself recomputed.
 
 use serde_json::Value;
+use std::path::Path;
 
 /// The run's dev loss after each evaluation (`val_loss_history`).
 pub fn val_loss_history(summary: &Value) -> Vec<f64> {
@@ -29,4 +30,14 @@ pub fn assert_early_stopped(summary: &Value, patience: usize) {
         .fold((0, f64::INFINITY), |(i, m), (j, v)| if v < m { (j, v) } else { (i, m) });
     assert_eq!(summary["best_val_loss"].as_f64(), Some(min), "{history:?}");
     assert_eq!(argmin + patience + 1, history.len(), "{history:?}");
+}
+
+/// The records of `OUTPUT_DIR/training_log.jsonl`.
+pub fn training_log(output_dir: &Path) -> Vec<Value> {
+    let path = output_dir.join("training_log.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
 }

@@ -24,7 +24,12 @@ fn config(dir: &Path) -> PathBuf {
 }
 
 fn job_args(dir: &Path, out: &Path, workers: u32, epochs: u32) -> Vec<String> {
-    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    job_args_on(dir, out, workers, epochs, "dev.tsv")
+}
+
+/// `job_args` on another file of the Korean HateSpeech corpus.
+fn job_args_on(dir: &Path, out: &Path, workers: u32, epochs: u32, data: &str) -> Vec<String> {
+    let data = shared_data().join("korean-hate-speech/labeled").join(data);
     [
         "--config",
         config(dir).to_str().unwrap(),
@@ -97,34 +102,71 @@ fn client(c: &CoordinatorProc, args: &[&str]) -> std::process::Output {
     run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]))
 }
 
-/// Kills job-1 after its first evaluation, mid-epoch; returns the step it stopped at.
-fn kill_mid_epoch(c: &CoordinatorProc) -> u64 {
+/// Steps per epoch of a job (its total over its epochs).
+fn steps_per_epoch(status: &Value, epochs: u32) -> u64 {
+    status["total_steps"].as_u64().unwrap() / u64::from(epochs)
+}
+
+/// The `start` records of a run's training log (one per attempt), in order.
+fn starts(out: &Path) -> Vec<Value> {
+    training_log(out).into_iter().filter(|r| r["type"] == "start").collect()
+}
+
+/// The first `train` record after the last `start` record: where the last attempt went on.
+fn first_step_of_last_attempt(out: &Path) -> u64 {
+    let log = training_log(out);
+    let last_start = log.iter().rposition(|r| r["type"] == "start").unwrap();
+    log[last_start..]
+        .iter()
+        .find(|r| r["type"] == "train")
+        .and_then(|r| r["step"].as_u64())
+        .unwrap()
+}
+
+/// Kills job-1 (of `epochs` epochs) after its first evaluation, early in an epoch so the stop
+/// lands mid-epoch (asserted); returns the status it was KILLED with.
+fn kill_mid_epoch(c: &CoordinatorProc, epochs: u32) -> Value {
     wait_for(
-        "the first evaluation and a few more steps",
+        "the first evaluation and a few steps into an epoch",
         Duration::from_secs(120),
         || {
             let s = c.status(Some("job-1"));
             let evaluated = s["val_loss_history"].as_array().is_some_and(|h| !h.is_empty());
-            (evaluated && s["global_step"].as_u64().unwrap_or(0) >= 32).then_some(())
+            let step = s["global_step"].as_u64().unwrap_or(0);
+            let per_epoch = steps_per_epoch(&s, epochs).max(1);
+            // Early in the epoch: the kill takes a few steps to land, well before its end.
+            let early = (2..=per_epoch / 3).contains(&(step % per_epoch));
+            (evaluated && step >= 32 && early).then_some(())
         },
     );
     let out = client(c, &["kill", "--job", "job-1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = wait_state(c, "KILLED", Duration::from_secs(60));
     let checkpoint = &status["latest_checkpoint"];
-    assert!(
-        checkpoint["path"].as_str().is_some(),
-        "a checkpoint is registered: {status}"
+    let path = checkpoint["path"].as_str();
+    assert!(path.is_some(), "a checkpoint is registered: {status}");
+    let stopped_at = status["global_step"].as_u64().unwrap();
+    assert_eq!(checkpoint["global_step"], stopped_at, "{status}");
+    assert_ne!(
+        stopped_at % steps_per_epoch(&status, epochs),
+        0,
+        "the kill landed mid-epoch: {status}"
     );
-    status["global_step"].as_u64().unwrap()
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(path.unwrap()).join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_ne!(state["next_step"], 0, "the stop checkpoint is mid-epoch: {state}");
+    status
 }
 
 #[test]
 fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Long enough for the kill to land mid-training on a fast machine.
-    let epochs = 12;
+    // train.tsv: epochs of ~490 steps, so a kill sent early in an epoch lands mid-epoch although
+    // a status poll takes longer than a dev.tsv epoch.
+    let epochs = 2;
+    let job_args = |d: &Path, out: &Path, workers, epochs| job_args_on(d, out, workers, epochs, "train.tsv");
 
     // The uninterrupted reference.
     let reference = d.join("reference");
@@ -143,7 +185,7 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
     // Killed mid-epoch, resumed with the same two workers.
     let resumed = d.join("resumed");
     let c = start(&d.join("state-a"), &job_args(d, &resumed, 2, epochs));
-    let stopped_at = kill_mid_epoch(&c);
+    let stopped_at = kill_mid_epoch(&c, epochs)["global_step"].as_u64().unwrap();
     assert!(stopped_at < *expected.keys().last().unwrap());
     let before = c.status(Some("job-1"));
     let out = client(&c, &["resume", "--job", "job-1", "--json"]);
@@ -193,6 +235,11 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
         );
     }
     assert!(resumed.join("loss_curve.png").is_file());
+    // The resume continued from the stop checkpoint, at the step after it.
+    let resumed_starts = starts(&resumed);
+    assert_eq!(resumed_starts.len(), 2, "{resumed_starts:?}");
+    assert_eq!(resumed_starts[1]["step"], stopped_at);
+    assert_eq!(first_step_of_last_attempt(&resumed), stopped_at + 1);
     let diff = max_weight_diff(
         &reference.join("final/model.safetensors"),
         &resumed.join("final/model.safetensors"),
@@ -203,8 +250,15 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
     // Killed mid-epoch, its newest checkpoint damaged, resumed on ONE worker.
     let other = d.join("other");
     let c2 = start(&d.join("state-b"), &job_args(d, &other, 2, epochs));
-    let stopped_at = kill_mid_epoch(&c2);
-    let latest = PathBuf::from(c2.status(Some("job-1"))["latest_checkpoint"]["path"].as_str().unwrap());
+    let killed = kill_mid_epoch(&c2, epochs);
+    let stopped_at = killed["global_step"].as_u64().unwrap();
+    // The previous complete checkpoint: the one of the last evaluated epoch's end.
+    let evaluated = killed["val_loss_history"].as_array().unwrap().len() as u64;
+    let previous_step = evaluated * steps_per_epoch(&killed, epochs);
+    assert!(previous_step < stopped_at);
+    let latest = PathBuf::from(killed["latest_checkpoint"]["path"].as_str().unwrap());
+    let previous = latest.with_file_name(format!("step-{previous_step}"));
+    assert!(previous.join("trainer_state.json").is_file(), "{}", previous.display());
     let optim = latest.join("optim-rank1.safetensors");
     let bytes = std::fs::read(&optim).unwrap();
     std::fs::write(&optim, &bytes[..bytes.len() / 2]).unwrap();
@@ -213,6 +267,19 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
     let done = wait_state(&c2, "SUCCEEDED", Duration::from_secs(180));
     assert_eq!(done["world_size"], 1);
     assert_eq!(done["workers"].as_array().unwrap().len(), 1);
+    // The damaged checkpoint failed its attempt (CHECKPOINT_UNREADABLE); the coordinator then
+    // assigned the previous complete one, and the run went on from the step after it.
+    let other_starts = starts(&other);
+    let used = other_starts.last().unwrap();
+    assert_eq!(used["checkpoint"], previous.display().to_string(), "{other_starts:?}");
+    assert_eq!(used["step"], previous_step);
+    assert_eq!(used["world_size"], 1);
+    assert_eq!(first_step_of_last_attempt(&other), previous_step + 1);
+    eprintln!(
+        "damaged {} (step {stopped_at}): resumed from {} (step {previous_step})",
+        latest.display(),
+        previous.display()
+    );
     let diff = max_weight_diff(
         &reference.join("final/model.safetensors"),
         &other.join("final/model.safetensors"),
@@ -274,11 +341,14 @@ fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain(
         "--checkpoint_steps".to_string(),
         "5".to_string(),
     ]);
+    let out = d.join("out");
     let c = start(&d.join("state"), &args);
     let running = wait_for("a checkpoint", Duration::from_secs(120), || {
         let s = c.status(Some("job-1"));
         s["latest_checkpoint"]["path"].as_str().is_some().then_some(s)
     });
+    let registered_before = running["latest_checkpoint"]["global_step"].as_u64().unwrap();
+    assert!(registered_before > 0);
     let pid = running["workers"][1]["pid"].as_u64().unwrap() as i32;
     // Local workers share the cores instead of each taking all of them (libtorch's default).
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -292,6 +362,20 @@ fn a_killed_worker_is_restarted_from_the_latest_checkpoint_when_restarts_remain(
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let done = wait_state(&c, "SUCCEEDED", Duration::from_secs(180));
     assert_eq!(done["restarts"], 1, "{done}");
+    // The restart continued from a registered checkpoint (not from scratch), at the step after it.
+    let attempts = starts(&out);
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let restart = &attempts[1];
+    let checkpoint_step = restart["step"].as_u64().unwrap();
+    assert!(checkpoint_step >= registered_before, "{restart}");
+    assert_eq!(restart["attempt"], 2, "{restart}");
+    assert_eq!(
+        restart["checkpoint"],
+        out.join(format!("checkpoints/step-{checkpoint_step}"))
+            .display()
+            .to_string()
+    );
+    assert_eq!(first_step_of_last_attempt(&out), checkpoint_step + 1);
 }
 
 #[test]

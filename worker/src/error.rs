@@ -16,6 +16,7 @@ use crate::model::ModelError;
 use crate::tokenizer::TokenizerError;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::TrainError;
+use kormlm_proto::augment_parts::PartsError;
 use kormlm_proto::ds_config::ConfigError;
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::PlanError;
@@ -191,6 +192,8 @@ fn checkpoint_kind(e: &CheckpointError) -> FailureKind {
         // Read back while resuming, a damaged checkpoint stays damaged: the coordinator picks the
         // previous complete one (a checkpoint that could not be completed is equally unusable).
         CheckpointError::Invalid { .. } => FailureKind::CheckpointUnreadable,
+        // A rank could not write its part (a full disk): a later attempt may succeed.
+        CheckpointError::NotWritten { .. } => FailureKind::Io,
         CheckpointError::Comm(e) => comm_kind(e),
     }
 }
@@ -206,6 +209,7 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::UnreadableCheckpoint { .. } => FailureKind::CheckpointUnreadable,
         TrainError::Step(message) => torch_kind(message),
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
+        TrainError::OutputDirInUse { .. } => FailureKind::BadInput,
     }
 }
 
@@ -216,6 +220,16 @@ fn augment_kind(e: &AugmentError) -> FailureKind {
         AugmentError::Output { .. } => FailureKind::Io,
         AugmentError::MissingFlag { .. } | AugmentError::InvalidFlag { .. } => FailureKind::BadInput,
         AugmentError::Input(e) => corpus_kind(e),
+        AugmentError::Model(e) => model_kind(e),
+        AugmentError::Parts(e) => parts_kind(e),
+    }
+}
+
+fn parts_kind(e: &PartsError) -> FailureKind {
+    match e {
+        PartsError::Read { .. } | PartsError::Write(_) => FailureKind::Io,
+        // Only the coordinator's merge meets these; a worker never does.
+        PartsError::NoManifest { .. } | PartsError::MissingPart { .. } => FailureKind::Internal,
     }
 }
 
@@ -507,6 +521,24 @@ mod tests {
             (
                 TrainError::Checkpoint(CheckpointError::Comm(peer_lost())).into(),
                 PeerLost,
+            ),
+            (
+                TrainError::Checkpoint(CheckpointError::NotWritten {
+                    path: s(),
+                    ranks: vec![1],
+                    message: s(),
+                })
+                .into(),
+                Io,
+            ),
+            (TrainError::OutputDirInUse { dir: s(), other: s() }.into(), BadInput),
+            (
+                AugmentError::Parts(PartsError::Read {
+                    path: "out/.parts/manifest.json".into(),
+                    message: s(),
+                })
+                .into(),
+                Io,
             ),
             (
                 TrainError::Output {

@@ -125,8 +125,8 @@ pub fn run_training(
     )
 }
 
-/// Rank `rank` of `world`'s chunks of an augmentation job, one part file per chunk (parts that
-/// already exist, from an earlier attempt, are kept).
+/// Rank `rank` of `world`'s chunks of an augmentation job, one part file per chunk (parts an
+/// earlier attempt wrote under the same manifest are kept).
 pub fn run_augmentation(
     job: &AugmentJob,
     (rank, world): (usize, usize),
@@ -135,6 +135,14 @@ pub fn run_augmentation(
 ) -> Result<AugmentOutcome, WorkerError> {
     use crate::augment::{parts, Augmenter};
     let (table, format, output, options) = job.setup()?;
+    let manifest = parts::manifest(
+        &job.model,
+        job.revision.as_deref(),
+        &job.args,
+        &options,
+        format,
+        table.rows.len(),
+    )?;
     let model = job.load_model()?;
     let n = options.num_augmentations;
     let augmenter = Augmenter::new(&model, options, job.device);
@@ -149,6 +157,7 @@ pub fn run_augmentation(
             dir: &parts::parts_dir(&output),
             format,
             num_augmentations: n,
+            manifest: &manifest,
         },
         &|| stop.load(Ordering::SeqCst),
         &mut |_| {

@@ -100,6 +100,15 @@ impl Work {
                     output_dir,
                     cache_dir: cache_dir(None),
                     resume_from: (!assignment.resume_from.is_empty()).then(|| PathBuf::from(&assignment.resume_from)),
+                    // A coordinator that sends no run id: the job id is the same on every
+                    // attempt, so the job still recognises its own output directory.
+                    run_id: Some(if assignment.run_id.is_empty() {
+                        assignment.job_id.clone()
+                    } else {
+                        assignment.run_id.clone()
+                    }),
+                    job_id: Some(assignment.job_id.clone()),
+                    attempt: assignment.attempt,
                 }))
             }
             Ok(TaskKind::Augment) => {
@@ -150,6 +159,9 @@ pub fn train_job_from_command(command: &TrainCommand, now_unix_s: u64) -> Result
         output_dir,
         cache_dir: cache_dir(command.cache_dir.clone()),
         resume_from: command.resume_from.clone(),
+        run_id: None,
+        job_id: None,
+        attempt: 0,
     })
 }
 

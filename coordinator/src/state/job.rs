@@ -228,7 +228,7 @@ pub struct AugmentMerge {
 impl AugmentMerge {
     /// Runs the merge (file I/O: call it without holding the state lock); the number of parts.
     pub fn run(&self) -> Result<usize, String> {
-        augment_parts::merge(&augment_parts::parts_dir(&self.output), &self.output)
+        augment_parts::merge(&augment_parts::parts_dir(&self.output), &self.output).map_err(|e| e.to_string())
     }
 }
 

@@ -1038,6 +1038,18 @@ mod tests {
         let output = dir.path().join("out.csv");
         let parts = kormlm_proto::augment_parts::parts_dir(&output);
         std::fs::create_dir_all(&parts).unwrap();
+        kormlm_proto::augment_parts::PartsManifest {
+            input_sha256: String::new(),
+            model_sha256: String::new(),
+            seed: 0,
+            max_seq_len: 0,
+            options: serde_json::Value::Null,
+            format: "csv".into(),
+            chunk_rows: 1,
+            parts: 2,
+        }
+        .write(&parts)
+        .unwrap();
         std::fs::write(kormlm_proto::augment_parts::part_path(&parts, 0, "csv"), "text\na\n").unwrap();
         std::fs::write(kormlm_proto::augment_parts::part_path(&parts, 1, "csv"), "text\nb\n").unwrap();
         let c = coordinator(&dir.path().join("state"));

@@ -3,6 +3,7 @@
 //! input row, in input order.
 
 pub use crate::corpus::readers::{read_table, Table};
+use kormlm_proto::durable;
 use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::Path;
@@ -13,8 +14,9 @@ pub enum OutputFormat {
     Jsonl,
 }
 
-/// Writes the input columns plus `augmented_1..N` (CSV) or an `augmented` list (JSONL), to a
-/// temporary file renamed into place.
+/// Writes the input columns plus `augmented_1..N` (CSV) or an `augmented` list (JSONL),
+/// durably (a temporary file renamed into place, see [`kormlm_proto::durable`]; on failure
+/// nothing is left under either name). The error is the OS error; callers name the path.
 pub fn write_output(
     path: &Path,
     format: OutputFormat,
@@ -22,41 +24,32 @@ pub fn write_output(
     variants: &[Vec<String>],
     n: usize,
 ) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    {
-        let file = std::fs::File::create(&tmp)?;
-        match format {
-            OutputFormat::Csv => {
-                let mut w = csv::Writer::from_writer(file);
-                let mut header = table.headers.clone();
-                header.extend((1..=n).map(|i| format!("augmented_{i}")));
-                w.write_record(&header)?;
-                for (row, vs) in table.rows.iter().zip(variants) {
-                    let mut record = row.clone();
-                    record.extend(vs.iter().cloned());
-                    w.write_record(&record)?;
-                }
-                w.flush()?;
-                w.into_inner()
-                    .map_err(|e| std::io::Error::other(e.to_string()))?
-                    .sync_all()?;
+    durable::write_with(path, |out| match format {
+        OutputFormat::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            let mut header = table.headers.clone();
+            header.extend((1..=n).map(|i| format!("augmented_{i}")));
+            w.write_record(&header)?;
+            for (row, vs) in table.rows.iter().zip(variants) {
+                let mut record = row.clone();
+                record.extend(vs.iter().cloned());
+                w.write_record(&record)?;
             }
-            OutputFormat::Jsonl => {
-                let mut w = std::io::BufWriter::new(file);
-                for (row, vs) in table.rows.iter().zip(variants) {
-                    let mut object = Map::new();
-                    for (h, v) in table.headers.iter().zip(row) {
-                        object.insert(h.clone(), Value::String(v.clone()));
-                    }
-                    object.insert("augmented".into(), Value::from(vs.clone()));
-                    writeln!(w, "{}", Value::Object(object))?;
-                }
-                w.flush()?;
-                w.get_ref().sync_all()?;
-            }
+            w.flush()
         }
-    }
-    std::fs::rename(&tmp, path)
+        OutputFormat::Jsonl => {
+            for (row, vs) in table.rows.iter().zip(variants) {
+                let mut object = Map::new();
+                for (h, v) in table.headers.iter().zip(row) {
+                    object.insert(h.clone(), Value::String(v.clone()));
+                }
+                object.insert("augmented".into(), Value::from(vs.clone()));
+                writeln!(out, "{}", Value::Object(object))?;
+            }
+            Ok(())
+        }
+    })
+    .map_err(|e| e.error)
 }
 
 #[cfg(test)]

@@ -57,6 +57,12 @@ pub enum AugmentError {
     /// The input file cannot be read as the format says.
     #[error(transparent)]
     Input(#[from] CorpusError),
+    /// The model named for the parts manifest cannot be found.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// The parts directory's manifest cannot be read or written.
+    #[error(transparent)]
+    Parts(#[from] kormlm_proto::augment_parts::PartsError),
 }
 
 /// The result for one sentence.

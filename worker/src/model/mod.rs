@@ -120,7 +120,9 @@ impl LoadedModel {
     }
 
     /// Saves in Hugging Face layout (`config.json`, `model.safetensors`, tokenizer files), into a
-    /// temporary directory that is renamed over `dir` at the end.
+    /// temporary directory that is flushed to disk and renamed over `dir` at the end: `dir` holds
+    /// either the previous complete model or the new one. On failure (a full disk) the temporary
+    /// directory is removed and the error names the file and the OS error.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
         let parent = dir
             .parent()
@@ -133,9 +135,26 @@ impl LoadedModel {
             .unwrap_or_else(|| "model".into());
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        if let Err(e) = self.write_files(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        kormlm_proto::durable::sync_dir(parent).map_err(|e| ModelError::io(parent, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// The model's files, written into a new directory `dir` and flushed to disk.
+    fn write_files(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let config = serde_json::to_string_pretty(&self.model.config().to_hf_json()).expect("config serialises");
-        std::fs::write(tmp.join("config.json"), config + "\n").map_err(|e| ModelError::io(&tmp, e))?;
+        let config_path = dir.join("config.json");
+        kormlm_proto::durable::write(&config_path, config + "\n").map_err(|e| ModelError::io(&config_path, e.error))?;
         let mut tensors: Vec<(String, Tensor)> = self
             .vs
             .variables()
@@ -143,19 +162,9 @@ impl LoadedModel {
             .filter(|(name, _)| name != "generator_lm_head.weight")
             .collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        weights::write_safetensors(&tensors, &tmp.join(weights::SAFETENSORS))?;
-        self.tokenizer.save(&tmp)?;
-        sync_dir_and_files(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| ModelError::io(parent, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        weights::write_safetensors(&tensors, &dir.join(weights::SAFETENSORS))?;
+        self.tokenizer.save(dir)?;
+        sync_dir_and_files(dir).map_err(|e| ModelError::io(dir, e))
     }
 }
 

@@ -187,8 +187,18 @@ pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, source: &str) ->
     Ok(report)
 }
 
-/// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (transformers checks it).
+/// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (transformers checks
+/// it), durably (a temporary name, flushed, renamed; see [`kormlm_proto::durable`]).
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
+    let bytes = safetensors_bytes(tensors, path)?;
+    kormlm_proto::durable::write(path, bytes).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        message: e.error.to_string(),
+    })
+}
+
+/// `tensors` (as f32) serialised as a safetensors file; `path` names the file in errors.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8>, ModelError> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let t = tensor.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
@@ -214,8 +224,8 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
         })
         .collect::<Result<_, _>>()?;
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(tensor_views, Some(metadata), path).map_err(|e| ModelError::Format {
+    safetensors::serialize(tensor_views, Some(metadata)).map_err(|e| ModelError::Format {
         path: path.display().to_string(),
-        message: format!("cannot write: {e}"),
+        message: format!("cannot serialise: {e}"),
     })
 }

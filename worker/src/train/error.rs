@@ -22,16 +22,31 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{path}: {message}")]
     Output { path: String, message: String },
-    /// The checkpoint the run was told to resume from cannot be read.
-    #[error("checkpoint {path} cannot be resumed from: {message}")]
-    UnreadableCheckpoint { path: String, message: String },
     #[error("training: {0}")]
     Step(String),
     #[error("the training set is empty after reading {0}")]
     EmptyCorpus(String),
+    /// The checkpoint to resume from cannot be read: damaged, incomplete, of another run or of
+    /// another model. A job's coordinator then assigns the previous complete checkpoint.
+    #[error("cannot resume from checkpoint {path}: {message}")]
+    UnreadableCheckpoint { path: String, message: String },
+    /// The output directory holds another run's files (`other` names that run).
+    #[error(
+        "{dir} holds the output of {other}; pass --overwrite_output_dir to remove that run's files and start \
+         afresh, or choose another --output_dir"
+    )]
+    OutputDirInUse { dir: String, other: String },
 }
 
 impl TrainError {
+    /// The checkpoint at `path` cannot be resumed from.
+    pub(crate) fn unreadable(path: &Path, e: impl std::fmt::Display) -> Self {
+        TrainError::UnreadableCheckpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
     /// A file or directory of the run's output could not be written.
     pub(crate) fn output(path: &Path, e: impl std::fmt::Display) -> Self {
         TrainError::Output {

@@ -4,9 +4,11 @@
 pub mod checkpoint;
 pub mod early_stopping;
 pub mod error;
+pub mod ownership;
 pub mod plan;
 pub mod plot;
 pub mod report;
+pub mod rng_state;
 pub mod run;
 pub mod run_files;
 pub mod trainer;

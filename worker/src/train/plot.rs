@@ -84,7 +84,8 @@ fn register_font() {
     });
 }
 
-/// Draws `points` into the PNG `path` (written to a temporary name, then renamed).
+/// Draws `points` into the PNG `path`, durably: under a hidden temporary name, flushed, renamed
+/// (a failed drawing or write leaves the previous plot and no temporary file).
 pub fn render_loss_curve(points: &[EpochLoss], path: &Path) -> Result<(), PlotError> {
     let shown = path.display().to_string();
     if points.is_empty() {
@@ -92,15 +93,32 @@ pub fn render_loss_curve(points: &[EpochLoss], path: &Path) -> Result<(), PlotEr
     }
     register_font();
     // The image encoder picks the format from the extension, so the temporary name keeps it.
-    let tmp = path.with_extension("tmp.png");
-    draw(points, &tmp).map_err(|message| PlotError::Draw {
-        path: shown.clone(),
-        message,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| PlotError::Io {
-        path: shown,
-        message: e.to_string(),
-    })
+    let tmp = {
+        let hidden = kormlm_proto::durable::temp_path(path);
+        hidden.with_file_name(format!(
+            "{}.png",
+            hidden.file_name().unwrap_or_default().to_string_lossy()
+        ))
+    };
+    let written = draw(points, &tmp)
+        .map_err(|message| PlotError::Draw {
+            path: shown.clone(),
+            message,
+        })
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| e.to_string())
+                .and_then(|()| kormlm_proto::durable::rename(&tmp, path).map_err(|e| e.error.to_string()))
+                .map_err(|message| PlotError::Io {
+                    path: shown.clone(),
+                    message,
+                })
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Reads the log and draws its plot; what the training loop calls after every evaluation.

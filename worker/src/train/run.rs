@@ -5,10 +5,15 @@
 //! applies early stopping, saves the best model and checkpoints. Finish saves the final model
 //! and the summary. The same loop runs in one process (`worker train`) and on every rank of a
 //! job.
+//!
+//! A resumed run continues exactly as the uninterrupted one on the same world size: the
+//! checkpoint carries, besides weights and optimizer state, every rank's random-generator
+//! states (dropout) and the training-log window, restored as the last act of setup.
 
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint::{self, LogWindow, RngResume, RngStateFile, TrainerState};
 use super::early_stopping::EarlyStopping;
 use super::error::TrainError;
+use super::ownership::{self, Claim, RunIdentity};
 use super::plan::{epoch_order, StepShape};
 use super::report::{ProgressEvent, TrainSummary};
 use super::run_files::RunFiles;
@@ -24,7 +29,7 @@ use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::train_args::TrainArgs;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::Device;
 
 /// What a run is told to do.
@@ -38,6 +43,13 @@ pub struct TrainJob {
     pub cache_dir: Option<PathBuf>,
     /// A checkpoint directory to continue from.
     pub resume_from: Option<PathBuf>,
+    /// The run this is (`kormlm_run.json`, stored in every checkpoint); `None` for `worker
+    /// train`: the checkpoint's run when resuming, else a new random id.
+    pub run_id: Option<String>,
+    /// The coordinator's job, for the run file (`None` for `worker train`).
+    pub job_id: Option<String>,
+    /// The job's attempt (1 for the first); 0 for `worker train`: the checkpoint's attempt + 1.
+    pub attempt: u32,
 }
 
 /// Runs the whole training. `on_progress` hears of every logged step and evaluation;
@@ -77,15 +89,45 @@ struct Window {
     samples: u64,
     tokens: u64,
     since: Instant,
+    /// The global step of the last `train` record.
+    last_logged_step: u64,
 }
 
 impl Window {
-    fn new() -> Self {
+    /// An empty window after a record at `last_logged_step`.
+    fn new(last_logged_step: u64) -> Self {
         Self {
             loss: LossSum::default(),
             samples: 0,
             tokens: 0,
             since: Instant::now(),
+            last_logged_step,
+        }
+    }
+
+    /// The window a checkpoint saved.
+    fn restore(saved: &LogWindow) -> Self {
+        let elapsed = Duration::try_from_secs_f64(saved.elapsed_s).unwrap_or_default();
+        Self {
+            loss: LossSum {
+                sum: saved.loss_sum,
+                masked: saved.masked,
+            },
+            samples: saved.samples,
+            tokens: saved.tokens,
+            since: Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now),
+            last_logged_step: saved.last_logged_step,
+        }
+    }
+
+    fn save(&self) -> LogWindow {
+        LogWindow {
+            loss_sum: self.loss.sum,
+            masked: self.loss.masked,
+            samples: self.samples,
+            tokens: self.tokens,
+            elapsed_s: self.since.elapsed().as_secs_f64(),
+            last_logged_step: self.last_logged_step,
         }
     }
 }
@@ -163,6 +205,9 @@ struct Run<'a> {
     started: Instant,
     /// Rank 0, which logs the run's milestones.
     leader: bool,
+    /// The run and attempt its checkpoints name.
+    run_id: String,
+    attempt: u32,
     files: RunFiles,
     trainer: Trainer,
     masker: Masker,
@@ -196,9 +241,27 @@ impl<'a> Run<'a> {
         let args = &job.args;
         let (rank, world) = (comm.rank(), comm.world_size());
         let leader = rank == 0;
-        let resume = resume_point(job.resume_from.as_deref())?;
+        let resume = resume_point(job.resume_from.as_deref(), job.run_id.as_deref())?;
+        let resumed_state = resume.as_ref().map(|(_, state)| state);
+        let run_id = job
+            .run_id
+            .clone()
+            .or_else(|| resumed_state.and_then(|s| s.run_id.clone()))
+            .unwrap_or_else(ownership::new_run_id);
+        let attempt = match job.attempt {
+            0 => resumed_state.map_or(1, |s| s.attempt + 1),
+            n => n,
+        };
+        let start_step = resumed_state.map_or(0, TrainerState::global_step);
+        if leader {
+            claim_output_dir(job, &run_id, resume.as_ref(), start_step)?;
+        }
         let loaded = match &resume {
-            Some((dir, _)) => LoadedModel::load(dir.join("model").to_str().unwrap_or_default(), None, job.device)?,
+            Some((dir, _)) => {
+                let model = dir.join("model");
+                LoadedModel::load(model.to_str().unwrap_or_default(), None, job.device)
+                    .map_err(|e| TrainError::unreadable(dir, e))?
+            }
             None => LoadedModel::load(&args.model_name_or_path, args.revision.as_deref(), job.device)?,
         };
         let Sets {
@@ -223,23 +286,30 @@ impl<'a> Run<'a> {
         tch::manual_seed(args.seed as i64);
         let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, &*comm);
         if let Some((dir, state)) = &resume {
-            checkpoint::restore_optimizer(&mut trainer, dir, state)?;
+            checkpoint::restore_optimizer(&mut trainer, dir, state).map_err(|e| TrainError::unreadable(dir, e))?;
             if leader {
-                tracing::info!(checkpoint = %dir.display(), epoch = state.epoch, step = state.next_step, "resuming");
+                tracing::info!(checkpoint = %dir.display(), epoch = state.epoch, step = state.next_step, run_id, attempt, "resuming");
             }
         }
         let params = json!({"args": args, "config": job.config, "corpus": report});
-        let files = RunFiles::open(&job.output_dir, rank, resume.is_some(), &params)?;
+        let mut files = RunFiles::open(&job.output_dir, rank, start_step, &params)?;
+        files.record(&json!({
+            "type": "start",
+            "step": start_step,
+            "epoch": resumed_state.map_or(0, |s| s.epoch),
+            "run_id": run_id,
+            "attempt": attempt,
+            "world_size": world,
+            "checkpoint": resume.as_ref().map(|(dir, _)| dir.display().to_string()),
+        }))?;
 
-        let state = resume.map(|(_, state)| state);
-        let early = state
-            .as_ref()
-            .map_or_else(EarlyStopping::default, |s| s.early_stopping.clone());
-        let (start_epoch, resume_step) = state.as_ref().map_or((0, 0), |s| (s.epoch, s.next_step as usize));
-        let epoch_loss = state.as_ref().map_or_else(LossSum::default, |s| LossSum {
+        let early = resumed_state.map_or_else(EarlyStopping::default, |s| s.early_stopping.clone());
+        let (start_epoch, resume_step) = resumed_state.map_or((0, 0), |s| (s.epoch, s.next_step as usize));
+        let epoch_loss = resumed_state.map_or_else(LossSum::default, |s| LossSum {
             sum: s.epoch_loss_sum,
             masked: s.epoch_masked,
         });
+        let window = resumed_state.map_or_else(|| Window::new(0), |s| Window::restore(&s.log_window));
         let mut progress = ProgressEvent {
             total_steps,
             optimizer_state_bytes: trainer.optimizer_state_bytes(),
@@ -247,6 +317,26 @@ impl<'a> Run<'a> {
             ..Default::default()
         };
         progress.set_early_stopping(&early);
+        // Last, so nothing of the setup draws from the restored generators.
+        if let Some((dir, state)) = &resume {
+            let restored = checkpoint::restore_rng(dir, state, rank, world, job.device)
+                .map_err(|e| TrainError::unreadable(dir, e))?;
+            if leader {
+                match restored {
+                    RngResume::Restored => {}
+                    RngResume::WorldSizeChanged => tracing::info!(
+                        saved = state.world_size,
+                        now = world,
+                        "the world size changed: data order and masking continue as before, dropout draws do not"
+                    ),
+                    RngResume::NotSaved => tracing::warn!(
+                        checkpoint = %dir.display(),
+                        "the checkpoint has no random-generator states (an older kormlm wrote it): dropout after the \
+                         resume differs from an uninterrupted run"
+                    ),
+                }
+            }
+        }
         let show_bar = leader && std::io::IsTerminal::is_terminal(&std::io::stderr());
         Ok(Self {
             job,
@@ -255,6 +345,8 @@ impl<'a> Run<'a> {
             should_stop,
             started,
             leader,
+            run_id,
+            attempt,
             files,
             trainer,
             masker,
@@ -267,7 +359,7 @@ impl<'a> Run<'a> {
             resume_step,
             early,
             epoch_loss,
-            window: Window::new(),
+            window,
             progress,
             epochs_run: 0,
             stopped_by_request: false,
@@ -434,7 +526,7 @@ impl<'a> Run<'a> {
             ));
         }
         (self.on_progress)(&self.progress);
-        self.window = Window::new();
+        self.window = Window::new(self.progress.global_step);
         Ok(())
     }
 
@@ -488,8 +580,12 @@ impl<'a> Run<'a> {
     /// Everything besides tensors needed to continue at step `next_step` of epoch `epoch`,
     /// where that epoch's training loss so far is `epoch_loss`.
     fn trainer_state(&self, epoch: u32, next_step: u64, epoch_loss: LossSum) -> TrainerState {
+        let world = self.comm.world_size();
         TrainerState {
             version: checkpoint::STATE_VERSION,
+            run_id: Some(self.run_id.clone()),
+            attempt: self.attempt,
+            created_unix_ms: kormlm_proto::now_ms(),
             epoch,
             next_step,
             steps: self.trainer.steps,
@@ -498,15 +594,22 @@ impl<'a> Run<'a> {
             early_stopping: self.early.clone(),
             epoch_loss_sum: epoch_loss.sum,
             epoch_masked: epoch_loss.masked,
-            world_size: self.comm.world_size(),
+            log_window: self.window.save(),
+            world_size: world,
             partitions: self.trainer.partition.saved_ranges(),
+            rng_states: (0..world)
+                .map(|rank| RngStateFile {
+                    rank,
+                    file: checkpoint::rng_file(rank),
+                })
+                .collect(),
             numel: self.trainer.flat.numel,
             seed: self.job.args.seed,
         }
     }
 
     /// Writes a checkpoint (collectively) to continue from step `next_step` of epoch `epoch`;
-    /// the progress report names it.
+    /// the progress report and a `checkpoint` log record name it.
     fn save_checkpoint(&mut self, epoch: u32, next_step: u64, epoch_loss: LossSum) -> Result<PathBuf, TrainError> {
         let state = self.trainer_state(epoch, next_step, epoch_loss);
         let root = self.files.checkpoint_root();
@@ -518,6 +621,12 @@ impl<'a> Run<'a> {
             self.job.args.keep_checkpoints,
         )?;
         self.progress.checkpoint = Some((dir.display().to_string(), self.progress.global_step));
+        // The log lists the run's complete checkpoints (what `worker train --resume_from` takes).
+        self.files.record(&json!({
+            "type": "checkpoint",
+            "step": self.progress.global_step,
+            "path": dir.display().to_string(),
+        }))?;
         Ok(dir)
     }
 
@@ -546,22 +655,65 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The checkpoint to continue from and its state: the one requested or, when it cannot be
-/// read, the newest complete one beside it.
-fn resume_point(requested: Option<&Path>) -> Result<Option<(PathBuf, TrainerState)>, TrainError> {
+/// The checkpoint to continue from and its state. One that cannot be read, or that another run
+/// wrote, is [`TrainError::UnreadableCheckpoint`]: no rank falls back on its own (a job's
+/// coordinator assigns the previous one); the message names the previous complete checkpoint.
+fn resume_point(requested: Option<&Path>, run_id: Option<&str>) -> Result<Option<(PathBuf, TrainerState)>, TrainError> {
     let Some(dir) = requested else {
         return Ok(None);
     };
-    match checkpoint::read_state(dir) {
-        Ok(state) => Ok(Some((dir.to_path_buf(), state))),
-        Err(e) => {
-            let root = dir.parent().unwrap_or(Path::new("."));
-            let fallback = checkpoint::latest_complete(root).ok_or(e)?;
-            tracing::warn!(requested = %dir.display(), using = %fallback.display(), "checkpoint unreadable; using the newest complete one");
-            let state = checkpoint::read_state(&fallback)?;
-            Ok(Some((fallback, state)))
+    let unreadable = |message: String| {
+        let hint = match checkpoint::previous_complete(dir) {
+            Some(previous) => format!("; the previous complete checkpoint is {}", previous.display()),
+            None => String::new(),
+        };
+        TrainError::unreadable(dir, message + &hint)
+    };
+    let state = checkpoint::read_state(dir).map_err(|e| unreadable(e.to_string()))?;
+    if let (Some(mine), Some(theirs)) = (run_id, state.run_id.as_deref()) {
+        if mine != theirs {
+            return Err(unreadable(format!(
+                "it was written by run {theirs}, this is run {mine}"
+            )));
         }
     }
+    Ok(Some((dir.to_path_buf(), state)))
+}
+
+/// Rank 0, before anything else is written: makes the output directory this run's (refusing
+/// another run's unless `--overwrite_output_dir`) and removes what a crash or a lost attempt
+/// left among its checkpoints.
+fn claim_output_dir(
+    job: &TrainJob,
+    run_id: &str,
+    resume: Option<&(PathBuf, TrainerState)>,
+    start_step: u64,
+) -> Result<(), TrainError> {
+    let me = RunIdentity::new(run_id.to_string(), job.job_id.clone());
+    let dir = &job.output_dir;
+    let claim = ownership::claim(
+        dir,
+        &me,
+        resume.map(|(d, s)| (d.as_path(), s)),
+        job.args.overwrite_output_dir,
+    )?;
+    match claim {
+        Claim::New | Claim::Own => {}
+        Claim::Adopted => {
+            tracing::warn!(dir = %dir.display(), run_id, "continuing a run of an older kormlm in its directory")
+        }
+        Claim::Overwrote(other) => {
+            tracing::warn!(dir = %dir.display(), "--overwrite_output_dir: removed the files of {other}")
+        }
+    }
+    let cleaned = checkpoint::clean_for_start(&RunFiles::checkpoint_root_of(dir), run_id, start_step)?;
+    for path in &cleaned.temporary {
+        tracing::info!(path = %path.display(), "removed the temporary directory of an interrupted checkpoint");
+    }
+    for path in &cleaned.superseded {
+        tracing::info!(path = %path.display(), start_step, "removed a checkpoint of this run past the resume point");
+    }
+    Ok(())
 }
 
 /// Sums the dev-set evaluation over the ranks: rank r evaluates `[r·n/W, (r+1)·n/W)`.
