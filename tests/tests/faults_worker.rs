@@ -288,7 +288,12 @@ fn a_stop_signal_during_start_up_stops_right_after_the_first_step() {
     // Rank 0 waits in the rendezvous for rank 1; the signal must not leave rank 1 alone there.
     rank0.signal(Signal::SIGINT);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(rank0.is_running(), "rank 0 left its peer alone at the rendezvous");
+    assert!(
+        rank0.is_running(),
+        "rank 0 left its peer alone at the rendezvous\n{}\n{}",
+        c.worker_log(0),
+        c.log()
+    );
     let mut rank1 = c.worker(1);
     let code0 = rank0.wait_exit(Duration::from_secs(120)).code();
     let status1 = rank1.wait_exit(Duration::from_secs(60));

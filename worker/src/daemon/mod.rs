@@ -152,6 +152,9 @@ enum Registration {
     Stopped(StopSignal),
 }
 
+/// How long a registration already sent may still take to answer after a stop signal.
+const REGISTRATION_AFTER_SIGNAL: Duration = Duration::from_secs(10);
+
 /// The daemon's state across registrations.
 struct Daemon {
     options: DaemonOptions,
@@ -224,13 +227,20 @@ impl Daemon {
                 let assignment = client.register(request).await?.into_inner();
                 Ok::<_, tonic::Status>((client, assignment))
             };
+            tokio::pin!(attempt);
             let signalled = self.stopped_by.is_some();
             let signals = &mut self.signals;
             let result = tokio::select! {
-                result = attempt => result,
+                result = &mut attempt => result,
                 signal = signals.wait(), if !signalled => {
                     self.on_signal(signal);
-                    return Ok(Registration::Stopped(signal));
+                    // The coordinator may already have given this process a rank: finish the
+                    // registration, so that the rank is not abandoned with its peers waiting for
+                    // it (the work then stops right after its first step, with them).
+                    return Ok(match tokio::time::timeout(REGISTRATION_AFTER_SIGNAL, &mut attempt).await {
+                        Ok(Ok((client, assignment))) => Registration::Assigned(client, assignment),
+                        _ => Registration::Stopped(signal),
+                    });
                 }
             };
             match result {
@@ -296,11 +306,13 @@ impl Daemon {
                 stale.release(Duration::ZERO, STALE_WORK_DEADLINE).await?;
             }
             if self.held.is_none() {
-                if let Some(signal) = self.stopped_by {
-                    return Ok(Outcome::Stopped(signal));
-                }
                 let url = self.options.coordinator.clone();
-                self.held = Some(HeldWork::start(client.clone(), assignment.clone(), url));
+                let held = HeldWork::start(client.clone(), assignment.clone(), url);
+                if self.stopped_by.is_some() {
+                    // Signalled while registering: the work stops after its first step.
+                    held.request_stop();
+                }
+                self.held = Some(held);
             }
             match self.session(&mut client, &assignment).await? {
                 SessionEnd::Done(outcome) => return Ok(outcome),
