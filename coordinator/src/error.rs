@@ -45,6 +45,9 @@ pub enum CoordinatorError {
     Spawn { what: String, message: String },
     #[error("cannot take over SIGINT/SIGTERM: {0}")]
     Signal(String),
+    /// The operating system's random source failed.
+    #[error("cannot draw a random secret: {0}")]
+    Random(String),
 }
 
 /// What a client of the `coordinator status|…` commands got back from the server.
@@ -73,7 +76,7 @@ impl From<CoordinatorError> for tonic::Status {
                 tracing::error!(error = %message, "state store failure");
                 tonic::Status::internal(message)
             }
-            E::Listen { .. } | E::Connect { .. } | E::Rpc(_) | E::Spawn { .. } | E::Signal(_) => {
+            E::Listen { .. } | E::Connect { .. } | E::Rpc(_) | E::Spawn { .. } | E::Signal(_) | E::Random(_) => {
                 tonic::Status::internal(message)
             }
         }

@@ -80,8 +80,10 @@ impl JobService for JobApi {
             .coordinator
             .kill(&request.job_id, request.force, "kill requested")?;
         if request.force {
-            let pids = self.coordinator.worker_pids(&request.job_id);
-            tokio::spawn(crate::launcher::force_stop(pids));
+            tokio::spawn(crate::launcher::force_stop(
+                self.coordinator.clone(),
+                view.job.id.clone(),
+            ));
         }
         Ok(Response::new(KillJobResponse {
             status: Some(JobStatus::from(&view)),

@@ -1,13 +1,132 @@
 //! Starts local worker processes, each in its own process group, and takes them down again.
+//! Signals go only to processes started here, and only while they are not reaped: a pid a
+//! worker reports about itself is never signalled (see [`OwnProcess`]).
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::Coordinator;
-use nix::sys::signal::{killpg, Signal};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// After `kill --force`: how long the workers this coordinator started get between SIGTERM and
+/// SIGKILL.
+const FORCE_GRACE: Duration = Duration::from_secs(5);
+/// After `kill --force`: how long any worker gets to exit before it is reported as still there.
+pub const TERMINATE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A worker process this coordinator started. Its waiter reaps it only while holding `reaped`,
+/// and signalling holds it too: so while it is not reaped, its pid — and the process group it
+/// leads — cannot have been given to any other process.
+#[derive(Debug)]
+pub struct OwnProcess {
+    rank: u32,
+    pid: i32,
+    reaped: Mutex<bool>,
+}
+
+impl OwnProcess {
+    fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.reaped.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn is_reaped(&self) -> bool {
+        *self.reaped()
+    }
+
+    /// Sends `signal` to the process group it leads (to the process alone when it left the
+    /// group); false when it has been reaped and nothing was sent.
+    pub fn signal(&self, signal: Signal) -> bool {
+        let reaped = self.reaped();
+        if *reaped || self.pid <= 1 {
+            return false;
+        }
+        let pid = Pid::from_raw(self.pid);
+        killpg(pid, signal).or_else(|_| kill(pid, signal)).is_ok()
+    }
+}
+
+/// Every worker process this coordinator started that is not reaped yet, by job: the only
+/// processes `kill --force` signals.
+#[derive(Debug, Default)]
+pub struct OwnProcesses {
+    processes: Mutex<Vec<(String, Arc<OwnProcess>)>>,
+}
+
+impl OwnProcesses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<OwnProcess>)>> {
+        self.processes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add(&self, job_id: &str, process: Arc<OwnProcess>) {
+        let mut processes = self.lock();
+        processes.retain(|(_, p)| !p.is_reaped());
+        processes.push((job_id.to_string(), process));
+    }
+
+    /// The job's processes still running (or not yet reaped).
+    pub fn of_job(&self, job_id: &str) -> Vec<Arc<OwnProcess>> {
+        self.lock()
+            .iter()
+            .filter(|(job, p)| job == job_id && !p.is_reaped())
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+}
+
+/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`;
+/// returns once all are reaped, or `grace` + 5 s have passed.
+async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
+    for p in processes {
+        p.signal(Signal::SIGTERM);
+    }
+    let all_reaped = || processes.iter().all(|p| p.is_reaped());
+    let deadline = tokio::time::Instant::now() + grace;
+    while !all_reaped() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in processes {
+        if p.signal(Signal::SIGKILL) {
+            tracing::warn!(
+                rank = p.rank,
+                pid = p.pid,
+                "worker did not stop after SIGTERM; sent SIGKILL"
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !all_reaped() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for `child` to exit without reaping it, then reaps it under its lock.
+fn reap(process: &OwnProcess, mut child: std::process::Child) -> String {
+    loop {
+        match waitid(
+            Id::Pid(Pid::from_raw(process.pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(pid = process.pid, error = %e, "cannot wait for a worker's exit; reaping it");
+                break;
+            }
+        }
+    }
+    let mut reaped = process.reaped();
+    let status = child.wait();
+    *reaped = true;
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown exit ({e})"),
+    }
+}
 
 /// One worker process to start.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,9 +135,9 @@ pub struct Slot {
     pub local_rank: u32,
 }
 
-/// Worker processes started by this coordinator.
+/// Worker processes started by this coordinator for one attempt of a job.
 pub struct LocalWorkers {
-    pids: Vec<(u32, i32)>,
+    processes: Vec<Arc<OwnProcess>>,
     waiters: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -47,7 +166,7 @@ impl LocalWorkers {
             message: e.to_string(),
         })?;
         let mut workers = LocalWorkers {
-            pids: Vec::new(),
+            processes: Vec::new(),
             waiters: Vec::new(),
         };
         let threads = threads_per_worker(slots.len());
@@ -85,22 +204,21 @@ impl LocalWorkers {
             if let Some(n) = threads {
                 command.env("OMP_NUM_THREADS", n.to_string());
             }
-            let child = tokio::process::Command::from(command)
-                .spawn()
-                .map_err(|e| spawn_err(e.to_string()))?;
-            let pid = child.id().unwrap_or(0) as i32;
+            let child = command.spawn().map_err(|e| spawn_err(e.to_string()))?;
+            let pid = child.id() as i32;
             tracing::info!(rank = slot.rank, pid, log = %log_path.display(), "started worker");
-            workers.pids.push((slot.rank, pid));
+            let process = Arc::new(OwnProcess {
+                rank: slot.rank,
+                pid,
+                reaped: Mutex::new(false),
+            });
+            coordinator.own_processes().add(job_id, process.clone());
+            workers.processes.push(process.clone());
             let coordinator = coordinator.clone();
             let job_id = job_id.to_string();
             let rank = slot.rank;
-            let mut child = child;
-            workers.waiters.push(tokio::spawn(async move {
-                let status = child.wait().await;
-                let text = match status {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("unknown exit ({e})"),
-                };
+            workers.waiters.push(tokio::task::spawn_blocking(move || {
+                let text = reap(&process, child);
                 tracing::info!(rank, pid, status = %text, "worker process exited");
                 coordinator.process_exited(
                     &job_id,
@@ -115,30 +233,10 @@ impl LocalWorkers {
     }
 
     /// SIGTERM to the process group of every worker still running, then SIGKILL to those still
-    /// there after `grace`; returns once every process is reaped (at most `grace` + 5 s). A
-    /// worker already reaped is not signalled: its group id may belong to someone else by now.
+    /// there after `grace`; returns once every process is reaped (at most `grace` + 5 s) and
+    /// its exit recorded.
     pub async fn terminate(self, grace: Duration) {
-        let running: Vec<(u32, i32)> = self
-            .pids
-            .iter()
-            .zip(&self.waiters)
-            .filter(|(_, waiter)| !waiter.is_finished())
-            .map(|(pid, _)| *pid)
-            .collect();
-        for (_, pid) in &running {
-            let _ = killpg(Pid::from_raw(*pid), Signal::SIGTERM);
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        for waiter in &self.waiters {
-            while !waiter.is_finished() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        for ((rank, pid), waiter) in self.pids.iter().zip(&self.waiters) {
-            if !waiter.is_finished() && killpg(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
-                tracing::warn!(rank, pid, "worker did not stop after SIGTERM; sent SIGKILL");
-            }
-        }
+        take_down(&self.processes, grace).await;
         for waiter in self.waiters {
             let _ = tokio::time::timeout(Duration::from_secs(5), waiter).await;
         }
@@ -150,28 +248,20 @@ impl LocalWorkers {
             let _ = waiter.await;
         }
         self.waiters.clear();
-        self.pids.clear();
+        self.processes.clear();
     }
 }
 
-/// `--force`: SIGTERM to each local worker's process group (or the process itself when it
-/// leads none), then SIGKILL to whatever is left after a grace period.
-pub async fn force_stop(workers: Vec<(String, u32)>) {
-    let local: Vec<i32> = workers
-        .into_iter()
-        .filter(|(host, pid)| *pid > 0 && (crate::launch_plan::is_local(host)))
-        .map(|(_, pid)| pid as i32)
-        .collect();
-    let signal_all = |signal: Signal| {
-        for pid in &local {
-            if killpg(Pid::from_raw(*pid), signal).is_err() {
-                let _ = nix::sys::signal::kill(Pid::from_raw(*pid), signal);
-            }
-        }
-    };
-    signal_all(Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    signal_all(Signal::SIGKILL);
+/// `kill --force` of `job_id`, after the job was ended and its workers ordered to terminate:
+/// SIGTERM, then SIGKILL after [`FORCE_GRACE`], to the process groups of the job's workers this
+/// coordinator started — never to a pid a worker reported. Workers still there after
+/// [`TERMINATE_DEADLINE`] (those started elsewhere, which only the order can end) are reported.
+pub async fn force_stop(coordinator: Arc<Coordinator>, job_id: String) {
+    let started = tokio::time::Instant::now();
+    let own = coordinator.own_processes().of_job(&job_id);
+    take_down(&own, FORCE_GRACE).await;
+    tokio::time::sleep_until(started + TERMINATE_DEADLINE).await;
+    coordinator.report_lingering(&job_id, TERMINATE_DEADLINE);
 }
 
 /// The intra-op threads each of `workers` local processes gets: this machine's cores shared out,

@@ -283,6 +283,7 @@ impl From<&Order> for v1::CoordinatorCommand {
             OrderKind::StopAfterStep => v1::CommandKind::StopAfterStep,
             OrderKind::Abort => v1::CommandKind::Abort,
             OrderKind::Shutdown => v1::CommandKind::Shutdown,
+            OrderKind::Terminate => v1::CommandKind::Terminate,
         };
         Self {
             kind: kind as i32,
@@ -309,6 +310,7 @@ impl From<Group> for v1::RendezvousInfo {
             attempt: g.attempt,
             nccl_unique_id: g.nccl_unique_id,
             ring_addresses: g.ring_addresses,
+            ring_secret: g.ring_secret.into_bytes(),
         }
     }
 }

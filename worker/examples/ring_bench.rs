@@ -5,10 +5,12 @@
 //!     cargo run --release --example ring_bench -- [ELEMENTS] [WORLD]
 
 use kormlm_worker::comm::ring::{self, Ring};
+use kormlm_worker::comm::ring_handshake::RingSecret;
 use std::time::{Duration, Instant};
 
 fn child(rank: usize, world: usize, elements: usize, dir: &std::path::Path) {
-    let (listener, address) = ring::listen("127.0.0.1").unwrap();
+    let (listener, address) = ring::listen([127, 0, 0, 1].into()).unwrap();
+    let secret = RingSecret::new(&std::fs::read(dir.join("secret")).unwrap()).unwrap();
     std::fs::write(dir.join(format!("{rank}.tmp")), &address).unwrap();
     std::fs::rename(dir.join(format!("{rank}.tmp")), dir.join(format!("{rank}.addr"))).unwrap();
     let addresses: Vec<String> = (0..world)
@@ -19,7 +21,7 @@ fn child(rank: usize, world: usize, elements: usize, dir: &std::path::Path) {
             std::thread::sleep(Duration::from_millis(10));
         })
         .collect();
-    let mut ring = Ring::connect(listener, rank, &addresses, Duration::from_secs(120)).unwrap();
+    let mut ring = Ring::connect(listener, rank, &addresses, &secret, Duration::from_secs(120)).unwrap();
     let mut data = vec![1.0f32 + rank as f32; elements];
     // Warm-up round (page faults, TCP windows).
     ring.reduce_scatter_f32(&mut data).unwrap();
@@ -75,6 +77,10 @@ fn main() {
     let elements = elements / world * world;
     let dir = std::env::temp_dir().join(format!("kormlm-ring-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // The ring's handshake needs a shared secret; the coordinator would hand one out.
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).unwrap();
+    std::fs::write(dir.join("secret"), secret).unwrap();
     let me = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..world)
         .map(|rank| {

@@ -38,6 +38,10 @@ pub struct DaemonArgs {
     /// Exit when the coordinator stays unreachable this many seconds.
     #[arg(long = "reconnect-timeout-s", default_value_t = 60)]
     pub reconnect_timeout_s: u64,
+    /// IP address the CPU ring listens on (default: this host's address towards the
+    /// coordinator; never every interface).
+    #[arg(long = "ring-bind", env = "KORMLM_RING_BIND", value_name = "ADDR")]
+    pub ring_bind: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Subcommand)]

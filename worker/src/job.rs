@@ -4,11 +4,13 @@
 
 use crate::comm::nccl::{self, NcclGroup};
 use crate::comm::ring::{self, Ring};
+use crate::comm::ring_handshake::RingSecret;
 use crate::comm::{Collective, CommError, GroupAbort, SingleRank};
 use crate::error::WorkerError;
 use crate::train::{self, ProgressEvent, TrainError, TrainJob, TrainSummary};
 use crate::work::{AugmentJob, AugmentOutcome};
 use kormlm_proto::v1::{Assignment, RendezvousRequest};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +38,48 @@ pub fn collective_timeout() -> Duration {
     Duration::from_secs(seconds)
 }
 
-fn ring_host(coordinator: &str) -> &'static str {
-    if coordinator.contains("127.0.0.1") || coordinator.contains("localhost") || coordinator.contains("[::1]") {
-        "127.0.0.1"
-    } else {
-        "0.0.0.0"
+/// Where this worker's CPU ring listens: one interface, never all of them — the one given with
+/// `--ring-bind`, or else the one this host uses to reach the coordinator (its peers reach the
+/// coordinator on the same network, so they reach this address too).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingBind {
+    pub explicit: Option<IpAddr>,
+    pub coordinator_url: String,
+}
+
+impl RingBind {
+    pub fn address(&self) -> Result<IpAddr, CommError> {
+        if let Some(ip) = self.explicit {
+            return Ok(ip);
+        }
+        towards(&self.coordinator_url)
     }
+}
+
+/// The local address of this host's route to the coordinator at `url` (`http(s)://host:port`).
+/// A connected UDP socket asks the kernel for the route without sending anything.
+fn towards(url: &str) -> Result<IpAddr, CommError> {
+    let unroutable = |message: String| {
+        CommError::Failed {
+        op: "listen",
+        message: format!("cannot tell which interface reaches the coordinator at {url} ({message}); give the ring's address with --ring-bind"),
+    }
+    };
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or(authority);
+    let target = authority
+        .to_socket_addrs()
+        .map_err(|e| unroutable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unroutable("no address".into()))?;
+    let any: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0)).map_err(|e| unroutable(e.to_string()))?;
+    socket.connect(target).map_err(|e| unroutable(e.to_string()))?;
+    Ok(socket.local_addr().map_err(|e| unroutable(e.to_string()))?.ip())
 }
 
 /// Forms the group through the coordinator's rendezvous. The set-up has the collective
@@ -50,7 +88,7 @@ pub async fn form_group(
     client: &mut crate::daemon::CoordinatorClient,
     assignment: &Assignment,
     device: Device,
-    coordinator_url: &str,
+    ring_bind: &RingBind,
     abort: &GroupAbort,
 ) -> Result<Box<dyn Collective + Send>, JobError> {
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
@@ -82,23 +120,21 @@ pub async fn form_group(
             Ok(Box::new(group))
         }
         _ => {
-            let (listener, mut address) = ring::listen(ring_host(coordinator_url))?;
-            if address.starts_with("0.0.0.0") {
-                let host = nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_default();
-                address = address.replacen("0.0.0.0", &host, 1);
-            }
+            let (listener, address) = ring::listen(ring_bind.address()?)?;
+            tracing::info!(address = %address, "ring listening");
             request.ring_address = address;
             let info = client
                 .rendezvous(request)
                 .await
                 .map_err(JobError::Rendezvous)?
                 .into_inner();
+            let secret = RingSecret::new(&info.ring_secret).map_err(|e| CommError::Failed {
+                op: "rendezvous",
+                message: e.to_string(),
+            })?;
             let (addresses, abort) = (info.ring_addresses, abort.clone());
             let group = tokio::task::spawn_blocking(move || {
-                Ring::connect_abortable(listener, rank, &addresses, timeout, &abort)
+                Ring::connect_abortable(listener, rank, &addresses, &secret, timeout, &abort)
             })
             .await
             .map_err(JobError::GroupSetUp)??;
@@ -175,4 +211,31 @@ pub fn run_augmentation(
         completed_chunks: done,
         reused_chunks: reused,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_listens_on_the_interface_towards_the_coordinator_or_the_one_given() {
+        let bind = |explicit: Option<IpAddr>, url: &str| {
+            RingBind {
+                explicit,
+                coordinator_url: url.into(),
+            }
+            .address()
+        };
+        let loopback: IpAddr = Ipv4Addr::LOCALHOST.into();
+        assert_eq!(bind(None, "http://127.0.0.1:50051").unwrap(), loopback);
+        assert!(bind(None, "https://localhost:50051/").unwrap().is_loopback());
+        assert_eq!(
+            bind(None, "http://[::1]:50051").unwrap(),
+            IpAddr::from(Ipv6Addr::LOCALHOST)
+        );
+        let given: IpAddr = "127.0.0.2".parse().unwrap();
+        assert_eq!(bind(Some(given), "http://unresolvable.invalid:1").unwrap(), given);
+        let err = bind(None, "http://unresolvable.invalid:1").unwrap_err().to_string();
+        assert!(err.contains("give the ring's address with --ring-bind"), "{err}");
+    }
 }

@@ -83,6 +83,9 @@ pub enum OrderKind {
     Abort,
     /// Exit now; the job is over.
     Shutdown,
+    /// Exit the process now (`kill --force`); a worker this coordinator did not start is never
+    /// signalled, so this order is how it ends.
+    Terminate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -523,9 +526,14 @@ impl Job {
             None
         };
         if let Some(message) = at_once {
+            let kind = if force {
+                OrderKind::Terminate
+            } else {
+                OrderKind::Shutdown
+            };
             return Ok(Effects {
                 order: Some(Order {
-                    kind: OrderKind::Shutdown,
+                    kind,
                     reason: message.clone(),
                 }),
                 ..self.change(JobState::Killed, message)
@@ -1179,7 +1187,8 @@ mod tests {
         let effects = j.kill(true, 2, "kill requested").unwrap();
         assert_eq!(
             (effects.change.unwrap().to, effects.order.unwrap().kind),
-            (JobState::Killed, OrderKind::Shutdown)
+            (JobState::Killed, OrderKind::Terminate),
+            "--force tells every worker to exit its process now"
         );
     }
 

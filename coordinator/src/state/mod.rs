@@ -134,6 +134,8 @@ pub struct Coordinator {
     /// This state directory's id: the first part of every run id.
     state_id: String,
     changed: watch::Sender<u64>,
+    /// The worker processes this coordinator started: the only ones it ever signals.
+    own_processes: crate::launcher::OwnProcesses,
 }
 
 impl Coordinator {
@@ -168,11 +170,17 @@ impl Coordinator {
             settings,
             state_id,
             changed,
+            own_processes: Default::default(),
         }))
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The worker processes this coordinator started.
+    pub fn own_processes(&self) -> &crate::launcher::OwnProcesses {
+        &self.own_processes
     }
 
     /// This state directory's id (`STATE_ID` in every run id `STATE_ID/job-N`).
@@ -730,12 +738,44 @@ impl Coordinator {
             .collect()
     }
 
-    /// Hosts and pids of a job's workers, for signalling on a forced kill.
-    pub fn worker_pids(&self, job_id: &str) -> Vec<(String, u32)> {
-        self.lock()
-            .entry_mut(job_id)
-            .map(|e| e.workers.pids())
-            .unwrap_or_default()
+    /// After `kill --force`: records and logs every worker of the ended job still alive (still
+    /// heart-beating) `waited` after it was told to terminate. The coordinator never signals a
+    /// process it did not start, so such a worker must be stopped by whoever started it.
+    pub fn report_lingering(&self, job_id: &str, waited: Duration) -> Vec<Worker> {
+        let mut inner = self.lock();
+        let Ok(entry) = inner.entry_mut(job_id) else {
+            return Vec::new();
+        };
+        let lingering: Vec<Worker> = entry
+            .workers
+            .workers()
+            .into_iter()
+            .filter(|w| w.state == WorkerState::Alive)
+            .map(|mut w| {
+                w.reason = format!(
+                    "still running {} s after kill --force told it to terminate; the coordinator signals only workers it started itself: stop pid {} on {} where it was started",
+                    waited.as_secs(),
+                    w.pid,
+                    w.host
+                );
+                w
+            })
+            .collect();
+        for worker in &lingering {
+            tracing::warn!(job_id, rank = worker.rank, "{}", worker.reason);
+            let recorded = self
+                .persist_worker(&entry.job, worker)
+                .and_then(|()| self.event(&entry.job, "worker", format!("rank {}: {}", worker.rank, worker.reason)));
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, "cannot record a worker that did not terminate");
+            }
+            entry.workers.record(worker.clone());
+        }
+        drop(inner);
+        if !lingering.is_empty() {
+            self.notify();
+        }
+        lingering
     }
 
     /// The job workers would join now: the oldest that has not ended.
@@ -985,6 +1025,40 @@ mod tests {
             })
             .collect();
         (id, sessions)
+    }
+
+    #[tokio::test]
+    async fn a_forced_kill_orders_every_worker_to_terminate_and_reports_those_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, mut sessions) = running_pair(&c);
+        c.kill(&id, true, "kill requested").unwrap();
+        for (_, orders) in &mut sessions {
+            assert_eq!(orders.try_recv().unwrap().kind, OrderKind::Terminate);
+        }
+        // Rank 0 obeys (its last report says it finished); rank 1 keeps heart-beating.
+        c.report(
+            sessions[0].0,
+            Report {
+                finished: true,
+                ..report(&id, 0)
+            },
+        )
+        .await
+        .unwrap();
+        c.report(sessions[1].0, report(&id, 1)).await.unwrap();
+        let lingering = c.report_lingering(&id, Duration::from_secs(10));
+        assert_eq!(lingering.iter().map(|w| w.rank).collect::<Vec<_>>(), vec![1]);
+        let status = c.status(&id).unwrap();
+        let rank1 = &status.workers[1];
+        assert_eq!(
+            rank1.reason,
+            "still running 10 s after kill --force told it to terminate; the coordinator signals only workers it started itself: stop pid 101 on h where it was started"
+        );
+        assert!(events(&c, &id)
+            .iter()
+            .any(|e| e.starts_with("worker: rank 1: still running 10 s")));
+        assert_eq!(status.workers[0].state, WorkerState::Exited);
     }
 
     #[tokio::test]

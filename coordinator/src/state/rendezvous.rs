@@ -1,7 +1,8 @@
 //! Forming a job's collective group for one attempt: every rank arrives with the address its ring
 //! listens on (rank 0 on CUDA also with NCCL's unique id); when the last rank arrives, all of
-//! them receive the group's data. A newer attempt replaces an older round; a round that does not
-//! complete within the deadline fails for everyone waiting on it.
+//! them receive the group's data, with the round's ring secret. A newer attempt replaces an
+//! older round; a round that does not complete within the deadline fails for everyone waiting
+//! on it.
 
 use crate::error::CoordinatorError;
 use std::time::Duration;
@@ -19,6 +20,33 @@ pub struct Arrival {
     pub ring_address: String,
 }
 
+/// Bytes of a ring secret (256 bits).
+pub const RING_SECRET_BYTES: usize = 32;
+
+/// The secret with which the ranks of one round prove to each other that the coordinator
+/// admitted them to the group. Its `Debug` does not show it, so it cannot reach a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RingSecret(Vec<u8>);
+
+impl RingSecret {
+    /// A fresh secret from the operating system's random source.
+    fn generate() -> Result<Self, CoordinatorError> {
+        let mut bytes = vec![0u8; RING_SECRET_BYTES];
+        getrandom::fill(&mut bytes).map_err(|e| CoordinatorError::Random(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for RingSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RingSecret(<{} bytes>)", self.0.len())
+    }
+}
+
 /// What every rank of a complete round receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
@@ -26,6 +54,8 @@ pub struct Group {
     pub nccl_unique_id: Vec<u8>,
     /// Indexed by rank.
     pub ring_addresses: Vec<String>,
+    /// The round's ring secret.
+    pub ring_secret: RingSecret,
 }
 
 /// The rendezvous of one attempt. Dropping it (the job ended) wakes its waiters with an error.
@@ -35,18 +65,20 @@ pub struct Round {
     nccl_unique_id: Vec<u8>,
     addresses: Vec<String>,
     arrived: Vec<bool>,
+    secret: RingSecret,
     done: watch::Sender<Option<Group>>,
 }
 
 impl Round {
-    fn new(attempt: u32, world: usize) -> Self {
-        Self {
+    fn new(attempt: u32, world: usize) -> Result<Self, CoordinatorError> {
+        Ok(Self {
             attempt,
             nccl_unique_id: Vec::new(),
             addresses: vec![String::new(); world],
             arrived: vec![false; world],
+            secret: RingSecret::generate()?,
             done: watch::channel(None).0,
-        }
+        })
     }
 }
 
@@ -67,7 +99,10 @@ pub fn arrive(
     if round.as_ref().is_none_or(|r| r.attempt < arrival.attempt) {
         *round = None;
     }
-    let round = round.get_or_insert_with(|| Round::new(arrival.attempt, world));
+    let round = match round {
+        Some(round) => round,
+        None => round.insert(Round::new(arrival.attempt, world)?),
+    };
     if round.attempt != arrival.attempt {
         return Err(CoordinatorError::Refused(format!(
             "rendezvous attempt {} is over; the group is forming attempt {}",
@@ -84,6 +119,7 @@ pub fn arrive(
             attempt: round.attempt,
             nccl_unique_id: round.nccl_unique_id.clone(),
             ring_addresses: round.addresses.clone(),
+            ring_secret: round.secret.clone(),
         }));
     }
     Ok(round.done.subscribe())
@@ -135,6 +171,24 @@ mod tests {
         assert_eq!((group.attempt, group.ring_addresses.len()), (2, 2));
         let err = arrive(&mut round, 2, &arrival(2, 2)).unwrap_err().to_string();
         assert_eq!(err, "rank 2 is out of range");
+    }
+
+    #[test]
+    fn every_round_draws_its_own_ring_secret_which_debug_does_not_show() {
+        let group = |attempt: u32| {
+            let mut round = None;
+            arrive(&mut round, 2, &arrival(0, attempt)).unwrap();
+            let done = arrive(&mut round, 2, &arrival(1, attempt)).unwrap();
+            let group = done.borrow().clone().unwrap();
+            group
+        };
+        let (first, second) = (group(1), group(2));
+        assert_eq!(format!("{:?}", first.ring_secret), "RingSecret(<32 bytes>)");
+        assert!(!format!("{first:?}").contains(&format!("{:?}", first.ring_secret.clone().into_bytes())));
+        let (a, b) = (first.ring_secret.into_bytes(), second.ring_secret.into_bytes());
+        assert_eq!(a.len(), RING_SECRET_BYTES);
+        assert_ne!(a, b, "a new attempt gets a new secret");
+        assert_ne!(a, vec![0u8; RING_SECRET_BYTES]);
     }
 
     #[tokio::test]

@@ -463,14 +463,6 @@ impl Roster {
         }
     }
 
-    /// Hosts and pids of the workers, for signalling on a forced kill.
-    pub fn pids(&self) -> Vec<(String, u32)> {
-        self.members
-            .values()
-            .map(|m| (m.worker.host.clone(), m.worker.pid))
-            .collect()
-    }
-
     /// Stops being the holder's stream after a loss; also ends the stream of a worker recorded
     /// EXITED after the job ended.
     pub fn forget_session(&mut self, rank: u32) {

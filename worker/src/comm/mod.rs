@@ -4,6 +4,7 @@
 
 pub mod nccl;
 pub mod ring;
+pub mod ring_handshake;
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,7 +6,7 @@
 use super::CoordinatorClient;
 use crate::comm::GroupAbort;
 use crate::error::WorkerError;
-use crate::job;
+use crate::job::{self, RingBind};
 use crate::train::ProgressEvent;
 use crate::work::{Work, WorkOutcome};
 use kormlm_proto::v1::Assignment;
@@ -49,7 +49,7 @@ pub struct HeldWork {
 impl HeldWork {
     /// Starts the assignment's work. Decoding it and forming the group run on a task, so the
     /// daemon keeps heart-beating meanwhile; the work itself then runs on its own thread.
-    pub fn start(client: CoordinatorClient, assignment: Assignment, coordinator_url: String) -> Self {
+    pub fn start(client: CoordinatorClient, assignment: Assignment, ring_bind: RingBind) -> Self {
         let (progress_tx, progress) = watch::channel(None);
         let stop = Arc::new(AtomicBool::new(false));
         let abort = GroupAbort::default();
@@ -58,7 +58,7 @@ impl HeldWork {
             let (stop, abort) = (stop.clone(), abort.clone());
             tokio::spawn(async move {
                 let mut client = client;
-                start_work(&mut client, &assignment, &coordinator_url, progress_tx, stop, &abort).await
+                start_work(&mut client, &assignment, &ring_bind, progress_tx, stop, &abort).await
             })
         };
         Self {
@@ -194,7 +194,7 @@ fn spawn_work_thread(
 async fn start_work(
     client: &mut CoordinatorClient,
     assignment: &Assignment,
-    coordinator_url: &str,
+    ring_bind: &RingBind,
     progress: watch::Sender<Option<ProgressEvent>>,
     stop: Arc<AtomicBool>,
     abort: &GroupAbort,
@@ -202,7 +202,7 @@ async fn start_work(
     let (done_tx, done) = oneshot::channel();
     match Work::from_assignment(assignment)? {
         Work::Train(job) => {
-            let group = job::form_group(client, assignment, job.device, coordinator_url, abort).await?;
+            let group = job::form_group(client, assignment, job.device, ring_bind, abort).await?;
             let run = move || {
                 job::run_training(&job, group, progress, stop)
                     .map(WorkOutcome::Train)

@@ -49,6 +49,9 @@ pub struct DaemonOptions {
     pub token: Option<String>,
     /// Give up when the coordinator stays unreachable this long.
     pub reconnect_timeout: Duration,
+    /// The CPU ring's listening address (`--ring-bind`); `None`: the interface towards the
+    /// coordinator.
+    pub ring_bind: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,7 @@ impl DaemonOptions {
             coordinator,
             token: args.token,
             reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
+            ring_bind: args.ring_bind,
         })
     }
 }
@@ -306,8 +310,11 @@ impl Daemon {
                 stale.release(Duration::ZERO, STALE_WORK_DEADLINE).await?;
             }
             if self.held.is_none() {
-                let url = self.options.coordinator.clone();
-                let held = HeldWork::start(client.clone(), assignment.clone(), url);
+                let ring_bind = crate::job::RingBind {
+                    explicit: self.options.ring_bind,
+                    coordinator_url: self.options.coordinator.clone(),
+                };
+                let held = HeldWork::start(client.clone(), assignment.clone(), ring_bind);
                 if self.stopped_by.is_some() {
                     // Signalled while registering: the work stops after its first step.
                     held.request_stop();
@@ -387,6 +394,7 @@ mod tests {
             coordinator: coordinator.map(str::to_string),
             token: None,
             reconnect_timeout_s: 60,
+            ring_bind: None,
         };
         let options = DaemonOptions::from_args(args(Some(2), Some("http://c:1"))).unwrap();
         assert_eq!((options.rank, options.local_rank), (2, Some(1)));

@@ -166,8 +166,12 @@ impl Daemon {
                                 }
                             }
                         }
-                        Ok(CommandKind::Shutdown) => {
-                            tracing::info!(reason = %command.reason, "shutting down on the coordinator's request");
+                        Ok(kind @ (CommandKind::Shutdown | CommandKind::Terminate)) => {
+                            if kind == CommandKind::Terminate {
+                                tracing::warn!(reason = %command.reason, "terminating on the coordinator's request (kill --force)");
+                            } else {
+                                tracing::info!(reason = %command.reason, "shutting down on the coordinator's request");
+                            }
                             let event = self.held.as_ref().and_then(HeldWork::progress);
                             if let Some(held) = self.held.take() {
                                 held.abandon();
