@@ -7,6 +7,7 @@
 
 mod data;
 mod flags;
+pub mod grpc;
 mod oracle;
 mod procs;
 mod summary;

@@ -235,7 +235,10 @@ impl Ring {
                     .and_then(|offer| offer.finish(&next, secret, deadline))
                     .map_err(handshake_failed)
             });
-            if offered.as_ref().is_err_and(|e| !matches!(e, CommError::Timeout { .. })) {
+            // A next rank that failed its proof ends the set-up at once. One that went away or
+            // fell silent leaves the accepting side to its deadline, as before there was a
+            // handshake: the previous rank's failure to connect is the one reported first.
+            if offered.as_ref().is_err_and(|e| matches!(e, CommError::Failed { .. })) {
                 stop.store(true, Ordering::SeqCst);
             }
             // A previous rank that never proved itself is named before a next rank that did not
