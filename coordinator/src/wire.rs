@@ -5,8 +5,7 @@
 use crate::error::{CoordinatorError, Result};
 use crate::state::job::{self, Assignment, Job, JobState, Order, OrderKind, StopCause, Telemetry};
 use crate::state::rendezvous::{Arrival, Group};
-use crate::state::workers::{Registration, Report, ReportedFailure, Worker, WorkerState};
-use crate::state::JobView;
+use crate::state::workers::{JobView, Registration, Report, ReportedFailure, Worker, WorkerState};
 use crate::store::job_key;
 use kormlm_proto::ds_config::Batch;
 use kormlm_proto::failure::FailureKind;

@@ -10,7 +10,6 @@ use crate::corpus::CorpusError;
 use crate::dataset::DatasetError;
 use crate::device::DeviceError;
 use crate::fill_mask::FillMaskError;
-use crate::job::JobError;
 use crate::lines::InputError;
 use crate::model::ModelError;
 use crate::tokenizer::TokenizerError;
@@ -21,6 +20,19 @@ use kormlm_proto::ds_config::ConfigError;
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::PlanError;
 use std::path::PathBuf;
+
+/// Forming the collective group failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The coordinator's rendezvous refused or timed out.
+    #[error("rendezvous: {}", .0.message())]
+    Rendezvous(tonic::Status),
+    /// The blocking set-up of the group (NCCL init, ring connect) panicked or was cancelled.
+    #[error("rendezvous: {0}")]
+    GroupSetUp(tokio::task::JoinError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+pub use workers::JobView;
 use workers::{Claim, Registration, Report, Roster, Worker, WorkerState};
 
 /// Tunables of the coordinator.
@@ -56,13 +57,6 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 /// How long a failure that usually follows a peer's loss waits for that loss to be seen, so
 /// the rank that caused it is the one named.
 const PEER_FAILURE_GRACE: Duration = Duration::from_secs(2);
-
-/// A job with its workers, as status shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobView {
-    pub job: Job,
-    pub workers: Vec<Worker>,
-}
 
 /// One job, with what this process knows about it beyond its records.
 struct Entry {
