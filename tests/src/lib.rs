@@ -20,5 +20,5 @@ pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabular
 pub use procs::{
     bin_dir, binary, limit_file_size, parent_pid, pid_alive, wait_for, worker_state, CoordinatorProc, Proc,
 };
-pub use summary::{assert_early_stopped, training_log, val_loss_history};
+pub use summary::{assert_early_stopped, logged_records, logged_steps, training_log, val_loss_history};
 pub use weights::{max_weight_diff, read_weights};
