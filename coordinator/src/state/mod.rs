@@ -613,12 +613,10 @@ impl Coordinator {
                 .as_ref()
                 .is_some_and(|(_, at)| at.elapsed() >= PEER_FAILURE_GRACE);
             if let Some((failure, _)) = entry.held.take_if(|_| expired) {
-                if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
-                    if let Err(e) = self.transition(entry, |job| Ok(job.fail(&failure))) {
-                        tracing::error!(error = %e, "cannot record a failed job");
-                    }
-                    changed = true;
+                if let Err(e) = self.transition(entry, |job| Ok(job.fail(&failure))) {
+                    tracing::error!(error = %e, "cannot record a failed job");
                 }
+                changed = true;
             }
             for (rank, silent) in entry.workers.silent(timeout) {
                 let reason = format!(
@@ -1024,6 +1022,25 @@ mod tests {
         let status = c.status(&id).unwrap().job;
         assert_eq!(status.state, JobState::Pending);
         assert!(status.message.starts_with("rank 1 lost"), "{}", status.message);
+    }
+
+    #[tokio::test]
+    async fn a_held_failure_of_a_forming_job_fails_it_once_no_peer_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        let a0 = c.register(register(0)).unwrap();
+        let (session, _orders) = c.attach(&id, 0, a0.incarnation).unwrap();
+        c.report(session, failed(&id, 0, FailureKind::CollectiveTimeout))
+            .await
+            .unwrap();
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Pending, "held back");
+        std::thread::sleep(PEER_FAILURE_GRACE + Duration::from_millis(100));
+        c.sweep();
+        let status = c.status(&id).unwrap().job;
+        assert_eq!(status.state, JobState::Failed, "{}", status.message);
+        let reported = format!("{} on rank 0", FailureKind::CollectiveTimeout);
+        assert!(status.message.contains(&reported), "{}", status.message);
     }
 
     #[tokio::test]
