@@ -74,6 +74,8 @@ pub enum WorkerError {
     Panicked(String),
     #[error("cannot start the work thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(std::io::Error),
     #[error("the start-up task failed: {0}")]
     StartUp(tokio::task::JoinError),
     /// A stop signal (SIGTERM: preemption, a time limit, an eviction; SIGINT) stopped the work
@@ -97,7 +99,7 @@ impl WorkerError {
             Self::Job(e) => job_kind(e),
             Self::Input(e) => input_kind(e),
             Self::Io { .. } => FailureKind::Io,
-            Self::Json(_) | Self::Thread(_) | Self::StartUp(_) => FailureKind::Internal,
+            Self::Json(_) | Self::Thread(_) | Self::Signals(_) | Self::StartUp(_) => FailureKind::Internal,
             Self::Panicked(message) => torch_kind(message),
             Self::Preempted { .. } => FailureKind::Preempted,
         }
@@ -646,6 +648,7 @@ mod tests {
                 Io,
             ),
             (WorkerError::Thread(io_error()), Internal),
+            (WorkerError::Signals(io_error()), Internal),
             (WorkerError::Panicked("index out of range".into()), Internal),
             (WorkerError::Panicked(format!("Torch(\"{oom}\")")), OutOfMemory),
             // Stopped by a signal.
