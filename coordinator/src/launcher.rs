@@ -1,16 +1,13 @@
 //! Starts local worker processes, each in its own process group, and takes them down again.
 //! Signals go only to processes started here, and only while they are not reaped: a pid a
-//! worker reports about itself is never signalled (see [`OwnProcess`]).
+//! worker reports about itself is never signalled (see [`crate::own_processes`]).
 
 use crate::error::{CoordinatorError, Result};
+use crate::own_processes::{reap, take_down, OwnProcess};
 use crate::state::Coordinator;
-use nix::errno::Errno;
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::sys::wait::{waitid, Id, WaitPidFlag};
-use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// After `kill --force`: how long the workers this coordinator started get between SIGTERM and
@@ -18,115 +15,6 @@ use std::time::Duration;
 const FORCE_GRACE: Duration = Duration::from_secs(5);
 /// After `kill --force`: how long any worker gets to exit before it is reported as still there.
 pub const TERMINATE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// A worker process this coordinator started. Its waiter reaps it only while holding `reaped`,
-/// and signalling holds it too: so while it is not reaped, its pid — and the process group it
-/// leads — cannot have been given to any other process.
-#[derive(Debug)]
-pub struct OwnProcess {
-    rank: u32,
-    pid: i32,
-    reaped: Mutex<bool>,
-}
-
-impl OwnProcess {
-    fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
-        self.reaped.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn is_reaped(&self) -> bool {
-        *self.reaped()
-    }
-
-    /// Sends `signal` to the process group it leads (to the process alone when it left the
-    /// group); false when it has been reaped and nothing was sent.
-    pub fn signal(&self, signal: Signal) -> bool {
-        let reaped = self.reaped();
-        if *reaped || self.pid <= 1 {
-            return false;
-        }
-        let pid = Pid::from_raw(self.pid);
-        killpg(pid, signal).or_else(|_| kill(pid, signal)).is_ok()
-    }
-}
-
-/// Every worker process this coordinator started that is not reaped yet, by job: the only
-/// processes `kill --force` signals.
-#[derive(Debug, Default)]
-pub struct OwnProcesses {
-    processes: Mutex<Vec<(String, Arc<OwnProcess>)>>,
-}
-
-impl OwnProcesses {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<OwnProcess>)>> {
-        self.processes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn add(&self, job_id: &str, process: Arc<OwnProcess>) {
-        let mut processes = self.lock();
-        processes.retain(|(_, p)| !p.is_reaped());
-        processes.push((job_id.to_string(), process));
-    }
-
-    /// The job's processes still running (or not yet reaped).
-    pub fn of_job(&self, job_id: &str) -> Vec<Arc<OwnProcess>> {
-        self.lock()
-            .iter()
-            .filter(|(job, p)| job == job_id && !p.is_reaped())
-            .map(|(_, p)| p.clone())
-            .collect()
-    }
-}
-
-/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`;
-/// returns once all are reaped, or `grace` + 5 s have passed.
-async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
-    for p in processes {
-        p.signal(Signal::SIGTERM);
-    }
-    let all_reaped = || processes.iter().all(|p| p.is_reaped());
-    let deadline = tokio::time::Instant::now() + grace;
-    while !all_reaped() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for p in processes {
-        if p.signal(Signal::SIGKILL) {
-            tracing::warn!(
-                rank = p.rank,
-                pid = p.pid,
-                "worker did not stop after SIGTERM; sent SIGKILL"
-            );
-        }
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !all_reaped() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits for `child` to exit without reaping it, then reaps it under its lock.
-fn reap(process: &OwnProcess, mut child: std::process::Child) -> String {
-    loop {
-        match waitid(
-            Id::Pid(Pid::from_raw(process.pid)),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-        ) {
-            Ok(_) => break,
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::warn!(pid = process.pid, error = %e, "cannot wait for a worker's exit; reaping it");
-                break;
-            }
-        }
-    }
-    let mut reaped = process.reaped();
-    let status = child.wait();
-    *reaped = true;
-    match status {
-        Ok(s) => s.to_string(),
-        Err(e) => format!("unknown exit ({e})"),
-    }
-}
 
 /// One worker process to start.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,11 +95,7 @@ impl LocalWorkers {
             let child = command.spawn().map_err(|e| spawn_err(e.to_string()))?;
             let pid = child.id() as i32;
             tracing::info!(rank = slot.rank, pid, log = %log_path.display(), "started worker");
-            let process = Arc::new(OwnProcess {
-                rank: slot.rank,
-                pid,
-                reaped: Mutex::new(false),
-            });
+            let process = Arc::new(OwnProcess::new(slot.rank, pid));
             coordinator.own_processes().add(job_id, process.clone());
             workers.processes.push(process.clone());
             let coordinator = coordinator.clone();

@@ -9,6 +9,7 @@ pub mod error;
 pub mod job_service;
 pub mod launch_plan;
 pub mod launcher;
+pub mod own_processes;
 pub mod run;
 pub mod run_dir;
 pub mod server;

@@ -4,63 +4,16 @@
 //! job only its own run's directory, so a job never reads or reports another run's checkpoints.
 
 use crate::error::CoordinatorError;
-use serde::Deserialize;
+pub use kormlm_proto::run_file::RUN_FILE;
+use kormlm_proto::run_file::{holder, Holder, RunIdentity};
 use std::path::{Path, PathBuf};
 
-/// The file naming the run that writes into an output directory.
-pub const RUN_FILE: &str = "kormlm_run.json";
-
-/// What rank 0 writes into its output directory.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RunFile {
-    pub run_id: String,
-    #[serde(default)]
-    pub job_id: String,
-    #[serde(default)]
-    pub created_unix_ms: i64,
-}
-
-/// What an output directory holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Holder {
-    /// Nothing of any run (or no directory yet).
-    Nothing,
-    Run(RunFile),
-    /// Files a run writes (these names), but no run file naming the run.
-    Unnamed(Vec<&'static str>),
-    /// A run file that cannot be read, and why.
-    Unreadable(String),
-}
-
-/// Files every training run leaves in its output directory.
-const RUN_OUTPUTS: [&str; 2] = ["training_log.jsonl", "checkpoints"];
-
-/// Reads what `dir` holds.
-pub fn holder(dir: &Path) -> Holder {
-    let path = dir.join(RUN_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice::<RunFile>(&bytes) {
-            Ok(run) if !run.run_id.is_empty() => Holder::Run(run),
-            Ok(_) => Holder::Unreadable(format!("{}: `run_id` is empty", path.display())),
-            Err(e) => Holder::Unreadable(format!("{}: {e}", path.display())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let present: Vec<&'static str> = RUN_OUTPUTS.into_iter().filter(|f| dir.join(f).exists()).collect();
-            if present.is_empty() {
-                Holder::Nothing
-            } else {
-                Holder::Unnamed(present)
-            }
-        }
-        Err(e) => Holder::Unreadable(format!("{}: {e}", path.display())),
-    }
-}
-
-fn describe(run: &RunFile, state_id: &str, own_job: &dyn Fn(&str) -> String) -> String {
-    let job = if run.job_id.is_empty() { "?" } else { &run.job_id };
-    match run.run_id.strip_prefix(state_id).and_then(|r| r.strip_prefix('/')) {
-        Some(own) => format!("run `{}` ({own} of this state directory; {})", run.run_id, own_job(own)),
-        None => format!("run `{}` ({job} of another coordinator's state directory)", run.run_id),
+fn describe(run: &RunIdentity, state_id: &str, own_job: &dyn Fn(&str) -> String) -> String {
+    let own = run.run_id.strip_prefix(state_id).and_then(|r| r.strip_prefix('/'));
+    match (own, &run.job_id) {
+        (Some(own), _) => format!("run `{}` ({own} of this state directory; {})", run.run_id, own_job(own)),
+        (None, Some(job)) => format!("run `{}` ({job} of another coordinator's state directory)", run.run_id),
+        (None, None) => format!("run `{}` (a `worker train` run)", run.run_id),
     }
 }
 
@@ -98,7 +51,7 @@ pub fn check_own(dir: &Path, job_id: &str, run_id: &str) -> Result<(), Coordinat
     let other = match holder(dir) {
         Holder::Run(run) if run.run_id == run_id => return Ok(()),
         Holder::Nothing | Holder::Unnamed(_) => return Ok(()),
-        Holder::Run(run) => format!("now holds run `{}` ({})", run.run_id, run.job_id),
+        Holder::Run(run) => format!("now holds {}", run.describe()),
         Holder::Unreadable(why) => format!("holds a {RUN_FILE} that cannot be read ({why})"),
     };
     Err(CoordinatorError::Refused(format!(
@@ -164,6 +117,10 @@ mod tests {
             err.contains("kormlm_run.json that cannot be read") && err.contains("line 1"),
             "{err}"
         );
+        // What `worker train` writes (no job) is named as such, not taken for damage.
+        std::fs::write(out.join(RUN_FILE), RunIdentity::new("0123abcd".into(), None).to_json()).unwrap();
+        let err = check_new(&out, "aaaa", false).unwrap_err().to_string();
+        assert!(err.contains("holds run `0123abcd` (a `worker train` run)"), "{err}");
         let older = tmp.path().join("older");
         std::fs::create_dir_all(older.join("checkpoints")).unwrap();
         std::fs::write(older.join("training_log.jsonl"), "").unwrap();
@@ -187,7 +144,7 @@ mod tests {
         check_own(&out, "job-1", "aaaa/job-1").unwrap();
         write_run(&out, "aaaa/job-2", "job-2");
         let err = check_own(&out, "job-1", "aaaa/job-1").unwrap_err().to_string();
-        assert!(err.contains("now holds run `aaaa/job-2` (job-2)"), "{err}");
+        assert!(err.contains("now holds run aaaa/job-2 of job job-2"), "{err}");
     }
 
     #[test]

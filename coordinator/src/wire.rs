@@ -5,8 +5,7 @@
 use crate::error::{CoordinatorError, Result};
 use crate::state::job::{self, Assignment, Job, JobState, Order, OrderKind, StopCause, Telemetry};
 use crate::state::rendezvous::{Arrival, Group};
-use crate::state::workers::{Registration, Report, ReportedFailure, Worker, WorkerState};
-use crate::state::JobView;
+use crate::state::workers::{JobView, Registration, Report, ReportedFailure, Worker, WorkerState};
 use crate::store::job_key;
 use kormlm_proto::ds_config::Batch;
 use kormlm_proto::failure::FailureKind;
@@ -75,12 +74,10 @@ pub fn job_from_record(number: u64, record: v1::JobRecord, state_id: &str) -> Re
     let keep_checkpoints = kormlm_proto::train_args::TrainArgs::from_map(&spec.args)
         .map_err(|e| damaged(&format!("the job's flags: {e}")))?
         .keep_checkpoints;
-    let stop_cause = (state == JobState::Stopping).then(|| {
-        if status.message.starts_with(job::PREEMPTED) {
-            StopCause::Preemption
-        } else {
-            StopCause::Request
-        }
+    // A STOPPING record of a version that did not store the cause stops as requested.
+    let stop_cause = (state == JobState::Stopping).then(|| match v1::StopCause::try_from(status.stop_cause) {
+        Ok(v1::StopCause::StopPreempted) => StopCause::Preemption,
+        _ => StopCause::Request,
     });
     let run_id = if status.run_id.is_empty() {
         job::run_id(state_id, &status.job_id)
@@ -131,6 +128,11 @@ fn job_status(job: &Job, workers: Vec<v1::WorkerInfo>) -> v1::JobStatus {
         best_checkpoint: job.best_checkpoint.clone(),
         workers,
         message: job.message.clone(),
+        stop_cause: match job.stop_cause {
+            None => v1::StopCause::Unspecified,
+            Some(StopCause::Request) => v1::StopCause::StopRequested,
+            Some(StopCause::Preemption) => v1::StopCause::StopPreempted,
+        } as i32,
         created_unix_ms: job.created_unix_ms,
         started_unix_ms: job.started_unix_ms,
         ended_unix_ms: job.ended_unix_ms,
@@ -406,11 +408,19 @@ mod tests {
         let status = r.status.as_mut().unwrap();
         status.state = v1::JobState::Stopping as i32;
         status.message = "preempted: rank 1: SIGTERM; every rank finishes its step and checkpoints".into();
+        status.stop_cause = v1::StopCause::StopPreempted as i32;
+        let job = job_from_record(3, r.clone(), "x").unwrap();
+        assert_eq!(job.stop_cause, Some(StopCause::Preemption));
+        assert_eq!(v1::JobRecord::from(&job), r, "the cause is stored with the job");
+        // The cause, not the text, decides: a record without one stops as requested.
+        r.status.as_mut().unwrap().stop_cause = v1::StopCause::Unspecified as i32;
         assert_eq!(
             job_from_record(3, r.clone(), "x").unwrap().stop_cause,
-            Some(StopCause::Preemption)
+            Some(StopCause::Request)
         );
-        r.status.as_mut().unwrap().message = "kill requested: finishing the current step".into();
+        let status = r.status.as_mut().unwrap();
+        status.message = "kill requested: finishing the current step".into();
+        status.stop_cause = v1::StopCause::StopRequested as i32;
         assert_eq!(job_from_record(3, r, "x").unwrap().stop_cause, Some(StopCause::Request));
     }
 

@@ -18,6 +18,7 @@ pub mod durable;
 pub mod failure;
 mod flag_map;
 pub mod job_plan;
+pub mod run_file;
 pub mod train_args;
 
 #[allow(clippy::all, clippy::pedantic)]

@@ -5,6 +5,7 @@
 //! The binaries come from `KORMLM_BIN_DIR`, else `target/release` of this workspace
 //! (`./test.sh` builds them first).
 
+mod command;
 mod data;
 mod flags;
 pub mod grpc;
@@ -13,12 +14,12 @@ mod procs;
 mod summary;
 mod weights;
 
+pub use command::{run, run_with_input};
 pub use data::{config, nsmc_documents, nsmc_documents_where, shared_data, text, workspace_root, Fixture};
 pub use flags::{busy_training_flags, tiny_training, worker_augment_flags};
 pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model};
 pub use procs::{
-    bin_dir, binary, limit_file_size, parent_pid, pid_alive, run, run_with_input, wait_for, worker_state,
-    CoordinatorProc, Proc,
+    bin_dir, binary, limit_file_size, parent_pid, pid_alive, wait_for, worker_state, CoordinatorProc, Proc,
 };
-pub use summary::{assert_early_stopped, training_log, val_loss_history};
+pub use summary::{assert_early_stopped, logged_records, logged_steps, training_log, val_loss_history};
 pub use weights::{max_weight_diff, read_weights};

@@ -1,8 +1,8 @@
 //! The Python oracle (`tests/python/oracle.py` on torch + transformers): reference results, and
 //! the tiny random model most end-to-end tests train.
 
+use crate::command::run;
 use crate::data::{shared_data, text, workspace_root};
-use crate::procs::run;
 use kormlm_proto::train_args::TrainArgs;
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -1,14 +1,14 @@
 //! Processes under test: the binaries, child processes killed when dropped, a running
 //! coordinator with its workers, and deadlines on every wait.
 
+use crate::command::run;
 use crate::data::{config, text, workspace_root};
 use crate::flags::busy_training_flags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn bin_dir() -> PathBuf {
@@ -247,14 +247,6 @@ fn read_log(state_dir: &Path) -> String {
     text
 }
 
-/// Runs a command to completion and captures its output.
-pub fn run(command: &mut Command) -> Output {
-    command
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
-}
-
 pub fn worker_state(status: &Value, rank: u64) -> Option<String> {
     status["workers"]
         .as_array()?
@@ -262,28 +254,6 @@ pub fn worker_state(status: &Value, rank: u64) -> Option<String> {
         .find(|w| w["rank"].as_u64() == Some(rank))
         .and_then(|w| w["state"].as_str())
         .map(str::to_string)
-}
-
-/// Runs a command to completion with `input` on its stdin and captures its output (the input is
-/// written from another thread, so a command that writes before it reads cannot block on it).
-pub fn run_with_input(command: &mut Command, input: &[u8]) -> Output {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let data = input.to_vec();
-    // A command that exits before reading everything closes the pipe: not the test's concern.
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("cannot wait for {command:?}: {e}"));
-    writer.join().expect("the stdin writer does not panic");
-    out
 }
 
 /// True when a process with this pid still exists (and is not a zombie).

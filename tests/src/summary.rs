@@ -15,6 +15,26 @@ pub fn val_loss_history(summary: &Value) -> Vec<f64> {
         .collect()
 }
 
+/// The training log's records of one `type` (`train`, `eval`, `checkpoint`, …), in file order.
+pub fn logged_records(output_dir: &Path, kind: &str) -> Vec<Value> {
+    training_log(output_dir)
+        .into_iter()
+        .filter(|r| r["type"] == kind)
+        .collect()
+}
+
+/// The steps of the training log's `train` records, in file order.
+pub fn logged_steps(output_dir: &Path) -> Vec<u64> {
+    logged_records(output_dir, "train")
+        .iter()
+        .map(|r| {
+            r["step"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a train record without a step: {r}"))
+        })
+        .collect()
+}
+
 /// An early-stopped run, recomputed from its history: one evaluation an epoch, the best the
 /// history's minimum, reached exactly `patience` evaluations before the last (that many in a
 /// row without a lower loss stop it; a tie is not lower).

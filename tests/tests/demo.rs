@@ -101,11 +101,8 @@ fn vocabulary_model_training_and_augmentation_from_scratch() {
         train_pixels > 200 && dev_pixels > 200,
         "train {train_pixels} and dev {dev_pixels} curve pixels"
     );
-    let log = std::fs::read_to_string(d.join("training/training_log.jsonl")).unwrap();
-    let epoch_train_losses: Vec<f64> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["type"] == "eval")
+    let epoch_train_losses: Vec<f64> = logged_records(&d.join("training"), "eval")
+        .iter()
         .filter_map(|r| r["train_loss"].as_f64())
         .collect();
     assert_eq!(

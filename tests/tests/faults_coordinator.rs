@@ -126,17 +126,6 @@ fn worker_pids(status: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// The steps of the training log's `train` records, in file order.
-fn logged_steps(out: &Path) -> Vec<u64> {
-    std::fs::read_to_string(out.join("training_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["type"] == "train")
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect()
-}
-
 /// A coordinator without a job, serving the records of `state` (for reading them).
 fn viewer(state: &Path) -> CoordinatorProc {
     CoordinatorProc::start(state, &[])

@@ -230,7 +230,7 @@ fn a_job_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run_with_dropout(
 }
 
 #[test]
-fn worker_train_killed_and_resumed_equals_the_uninterrupted_run_with_dropout() {
+fn worker_train_killed_or_stopped_and_resumed_equals_the_uninterrupted_run_with_dropout() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // dev.tsv: under 30 steps an epoch; checkpoints every 23 steps land mid-epoch and, with a
@@ -319,6 +319,39 @@ fn worker_train_killed_and_resumed_equals_the_uninterrupted_run_with_dropout() {
         (saved["attempt"].as_u64(), last["attempt"].as_u64()),
         (Some(1), Some(2))
     );
+
+    // SIGTERM instead of SIGKILL: the run stops after its step with a checkpoint there and
+    // exits 143, naming the checkpoint; resumed from it, it ends like the uninterrupted run.
+    let stopped = d.join("stopped");
+    let proc = worker_train("worker train (SIGTERM)", &flags(&stopped), |_| {});
+    wait_for("a step past 30", Duration::from_secs(300), || {
+        let log = std::fs::read_to_string(stopped.join("training_log.jsonl")).unwrap_or_default();
+        log.contains("\"step\":30").then_some(())
+    });
+    proc.signal(Signal::SIGTERM);
+    let out = wait_output(proc, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("worker: stopped by SIGTERM after step "))
+        .unwrap_or_else(|| panic!("no stop line: {stderr}"));
+    let (step, path) = line
+        .split_once("; continue with --resume_from ")
+        .unwrap_or_else(|| panic!("no checkpoint named: {line}"));
+    let step: u64 = step.parse().unwrap();
+    assert!((30..150).contains(&step), "{line}");
+    let stop_checkpoint = PathBuf::from(path);
+    assert_eq!(stop_checkpoint, stopped.join(format!("checkpoints/step-{step}")));
+    assert_complete(&stop_checkpoint);
+    let mut resume = flags(&stopped);
+    resume.extend(strings(&["--resume_from", path]));
+    let (ok, stderr) = worker_train_to_end(&resume, |_| {});
+    assert!(ok, "{stderr}");
+    let compared = assert_same_log(&reference, &stopped);
+    let diff = max_weight_diff(&final_weights(&reference), &final_weights(&stopped));
+    eprintln!("worker train, dropout 0.1: SIGTERM, stopped at step {step}, resumed: {compared} train losses equal, max abs weight diff {diff:e}");
+    assert!(diff <= 1e-5, "{diff}");
 }
 
 #[test]

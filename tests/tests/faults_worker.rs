@@ -94,15 +94,6 @@ fn stop_checkpoint(reason: &str, signal: &str) -> (u64, PathBuf) {
     )
 }
 
-fn training_records(out: &Path, kind: &str) -> Vec<Value> {
-    std::fs::read_to_string(out.join("training_log.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["type"] == kind)
-        .collect()
-}
-
 /// Optimizer steps a checkpoint says were taken, from its trainer state.
 fn checkpoint_steps(dir: &Path) -> u64 {
     let text = std::fs::read_to_string(dir.join("trainer_state.json"))
@@ -158,14 +149,14 @@ fn a_sigterm_to_a_worker_stops_the_job_at_a_checkpoint_of_the_step_it_reached() 
     // The stop came mid-epoch (no evaluation yet), after the step reached when it was sent.
     assert!(step >= reached, "stopped at {step}, before the step {reached} reached");
     assert!(
-        training_records(&out, "eval").is_empty(),
+        logged_records(&out, "eval").is_empty(),
         "an epoch ended before the stop"
     );
     // The checkpoint is complete and holds exactly `step` steps; both ranks stopped there: the
     // last logged step is `step`, and the final weights are the checkpoint's.
     assert_eq!(checkpoint, out.join("checkpoints").join(format!("step-{step}")));
     assert_eq!(checkpoint_steps(&checkpoint), step);
-    let last = training_records(&out, "train").last().cloned().unwrap();
+    let last = logged_records(&out, "train").last().cloned().unwrap();
     assert_eq!(last["step"].as_u64(), Some(step), "{last}");
     let diff = max_weight_diff(
         &checkpoint.join("model/model.safetensors"),
@@ -313,7 +304,7 @@ fn a_stop_signal_during_start_up_stops_right_after_the_first_step() {
     let (step, checkpoint) = stop_checkpoint(rank0["reason"].as_str().unwrap(), "SIGINT");
     assert_eq!(step, 1, "{status}");
     assert_eq!(checkpoint_steps(&checkpoint), 1);
-    let steps: Vec<u64> = training_records(&out, "train")
+    let steps: Vec<u64> = logged_records(&out, "train")
         .iter()
         .map(|r| r["step"].as_u64().unwrap())
         .collect();

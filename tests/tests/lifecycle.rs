@@ -68,10 +68,8 @@ fn start(state: &Path, args: &[String]) -> CoordinatorProc {
 /// `value` by `key` from the training log's records of `kind` (the last record wins when a key
 /// was logged twice, as after a resume).
 fn log_values(out: &Path, kind: &str, key: &str, value: &str) -> BTreeMap<u64, f64> {
-    let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
-    log.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["type"] == kind)
+    logged_records(out, kind)
+        .iter()
         .map(|r| (r[key].as_u64().unwrap(), r[value].as_f64().unwrap()))
         .collect()
 }

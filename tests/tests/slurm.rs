@@ -368,17 +368,6 @@ fn a_config_that_does_not_fit_the_task_count_stops_before_srun() {
     );
 }
 
-/// Steps of the `train` records of a training log, in file order.
-fn logged_steps(out: &Path) -> Vec<u64> {
-    std::fs::read_to_string(out.join("training_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["type"] == "train")
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect()
-}
-
 #[test]
 fn a_signal_stops_the_batch_job_with_a_checkpoint_and_a_requeue_resumes_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,6 @@ use crate::corpus::CorpusError;
 use crate::dataset::DatasetError;
 use crate::device::DeviceError;
 use crate::fill_mask::FillMaskError;
-use crate::job::JobError;
 use crate::lines::InputError;
 use crate::model::ModelError;
 use crate::tokenizer::TokenizerError;
@@ -21,6 +20,19 @@ use kormlm_proto::ds_config::ConfigError;
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::PlanError;
 use std::path::PathBuf;
+
+/// Forming the collective group failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The coordinator's rendezvous refused or timed out.
+    #[error("rendezvous: {}", .0.message())]
+    Rendezvous(tonic::Status),
+    /// The blocking set-up of the group (NCCL init, ring connect) panicked or was cancelled.
+    #[error("rendezvous: {0}")]
+    GroupSetUp(tokio::task::JoinError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -62,6 +74,8 @@ pub enum WorkerError {
     Panicked(String),
     #[error("cannot start the work thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(std::io::Error),
     #[error("the start-up task failed: {0}")]
     StartUp(tokio::task::JoinError),
     /// A stop signal (SIGTERM: preemption, a time limit, an eviction; SIGINT) stopped the work
@@ -85,7 +99,7 @@ impl WorkerError {
             Self::Job(e) => job_kind(e),
             Self::Input(e) => input_kind(e),
             Self::Io { .. } => FailureKind::Io,
-            Self::Json(_) | Self::Thread(_) | Self::StartUp(_) => FailureKind::Internal,
+            Self::Json(_) | Self::Thread(_) | Self::Signals(_) | Self::StartUp(_) => FailureKind::Internal,
             Self::Panicked(message) => torch_kind(message),
             Self::Preempted { .. } => FailureKind::Preempted,
         }
@@ -634,6 +648,7 @@ mod tests {
                 Io,
             ),
             (WorkerError::Thread(io_error()), Internal),
+            (WorkerError::Signals(io_error()), Internal),
             (WorkerError::Panicked("index out of range".into()), Internal),
             (WorkerError::Panicked(format!("Torch(\"{oom}\")")), OutOfMemory),
             // Stopped by a signal.

@@ -2,11 +2,12 @@
 //! GPUs) through the coordinator's rendezvous, then train, or augment this rank's chunks, on the
 //! thread the daemon started for it while it keeps heart-beating with the progress.
 
+use crate::client::CoordinatorClient;
 use crate::comm::nccl::{self, NcclGroup};
 use crate::comm::ring::{self, Ring};
 use crate::comm::ring_handshake::RingSecret;
 use crate::comm::{Collective, CommError, GroupAbort, SingleRank};
-use crate::error::WorkerError;
+use crate::error::{JobError, WorkerError};
 use crate::train::{self, ProgressEvent, TrainError, TrainJob, TrainSummary};
 use crate::work::{AugmentJob, AugmentOutcome};
 use kormlm_proto::v1::{Assignment, RendezvousRequest};
@@ -15,19 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::Device;
-
-/// Forming the collective group failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    /// The coordinator's rendezvous refused or timed out.
-    #[error("rendezvous: {}", .0.message())]
-    Rendezvous(tonic::Status),
-    /// The blocking set-up of the group (NCCL init, ring connect) panicked or was cancelled.
-    #[error("rendezvous: {0}")]
-    GroupSetUp(tokio::task::JoinError),
-    #[error(transparent)]
-    Comm(#[from] CommError),
-}
 
 /// How long a collective may wait for a peer before it fails.
 pub fn collective_timeout() -> Duration {
@@ -85,7 +73,7 @@ fn towards(url: &str) -> Result<IpAddr, CommError> {
 /// Forms the group through the coordinator's rendezvous. The set-up has the collective
 /// deadline; `abort` makes it, and later the group's collectives, give up at once.
 pub async fn form_group(
-    client: &mut crate::daemon::CoordinatorClient,
+    client: &mut CoordinatorClient,
     assignment: &Assignment,
     device: Device,
     ring_bind: &RingBind,

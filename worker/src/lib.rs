@@ -5,6 +5,7 @@ pub mod augment;
 pub mod autocast;
 pub mod batch;
 pub mod cli;
+pub mod client;
 pub mod comm;
 pub mod commands;
 pub mod corpus;

@@ -1,6 +1,6 @@
 //! The `worker` binary: wiring only. It sets up logging, parses the command line and hands the
 //! command to the library; an error is printed as `worker: error: …` with exit status 1. The
-//! daemon ends the process itself: 0, 1 on an error, 143/130 after SIGTERM/SIGINT.
+//! daemon and `worker train` end with 143/130 after SIGTERM/SIGINT.
 
 use clap::Parser;
 use kormlm_worker::cli::{Cli, Command};
@@ -16,7 +16,11 @@ fn main() {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Some(Command::Info(command)) => commands::info::run(&command).map_err(Into::into),
-        Some(Command::Train(command)) => commands::train::run(&command).map_err(Into::into),
+        Some(Command::Train(command)) => match commands::train::run(&command) {
+            Ok(0) => Ok(()),
+            Ok(stopped) => std::process::exit(stopped),
+            Err(e) => Err(e.into()),
+        },
         Some(Command::Augment(command)) => commands::augment::run(&command).map_err(Into::into),
         Some(Command::AugmentReport(command)) => commands::augment_report::run(&command).map_err(Into::into),
         Some(Command::TokenizerTrain(command)) => commands::tokenizer_train::run(&command).map_err(Into::into),

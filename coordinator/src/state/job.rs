@@ -66,8 +66,8 @@ pub enum StopCause {
     Preemption,
 }
 
-/// How the message of a job stopped by a preemption starts; a STOPPING job whose persisted
-/// message starts so is stopping for a preemption.
+/// How the message of a job stopped by a preemption starts (for people; the persisted
+/// `stop_cause` says why a STOPPING job stops).
 pub const PREEMPTED: &str = "preempted: ";
 
 /// What a STOPPING job's message adds to why it stops, by cause.

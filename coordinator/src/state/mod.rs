@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+pub use workers::JobView;
 use workers::{Claim, Registration, Report, Roster, Worker, WorkerState};
 
 /// Tunables of the coordinator.
@@ -56,13 +57,6 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 /// How long a failure that usually follows a peer's loss waits for that loss to be seen, so
 /// the rank that caused it is the one named.
 const PEER_FAILURE_GRACE: Duration = Duration::from_secs(2);
-
-/// A job with its workers, as status shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobView {
-    pub job: Job,
-    pub workers: Vec<Worker>,
-}
 
 /// One job, with what this process knows about it beyond its records.
 struct Entry {
@@ -135,7 +129,7 @@ pub struct Coordinator {
     state_id: String,
     changed: watch::Sender<u64>,
     /// The worker processes this coordinator started: the only ones it ever signals.
-    own_processes: crate::launcher::OwnProcesses,
+    own_processes: crate::own_processes::OwnProcesses,
 }
 
 impl Coordinator {
@@ -179,7 +173,7 @@ impl Coordinator {
     }
 
     /// The worker processes this coordinator started.
-    pub fn own_processes(&self) -> &crate::launcher::OwnProcesses {
+    pub fn own_processes(&self) -> &crate::own_processes::OwnProcesses {
         &self.own_processes
     }
 
@@ -627,12 +621,10 @@ impl Coordinator {
                 .as_ref()
                 .is_some_and(|(_, at)| at.elapsed() >= PEER_FAILURE_GRACE);
             if let Some((failure, _)) = entry.held.take_if(|_| expired) {
-                if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
-                    if let Err(e) = self.transition(entry, |job| Ok(job.fail(&failure))) {
-                        tracing::error!(error = %e, "cannot record a failed job");
-                    }
-                    changed = true;
+                if let Err(e) = self.transition(entry, |job| Ok(job.fail(&failure))) {
+                    tracing::error!(error = %e, "cannot record a failed job");
                 }
+                changed = true;
             }
             for (rank, silent) in entry.workers.silent(timeout) {
                 let reason = format!(
@@ -1104,6 +1096,25 @@ mod tests {
         let status = c.status(&id).unwrap().job;
         assert_eq!(status.state, JobState::Pending);
         assert!(status.message.starts_with("rank 1 lost"), "{}", status.message);
+    }
+
+    #[tokio::test]
+    async fn a_held_failure_of_a_forming_job_fails_it_once_no_peer_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, _) = c.submit(spec(2)).unwrap();
+        let a0 = c.register(register(0)).unwrap();
+        let (session, _orders) = c.attach(&id, 0, a0.incarnation).unwrap();
+        c.report(session, failed(&id, 0, FailureKind::CollectiveTimeout))
+            .await
+            .unwrap();
+        assert_eq!(c.status(&id).unwrap().job.state, JobState::Pending, "held back");
+        std::thread::sleep(PEER_FAILURE_GRACE + Duration::from_millis(100));
+        c.sweep();
+        let status = c.status(&id).unwrap().job;
+        assert_eq!(status.state, JobState::Failed, "{}", status.message);
+        let reported = format!("{} on rank 0", FailureKind::CollectiveTimeout);
+        assert!(status.message.contains(&reported), "{}", status.message);
     }
 
     #[tokio::test]

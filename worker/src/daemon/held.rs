@@ -3,7 +3,7 @@
 //! with an outcome not yet reported. Asking it to stop at the next step, and dropping it at once
 //! when it is stale or the process leaves, go through here.
 
-use super::CoordinatorClient;
+use crate::client::CoordinatorClient;
 use crate::comm::GroupAbort;
 use crate::error::WorkerError;
 use crate::job::{self, RingBind};

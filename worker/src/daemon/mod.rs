@@ -9,6 +9,7 @@ mod session;
 mod signals;
 
 use crate::cli::DaemonArgs;
+use crate::client::CoordinatorClient;
 use crate::device::{self, DeviceInfo};
 use crate::error::WorkerError;
 use crate::work::assigned_device;
@@ -22,7 +23,6 @@ use signals::Signals;
 pub use signals::StopSignal;
 use std::time::{Duration, Instant};
 use tch::Device;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -37,9 +37,6 @@ const EXIT_DRAIN: Duration = Duration::from_secs(5);
 /// After a stop signal, how long held work may take to stop at its next agreed step when the
 /// daemon leaves without the coordinator (well inside Slurm's `--signal=B:TERM@120`).
 const SIGNAL_STOP_WITHIN: Duration = Duration::from_secs(60);
-
-/// The worker's client of the coordinator; every call carries the token in its metadata.
-pub type CoordinatorClient = WorkerServiceClient<InterceptedService<Channel, TokenInterceptor>>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonOptions {

@@ -4,7 +4,8 @@
 //! counted this worker as lost), kept for the next registration to deliver or discard.
 
 use super::held::HeldWork;
-use super::{CoordinatorClient, Daemon, DaemonError, Outcome};
+use super::{Daemon, DaemonError, Outcome};
+use crate::client::CoordinatorClient;
 use crate::error::WorkerError;
 use crate::train::ProgressEvent;
 use crate::work::WorkOutcome;

@@ -6,71 +6,24 @@
 
 use super::checkpoint::TrainerState;
 use super::error::TrainError;
-use super::plot::LOSS_CURVE_FILE;
-use super::run_files::LOG_FILE;
 use kormlm_proto::durable;
-use serde::{Deserialize, Serialize};
+use kormlm_proto::run_file::{holder, Holder, RUN_OUTPUTS};
+pub use kormlm_proto::run_file::{RunIdentity, RUN_FILE};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub const RUN_FILE: &str = "kormlm_run.json";
-
-/// Everything a run writes into its output directory (and nothing else is removed).
-const RUN_OUTPUTS: [&str; 8] = [
-    RUN_FILE,
-    "checkpoints",
-    LOG_FILE,
-    "params.json",
-    "summary.json",
-    "best",
-    "final",
-    LOSS_CURVE_FILE,
-];
-
-/// The contents of `kormlm_run.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunIdentity {
-    pub run_id: String,
-    /// The coordinator's job (none for `worker train`).
-    #[serde(default)]
-    pub job_id: Option<String>,
-    pub created_unix_ms: i64,
+/// The run file of `dir`, if there is one.
+pub fn read_run_file(dir: &Path) -> Result<Option<RunIdentity>, TrainError> {
+    match holder(dir) {
+        Holder::Run(run) => Ok(Some(run)),
+        Holder::Unreadable(why) => Err(TrainError::output(&dir.join(RUN_FILE), why)),
+        Holder::Nothing | Holder::Unnamed(_) => Ok(None),
+    }
 }
 
-impl RunIdentity {
-    pub fn new(run_id: String, job_id: Option<String>) -> Self {
-        Self {
-            run_id,
-            job_id,
-            created_unix_ms: kormlm_proto::now_ms(),
-        }
-    }
-
-    /// The run file of `dir`, if there is one.
-    pub fn read(dir: &Path) -> Result<Option<Self>, TrainError> {
-        let path = dir.join(RUN_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| TrainError::output(&path, format!("not a kormlm run file: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TrainError::output(&path, e)),
-        }
-    }
-
-    fn write(&self, dir: &Path) -> Result<(), TrainError> {
-        let path = dir.join(RUN_FILE);
-        let text = serde_json::to_string_pretty(self).expect("a run file serialises");
-        durable::write(&path, text + "\n").map_err(|e| TrainError::output(&path, e.error))
-    }
-
-    /// How a message names the run.
-    fn describe(&self) -> String {
-        match &self.job_id {
-            Some(job) => format!("run {} of job {job}", self.run_id),
-            None => format!("run {} (worker train)", self.run_id),
-        }
-    }
+fn write_run_file(run: &RunIdentity, dir: &Path) -> Result<(), TrainError> {
+    let path = dir.join(RUN_FILE);
+    durable::write(&path, run.to_json()).map_err(|e| TrainError::output(&path, e.error))
 }
 
 /// A new random run id (128 bits, hex).
@@ -101,15 +54,6 @@ pub enum Claim {
     Overwrote(String),
 }
 
-/// The run outputs present in `dir`, by name.
-fn outputs_in(dir: &Path) -> Vec<&'static str> {
-    RUN_OUTPUTS
-        .iter()
-        .copied()
-        .filter(|name| dir.join(name).exists())
-        .collect()
-}
-
 /// Makes `dir` the output directory of run `me` (rank 0, before it writes anything else).
 /// `resume` is the checkpoint the run continues from, with its state. Another run's files make
 /// this fail with [`TrainError::OutputDirInUse`], unless `overwrite`.
@@ -119,18 +63,17 @@ pub fn claim(
     resume: Option<(&Path, &TrainerState)>,
     overwrite: bool,
 ) -> Result<Claim, TrainError> {
-    let owner = RunIdentity::read(dir)?;
-    let present = outputs_in(dir);
-    let other = match &owner {
-        Some(owner) if owner.run_id == me.run_id => return Ok(Claim::Own),
-        Some(owner) => Some(owner.describe()),
-        None if present.is_empty() => None,
-        None => {
+    let other = match holder(dir) {
+        Holder::Run(owner) if owner.run_id == me.run_id => return Ok(Claim::Own),
+        Holder::Run(owner) => Some(owner.describe()),
+        Holder::Unreadable(why) => Some(format!("a {RUN_FILE} that cannot be read ({why})")),
+        Holder::Nothing => None,
+        Holder::Unnamed(present) => {
             let legacy_resume = resume.is_some_and(|(checkpoint, state)| {
                 state.run_id.is_none() && checkpoint.starts_with(dir.join("checkpoints"))
             });
             if legacy_resume {
-                me.write(dir)?;
+                write_run_file(me, dir)?;
                 return Ok(Claim::Adopted);
             }
             Some(format!("an earlier run without {RUN_FILE} ({})", present.join(", ")))
@@ -138,7 +81,7 @@ pub fn claim(
     };
     let Some(other) = other else {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::output(dir, e))?;
-        me.write(dir)?;
+        write_run_file(me, dir)?;
         return Ok(Claim::New);
     };
     if !overwrite {
@@ -148,7 +91,7 @@ pub fn claim(
         });
     }
     remove_run_outputs(dir)?;
-    me.write(dir)?;
+    write_run_file(me, dir)?;
     Ok(Claim::Overwrote(other))
 }
 
@@ -182,6 +125,7 @@ fn remove_run_outputs(dir: &Path) -> Result<(), TrainError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::run_files::LOG_FILE;
     use super::*;
 
     fn me(run: &str) -> RunIdentity {
@@ -193,7 +137,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         assert_eq!(claim(&out, &me("a"), None, false).unwrap(), Claim::New);
-        let written = RunIdentity::read(&out).unwrap().unwrap();
+        let written = read_run_file(&out).unwrap().unwrap();
         assert_eq!(
             (written.run_id.as_str(), written.job_id.as_deref()),
             ("a", Some("job-2"))
@@ -212,9 +156,7 @@ mod tests {
     fn another_runs_directory_is_refused_by_name_unless_overwritten_which_keeps_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
-        RunIdentity::new("old-run".into(), Some("job-1".into()))
-            .write(out)
-            .unwrap();
+        write_run_file(&RunIdentity::new("old-run".into(), Some("job-1".into())), out).unwrap();
         std::fs::create_dir_all(out.join("checkpoints/step-100")).unwrap();
         std::fs::create_dir_all(out.join(".best.tmp-42")).unwrap();
         std::fs::write(out.join(LOG_FILE), "{}\n").unwrap();
@@ -236,7 +178,7 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, vec![RUN_FILE, "notes.txt"]);
-        assert_eq!(RunIdentity::read(out).unwrap().unwrap().run_id, "new-run");
+        assert_eq!(read_run_file(out).unwrap().unwrap().run_id, "new-run");
     }
 
     #[test]
@@ -263,6 +205,36 @@ mod tests {
             Claim::Adopted
         );
         assert_eq!(claim(out, &me("a"), None, false).unwrap(), Claim::Own);
+    }
+
+    #[test]
+    fn a_damaged_run_file_is_refused_by_name_unless_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::write(out.join(RUN_FILE), "{not json").unwrap();
+        std::fs::create_dir_all(out.join("checkpoints/step-7")).unwrap();
+        let err = claim(out, &me("a"), None, false).unwrap_err();
+        assert!(matches!(err, TrainError::OutputDirInUse { .. }), "{err}");
+        assert!(err.to_string().contains("kormlm_run.json that cannot be read"), "{err}");
+        assert!(matches!(claim(out, &me("a"), None, true).unwrap(), Claim::Overwrote(_)));
+        assert!(!out.join("checkpoints").exists());
+        assert_eq!(read_run_file(out).unwrap().unwrap().run_id, "a");
+    }
+
+    #[test]
+    fn every_file_a_run_writes_is_a_run_output() {
+        use super::super::plot::LOSS_CURVE_FILE;
+        for name in [
+            LOG_FILE,
+            LOSS_CURVE_FILE,
+            "checkpoints",
+            "best",
+            "final",
+            "summary.json",
+            "params.json",
+        ] {
+            assert!(RUN_OUTPUTS.contains(&name), "{name}");
+        }
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! The worker processes this coordinator started, the only ones it ever signals: each is
+//! signalled only while it is not reaped, so its pid and process group are still its own.
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A worker process this coordinator started. Its waiter reaps it only while holding `reaped`,
+/// and signalling holds it too: so while it is not reaped, its pid — and the process group it
+/// leads — cannot have been given to any other process.
+#[derive(Debug)]
+pub struct OwnProcess {
+    rank: u32,
+    pid: i32,
+    reaped: Mutex<bool>,
+}
+
+impl OwnProcess {
+    pub fn new(rank: u32, pid: i32) -> Self {
+        Self {
+            rank,
+            pid,
+            reaped: Mutex::new(false),
+        }
+    }
+
+    fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.reaped.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn is_reaped(&self) -> bool {
+        *self.reaped()
+    }
+
+    /// Sends `signal` to the process group it leads (to the process alone when it left the
+    /// group); false when it has been reaped and nothing was sent.
+    pub fn signal(&self, signal: Signal) -> bool {
+        let reaped = self.reaped();
+        if *reaped || self.pid <= 1 {
+            return false;
+        }
+        let pid = Pid::from_raw(self.pid);
+        killpg(pid, signal).or_else(|_| kill(pid, signal)).is_ok()
+    }
+}
+
+/// Every worker process this coordinator started that is not reaped yet, by job: the only
+/// processes `kill --force` signals.
+#[derive(Debug, Default)]
+pub struct OwnProcesses {
+    processes: Mutex<Vec<(String, Arc<OwnProcess>)>>,
+}
+
+impl OwnProcesses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<OwnProcess>)>> {
+        self.processes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn add(&self, job_id: &str, process: Arc<OwnProcess>) {
+        let mut processes = self.lock();
+        processes.retain(|(_, p)| !p.is_reaped());
+        processes.push((job_id.to_string(), process));
+    }
+
+    /// The job's processes still running (or not yet reaped).
+    pub fn of_job(&self, job_id: &str) -> Vec<Arc<OwnProcess>> {
+        self.lock()
+            .iter()
+            .filter(|(job, p)| job == job_id && !p.is_reaped())
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+}
+
+/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`;
+/// returns once all are reaped, or `grace` + 5 s have passed.
+pub async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
+    for p in processes {
+        p.signal(Signal::SIGTERM);
+    }
+    let all_reaped = || processes.iter().all(|p| p.is_reaped());
+    let deadline = tokio::time::Instant::now() + grace;
+    while !all_reaped() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in processes {
+        if p.signal(Signal::SIGKILL) {
+            tracing::warn!(
+                rank = p.rank,
+                pid = p.pid,
+                "worker did not stop after SIGTERM; sent SIGKILL"
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !all_reaped() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for `child` to exit without reaping it, then reaps it under its lock.
+pub fn reap(process: &OwnProcess, mut child: std::process::Child) -> String {
+    loop {
+        match waitid(
+            Id::Pid(Pid::from_raw(process.pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(pid = process.pid, error = %e, "cannot wait for a worker's exit; reaping it");
+                break;
+            }
+        }
+    }
+    let mut reaped = process.reaped();
+    let status = child.wait();
+    *reaped = true;
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown exit ({e})"),
+    }
+}
