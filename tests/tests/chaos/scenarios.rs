@@ -344,26 +344,34 @@ fn coordinator_sigkill_restart(ctx: &mut Ctx) {
     assert_restarts(&done, 0, 0);
 }
 
-/// SIGTERM (or SIGINT twice: forced) to the coordinator: it exits 143 (130) with job-1 KILLED;
-/// the same command with `--resume` continues it.
+/// SIGTERM to the coordinator: it exits 143 with job-1 KILLED at a stop checkpoint; or SIGINT
+/// twice while the workers are frozen (so the graceful stop cannot finish first): the second
+/// forces the stop, exit 130, job-1 KILLED at once (its latest checkpoint an earlier periodic
+/// one). The same command with `--resume` continues it.
 fn coordinator_signal_rerun(ctx: &mut Ctx, forced: bool) {
     let every = checkpoint_steps(ctx);
     let args = ctx.training_args(Launch::Spawned, &["--checkpoint_steps", &every]);
     let mut c = ctx.coordinator(&args);
     let at = strike_step(ctx);
     let step = ctx.wait_step(&c, at);
-    ctx.rank_pid(&c, 1);
-    let (sig, code) = if forced {
-        (Signal::SIGINT, 130)
-    } else {
-        (Signal::SIGTERM, 143)
-    };
-    c.proc.signal(sig);
-    if forced {
-        std::thread::sleep(Duration::from_millis(200));
-        c.proc.signal(sig);
-    }
+    let pids = [ctx.rank_pid(&c, 0), ctx.rank_pid(&c, 1)];
     ctx.landed = format!("step {step} (checkpoints every {every})");
+    let code = if forced {
+        for pid in pids {
+            signal(pid, Signal::SIGSTOP);
+        }
+        c.proc.signal(Signal::SIGINT);
+        ctx.wait_status(&c, "job-1 to be STOPPING", |s| (s["state"] == "STOPPING").then_some(()));
+        c.proc.signal(Signal::SIGINT);
+        // Running again, they get the launcher's SIGTERM (and SIGKILL 5 s later).
+        for pid in pids {
+            signal(pid, Signal::SIGCONT);
+        }
+        130
+    } else {
+        c.proc.signal(Signal::SIGTERM);
+        143
+    };
     let exit = c.proc.wait_exit(ctx.left());
     assert_eq!(exit.code(), Some(code), "{}", c.log());
     let log = c.log();
@@ -373,7 +381,10 @@ fn coordinator_signal_rerun(ctx: &mut Ctx, forced: bool) {
         .unwrap_or_else(|| panic!("no `job job-1 KILLED` line: {log}"))
         .to_string();
     if forced {
-        assert!(ended.contains("stopped at once after a second signal"), "{ended}");
+        assert!(
+            ended.contains("stopped at once after a second signal (SIGINT)"),
+            "{ended}"
+        );
     }
     ctx.note(format!("exit {code}, KILLED"));
     let mut rerun = args.clone();
@@ -592,10 +603,20 @@ fn efbig_rank0_first_checkpoint(ctx: &mut Ctx) {
     ];
     let failed = ctx.wait_state(&c, "FAILED");
     ctx.landed = format!("checkpoint step-{every}");
+    // Whichever rank reports first names the checkpoint and rank 0; rank 0 names the file
+    // and the OS error.
     let why = message(&failed);
+    let path = ctx.out.join(format!("checkpoints/step-{every}"));
     assert!(
-        why.contains("not written: rank 0 failed") && why.contains("File too large (os error 27)"),
+        why.contains(&format!("checkpoint {} not written: rank 0 failed", path.display())),
         "{failed}"
+    );
+    let rank0 = c.worker_log(0);
+    assert!(
+        rank0.contains(&format!(
+            ".step-{every}.tmp/optim-rank0.safetensors: File too large (os error 27)"
+        )),
+        "{rank0}"
     );
     assert_eq!(failed["latest_checkpoint"]["path"], Value::Null, "{failed}");
     let root = ctx.out.join("checkpoints");
