@@ -91,7 +91,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario!(
         "rank1-sigstop-past-timeout",
         "SIGSTOP rank 1 5 s > timeout 2 s, SIGCONT",
-        false,
+        true,
         |c| sigstop_past_timeout(c, 1)
     ),
     scenario!(
