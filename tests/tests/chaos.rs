@@ -24,7 +24,8 @@
 //! prints a line per scenario (name, seed, fault, step, outcome, wall time) and the summary
 //! `N scenarios, N passed, nothing lost`. `KORMLM_CHAOS=name,name` runs the named ones;
 //! `KORMLM_CHAOS_SEED=N` replays a run's random choices (steps, ranks; the seed is printed);
-//! `KORMLM_CHAOS_KEEP=1` keeps a failed scenario's directory (logs, state, output).
+//! `KORMLM_CHAOS_KEEP=1` keeps a failed scenario's directory (logs, state, output), `=all` every
+//! scenario's.
 
 #[path = "chaos/scenarios.rs"]
 mod scenarios;
@@ -712,13 +713,13 @@ fn chaos() {
                 signal(pid, Signal::SIGKILL);
             }
         }
+        let keep = std::env::var("KORMLM_CHAOS_KEEP").ok();
         if verdict != "passed" {
             failed.push(scenario.name);
-            if std::env::var_os("KORMLM_CHAOS_KEEP").is_some() {
-                eprintln!("chaos: kept {}", dir.path().display());
-                std::mem::forget(dir);
-                continue;
-            }
+        }
+        if keep.as_deref() == Some("all") || (keep.is_some() && verdict != "passed") {
+            eprintln!("chaos: kept {}", dir.path().display());
+            std::mem::forget(dir);
         }
     }
     let passed = chosen.len() - failed.len();
