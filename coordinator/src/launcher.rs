@@ -30,6 +30,9 @@ pub fn default_worker_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("worker"))
 }
 
+/// How long a worker's clean exit waits before it counts, for its last report to arrive first.
+const CLEAN_EXIT_GRACE: Duration = Duration::from_secs(2);
+
 impl LocalWorkers {
     /// Starts `worker --rank K --local_rank L --coordinator URL` for every slot. Output goes to
     /// `log_dir/rank-K.log`. When a process exits, the coordinator hears of it at once.
@@ -97,18 +100,26 @@ impl LocalWorkers {
             let mut child = child;
             workers.waiters.push(tokio::spawn(async move {
                 let status = child.wait().await;
+                let clean = status.as_ref().is_ok_and(|s| s.success());
                 let text = match status {
                     Ok(s) => s.to_string(),
                     Err(e) => format!("unknown exit ({e})"),
                 };
                 tracing::info!(rank, pid, status = %text, "worker process exited");
-                coordinator.process_exited(
-                    &job_id,
-                    attempt,
-                    rank,
-                    pid as u32,
-                    &format!("worker process {pid} {text}; see {}", log_path.display()),
-                );
+                let description = format!("worker process {pid} {text}; see {}", log_path.display());
+                let exited = move || coordinator.process_exited(&job_id, attempt, rank, pid as u32, &description);
+                if clean {
+                    // A clean exit follows the worker's last report, which may still wait unread
+                    // in its heartbeat stream (a coordinator that was frozen or busy): let the
+                    // report land first, so a finished worker is not taken for a lost one. The
+                    // waiter itself ends now: the process is reaped.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CLEAN_EXIT_GRACE).await;
+                        exited();
+                    });
+                } else {
+                    exited();
+                }
             }));
         }
         Ok(workers)
