@@ -395,8 +395,10 @@ fn coordinator_signal_rerun(ctx: &mut Ctx, forced: bool) {
     assert_restarts(&done, 1, 0);
 }
 
+/// The coordinator frozen for 3 s: the short job may even finish meanwhile; a worker that
+/// finished while the coordinator could not read its report is not a lost one.
 fn coordinator_sigstop(ctx: &mut Ctx) {
-    let args = ctx.training_args(Launch::Spawned, &["--max_restarts", "1", "--checkpoint_steps", "5"]);
+    let args = ctx.training_args(Launch::Spawned, &["--checkpoint_steps", "5"]);
     let c = ctx.coordinator(&args);
     let at = strike_step(ctx);
     let step = ctx.wait_step(&c, at);
@@ -406,7 +408,7 @@ fn coordinator_sigstop(ctx: &mut Ctx) {
     c.proc.signal(Signal::SIGCONT);
     ctx.landed = format!("step {step}");
     let done = ctx.succeeded(c);
-    ctx.note(format!("restarts {}", done["restarts"]));
+    assert_restarts(&done, 0, 0);
 }
 
 fn coordinator_sigkill_during_kill(ctx: &mut Ctx) {
