@@ -37,6 +37,9 @@ pub fn default_worker_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("worker"))
 }
 
+/// How long a worker's clean exit waits before it counts, for its last report to arrive first.
+const CLEAN_EXIT_GRACE: Duration = Duration::from_secs(2);
+
 impl LocalWorkers {
     /// Starts `worker --rank K --local_rank L --coordinator URL` for every slot. Output goes to
     /// `log_dir/rank-K.log`. When a process exits, the coordinator hears of it at once.
@@ -102,15 +105,22 @@ impl LocalWorkers {
             let job_id = job_id.to_string();
             let rank = slot.rank;
             workers.waiters.push(tokio::task::spawn_blocking(move || {
-                let text = reap(&process, child);
+                let (text, clean) = reap(&process, child);
                 tracing::info!(rank, pid, status = %text, "worker process exited");
-                coordinator.process_exited(
-                    &job_id,
-                    attempt,
-                    rank,
-                    pid as u32,
-                    &format!("worker process {pid} {text}; see {}", log_path.display()),
-                );
+                let description = format!("worker process {pid} {text}; see {}", log_path.display());
+                let exited = move || coordinator.process_exited(&job_id, attempt, rank, pid as u32, &description);
+                if clean {
+                    // A clean exit follows the worker's last report, which may still wait unread
+                    // in its heartbeat stream (a coordinator that was frozen or busy): let the
+                    // report land first, so a finished worker is not taken for a lost one. The
+                    // waiter itself ends now: the process is reaped.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CLEAN_EXIT_GRACE).await;
+                        exited();
+                    });
+                } else {
+                    exited();
+                }
             }));
         }
         Ok(workers)

@@ -101,8 +101,9 @@ pub async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
     }
 }
 
-/// Waits for `child` to exit without reaping it, then reaps it under its lock.
-pub fn reap(process: &OwnProcess, mut child: std::process::Child) -> String {
+/// Waits for `child` to exit without reaping it, then reaps it under its lock. Returns its exit
+/// status as text, and whether it exited cleanly (status 0).
+pub fn reap(process: &OwnProcess, mut child: std::process::Child) -> (String, bool) {
     loop {
         match waitid(
             Id::Pid(Pid::from_raw(process.pid)),
@@ -120,7 +121,7 @@ pub fn reap(process: &OwnProcess, mut child: std::process::Child) -> String {
     let status = child.wait();
     *reaped = true;
     match status {
-        Ok(s) => s.to_string(),
-        Err(e) => format!("unknown exit ({e})"),
+        Ok(s) => (s.to_string(), s.success()),
+        Err(e) => (format!("unknown exit ({e})"), false),
     }
 }

@@ -129,6 +129,12 @@ impl CoordinatorProc {
         Self::start_full(state_dir, "127.0.0.1:0", args, env)
     }
 
+    /// `start_listening` with `start_with_env`'s environment (a restarted coordinator whose
+    /// workers need the same environment).
+    pub fn start_listening_with_env(state_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(state_dir, listen, args, env)
+    }
+
     fn start_full(state_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let addr_file = state_dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
