@@ -47,7 +47,9 @@ fn registration_status_loss_and_restart() {
     assert!(!dup.wait_exit(Duration::from_secs(30)).success());
     let log = std::fs::read_to_string(state.with_extension("worker-1.log")).unwrap();
     assert!(log.contains("rank 1 of job job-1 is already held by pid"), "{log}");
-    let out = run(Command::new(binary("worker")).args(["--rank", "2", "--coordinator", &coordinator.url]));
+    let out = run(Command::new(binary("worker"))
+        .args(["--rank", "2", "--coordinator", &coordinator.url])
+        .env("KORMLM_TOKEN", &coordinator.token));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -169,7 +171,7 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
     assert!(state.join("logs/job-1/attempt-1/rank-0.log").is_file());
 
     // A graceful kill stops the workers; the job ends KILLED.
-    let out = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url, "--json"]));
+    let out = c.client(&["kill", "--job", "job-1", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = wait_for("the job to be KILLED", Duration::from_secs(20), || {
         let s = c.status(Some("job-1"));
