@@ -209,9 +209,10 @@ fn generic_grpc_clients_see_health_reflection_and_status() {
     );
     let out = run(Command::new(oracle_python())
         .arg(workspace_root().join("tests/python/grpc_client.py"))
-        .arg(c.url.trim_start_matches("http://"))
+        .arg(&c.url)
         .arg(workspace_root().join("proto"))
-        .arg(dir.path().join("gen")));
+        .arg(dir.path().join("gen"))
+        .arg(&state));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -220,6 +221,7 @@ fn generic_grpc_clients_see_health_reflection_and_status() {
     );
     assert!(stdout.contains("health SERVING"), "{stdout}");
     assert!(stdout.contains("reflection kormlm.v1.JobService"), "{stdout}");
+    assert!(stdout.contains("without token: UNAUTHENTICATED"), "{stdout}");
     assert!(stdout.contains("status job-1 PENDING"), "{stdout}");
     assert!(stdout.contains("watch job-1 PENDING 0"), "{stdout}");
 }
