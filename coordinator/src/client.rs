@@ -66,7 +66,10 @@ fn call_failed(args: &ClientArgs) -> impl Fn(tonic::Status) -> CoordinatorError 
         if let Some(cause) = std::error::Error::source(&status) {
             message += &format!(": {}", tls::error_chain(cause));
         }
-        if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ) {
             message += &format!(" ({})", tls::connect_hint(&args.addr));
         }
         CoordinatorError::Rpc(message)

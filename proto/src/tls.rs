@@ -113,8 +113,9 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// coordinator, or the reverse, fails in ways that do not name TLS).
 pub fn connect_hint(url: &str) -> &'static str {
     if normalise_url(url).starts_with("https://") {
-        "if the coordinator serves plain http, use an http:// URL; if the certificate is not trusted, check \
-         --tls-ca/KORMLM_TLS_CA; with mutual TLS give --tls-cert/--tls-key"
+        "a TLS connection that closes at once: if the coordinator requires client certificates (mutual TLS, \
+         --tls-client-ca), give --tls-cert/--tls-key signed by its CA; if the certificate is not trusted, check \
+         --tls-ca/KORMLM_TLS_CA; if the coordinator serves plain http, use an http:// URL"
     } else {
         "if the coordinator serves TLS (--tls-cert), use an https:// URL with --tls-ca/KORMLM_TLS_CA"
     }
