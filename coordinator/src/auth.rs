@@ -1,8 +1,9 @@
 //! The one authentication check: a tower layer over the whole gRPC server that lets a call of
 //! `JobService` or `WorkerService` through only with the coordinator's token in the
 //! `x-kormlm-token` metadata. With `--open-status` the read-only job calls (GetJobStatus,
-//! WatchJob, ListJobs) are open; gRPC health and reflection are always open. Without a token
-//! (a loopback coordinator started without one) every call is open.
+//! WatchJob, ListJobs) are open; gRPC health and reflection are always open. There is always a
+//! token (a coordinator started without one generates it into `STATE_DIR/token`), and it is
+//! compared in constant time.
 
 use crate::error::CoordinatorError;
 use kormlm_proto::v1::{job_service_server, worker_service_server};
@@ -14,8 +15,9 @@ use std::task::{Context, Poll};
 use subtle::ConstantTimeEq;
 
 /// What a refused call is told (the CLI, worker daemons and other gRPC clients all read it).
-const TOKEN_REQUIRED: &str = "this coordinator requires a token: pass --token or set KORMLM_TOKEN to the \
-                              coordinator's secret (other gRPC clients send it in the `x-kormlm-token` metadata)";
+const TOKEN_REQUIRED: &str = "this coordinator requires a token: set KORMLM_TOKEN to the coordinator's secret, or \
+                              let the client read it from the coordinator's STATE_DIR/token (--state-dir DIR or \
+                              --token-file FILE); other gRPC clients send it in the `x-kormlm-token` metadata";
 
 /// JobService methods that only read.
 const READ_ONLY_JOB_CALLS: [&str; 3] = ["GetJobStatus", "WatchJob", "ListJobs"];
@@ -23,7 +25,7 @@ const READ_ONLY_JOB_CALLS: [&str; 3] = ["GetJobStatus", "WatchJob", "ListJobs"];
 /// Which calls need the token.
 #[derive(Debug)]
 struct Policy {
-    token: Option<String>,
+    token: String,
     open_status: bool,
 }
 
@@ -41,14 +43,11 @@ impl Policy {
     }
 
     fn check(&self, path: &str, presented: Option<&[u8]>) -> Result<(), CoordinatorError> {
-        let Some(expected) = &self.token else {
-            return Ok(());
-        };
         if !self.guards(path) {
             return Ok(());
         }
         match presented {
-            Some(token) if bool::from(token.ct_eq(expected.as_bytes())) => Ok(()),
+            Some(token) if bool::from(token.ct_eq(self.token.as_bytes())) => Ok(()),
             _ => Err(CoordinatorError::Unauthenticated(TOKEN_REQUIRED.into())),
         }
     }
@@ -61,9 +60,8 @@ pub struct AuthLayer {
 }
 
 impl AuthLayer {
-    /// `token`: the shared secret (`None`: every call is open); `open_status`: read-only job
-    /// calls need no token.
-    pub fn new(token: Option<String>, open_status: bool) -> Self {
+    /// `token`: the shared secret; `open_status`: read-only job calls need no token.
+    pub fn new(token: String, open_status: bool) -> Self {
         Self {
             policy: Arc::new(Policy { token, open_status }),
         }
@@ -134,7 +132,7 @@ mod tests {
     #[test]
     fn the_policy_guards_the_kormlm_services_only() {
         let closed = Policy {
-            token: Some("s".into()),
+            token: "s".into(),
             open_status: false,
         };
         assert!(closed.guards("/kormlm.v1.JobService/GetJobStatus"));
@@ -142,7 +140,7 @@ mod tests {
         assert!(!closed.guards("/grpc.health.v1.Health/Check"));
         assert!(!closed.guards("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
         let open = Policy {
-            token: Some("s".into()),
+            token: "s".into(),
             open_status: true,
         };
         for method in READ_ONLY_JOB_CALLS {
@@ -154,11 +152,10 @@ mod tests {
         assert!(open.check("/kormlm.v1.JobService/KillJob", Some(b"s")).is_ok());
         assert!(open.check("/kormlm.v1.JobService/KillJob", Some(b"x")).is_err());
         assert!(open.check("/kormlm.v1.JobService/KillJob", None).is_err());
-        let none = Policy {
-            token: None,
-            open_status: false,
-        };
-        assert!(none.check("/kormlm.v1.JobService/KillJob", None).is_ok());
+        assert!(closed.check("/kormlm.v1.JobService/ListJobs", None).is_err());
+        assert!(closed.check("/kormlm.v1.JobService/ListJobs", Some(b"")).is_err());
+        assert!(closed.check("/kormlm.v1.JobService/ListJobs", Some(b"ss")).is_err());
+        assert!(closed.check("/grpc.health.v1.Health/Check", None).is_ok());
     }
 
     /// A served coordinator with the token `secret`; returns its URL.
@@ -170,7 +167,8 @@ mod tests {
         };
         let coordinator = Coordinator::load(Store::open(dir).unwrap(), settings).unwrap();
         let (listener, addr) = server::bind("127.0.0.1:0").await.unwrap();
-        tokio::spawn(server::serve(coordinator, listener, std::future::pending()));
+        let transport = server::transport(None).unwrap();
+        tokio::spawn(server::serve(coordinator, transport, listener, std::future::pending()));
         format!("http://{addr}")
     }
 

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::tls::ClientTlsArgs;
 use kormlm_proto::train_args::TrainArgs;
 use std::path::PathBuf;
 
@@ -101,13 +102,28 @@ pub struct ServeArgs {
     /// A worker silent for this long is marked LOST, in milliseconds.
     #[arg(long = "worker-timeout-ms", default_value_t = 5000)]
     pub worker_timeout_ms: u64,
-    /// Shared secret that workers and mutating calls must present. Required when --listen is
-    /// not a loopback address.
-    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    /// Deprecated (visible in `ps`): the shared secret every call must present. Set KORMLM_TOKEN
+    /// instead; without either, the token of STATE_DIR/token is used, or a new random one is
+    /// written there (mode 0600).
+    #[arg(long)]
     pub token: Option<String>,
-    /// With --token: let status, watch and list answer without the token.
+    /// Let status, watch and list answer without the token (submit, kill, resume and workers
+    /// still need it).
     #[arg(long = "open-status")]
     pub open_status: bool,
+    /// Serve TLS with this certificate chain (PEM); workers and clients then use https:// URLs.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients and workers presenting a certificate signed by this CA (PEM).
+    #[arg(long = "tls-client-ca", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The CA (PEM) the workers this coordinator starts verify it with (handed to them as
+    /// KORMLM_TLS_CA; default: the --tls-cert file, enough when it holds the full chain).
+    #[arg(long = "tls-ca", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// The worker binary to start (default: `worker` next to this binary).
     #[arg(long = "worker-bin")]
     pub worker_bin: Option<PathBuf>,
@@ -132,15 +148,24 @@ pub enum TaskArg {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Coordinator address.
+    /// Coordinator address (https://… when it serves TLS).
     #[arg(long, env = "KORMLM_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Shared secret for mutating calls.
-    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    /// The coordinator's state directory; its `token` file is read when neither KORMLM_TOKEN
+    /// nor --token-file is given.
+    #[arg(long = "state-dir", visible_alias = "state_dir", default_value = "./kormlm-state")]
+    pub state_dir: PathBuf,
+    /// A file holding the shared secret (e.g. a copy of STATE_DIR/token).
+    #[arg(long = "token-file", env = "KORMLM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Deprecated (visible in `ps`): the shared secret. Use KORMLM_TOKEN, --token-file or --state-dir.
+    #[arg(long)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Debug, Args)]

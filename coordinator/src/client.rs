@@ -9,8 +9,9 @@ use kormlm_proto::v1::job_service_client::JobServiceClient;
 use kormlm_proto::v1::{
     GetJobStatusRequest, JobState, JobStatus, KillJobRequest, ListJobsRequest, ResumeJobRequest, WatchJobRequest,
 };
+use kormlm_proto::{secret, tls};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 type Client = JobServiceClient<InterceptedService<Channel, TokenInterceptor>>;
 
@@ -28,28 +29,51 @@ fn call<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-/// A JobService client whose every call carries the token (when one is given).
+/// A JobService client whose every call carries the token (see [`secret::client_token`] for
+/// where it comes from), over TLS for an `https://` address.
 async fn connect(args: &ClientArgs) -> Result<Client> {
-    let token = TokenInterceptor::new(args.token.as_deref()).map_err(|e| CoordinatorError::Flag {
-        flag: "--token".into(),
-        message: e.to_string(),
-    })?;
-    let addr = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
+    let flag = |flag: &str, message: String| CoordinatorError::Flag {
+        flag: flag.into(),
+        message,
     };
+    let found = secret::client_token(args.token.as_deref(), args.token_file.as_deref(), Some(&args.state_dir))
+        .map_err(|e| flag("--token-file/--state-dir", e.to_string()))?;
+    let token = TokenInterceptor::new(found.as_ref().map(|t| t.token.as_str()))
+        .map_err(|e| flag(found.as_ref().map_or("--token", |t| t.source.as_str()), e.to_string()))?;
+    let addr = tls::normalise_url(&args.addr);
+    let endpoint = tls::endpoint(&addr, &args.tls).map_err(|e| flag("--addr", e.to_string()))?;
     let unreachable = |e: tonic::transport::Error| CoordinatorError::Connect {
         addr: addr.clone(),
-        message: format!("{e}; is `coordinator` running there? (--addr / KORMLM_ADDR)"),
+        message: format!(
+            "{}; is `coordinator` running there? (--addr / KORMLM_ADDR); {}",
+            tls::error_chain(&e),
+            tls::connect_hint(&addr)
+        ),
     };
-    let channel = Endpoint::new(addr.clone())
-        .map_err(unreachable)?
+    let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
         .map_err(unreachable)?;
     Ok(JobServiceClient::with_interceptor(channel, token))
+}
+
+/// What a failed call tells the user: the status, its causes (a TLS or connection failure
+/// shows only there) and, for a failure to reach the coordinator, a hint about TLS and URLs.
+fn call_failed(args: &ClientArgs) -> impl Fn(tonic::Status) -> CoordinatorError + '_ {
+    move |status| {
+        let mut message = format!("{:?}: {}", status.code(), status.message());
+        if let Some(cause) = std::error::Error::source(&status) {
+            message += &format!(": {}", tls::error_chain(cause));
+        }
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ) {
+            message += &format!(" ({})", tls::connect_hint(&args.addr));
+        }
+        CoordinatorError::Rpc(message)
+    }
 }
 
 fn print_status(status: &JobStatus, json: bool) {
@@ -65,14 +89,23 @@ pub async fn status(args: StatusArgs) -> Result<i32> {
     let request = GetJobStatusRequest {
         job_id: args.job.unwrap_or_default(),
     };
-    let status = client.get_job_status(call(request)).await?.into_inner();
+    let status = client
+        .get_job_status(call(request))
+        .await
+        .map_err(call_failed(&args.client))?
+        .into_inner();
     print_status(&status, args.client.json);
     Ok(0)
 }
 
 pub async fn list(args: ListArgs) -> Result<i32> {
     let mut client = connect(&args.client).await?;
-    let jobs = client.list_jobs(call(ListJobsRequest {})).await?.into_inner().jobs;
+    let jobs = client
+        .list_jobs(call(ListJobsRequest {}))
+        .await
+        .map_err(call_failed(&args.client))?
+        .into_inner()
+        .jobs;
     if args.client.json {
         let all: Vec<_> = jobs.iter().map(status_view::to_json).collect();
         println!("{}", serde_json::Value::Array(all));
@@ -120,7 +153,11 @@ pub async fn watch(args: StatusArgs) -> Result<i32> {
     let request = WatchJobRequest {
         job_id: args.job.unwrap_or_default(),
     };
-    let mut stream = client.watch_job(request).await?.into_inner();
+    let mut stream = client
+        .watch_job(request)
+        .await
+        .map_err(call_failed(&args.client))?
+        .into_inner();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !args.client.json;
     let bar = terminal.then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -132,7 +169,7 @@ pub async fn watch(args: StatusArgs) -> Result<i32> {
     });
     let mut last = None;
     let mut final_state = JobState::Unspecified;
-    while let Some(status) = stream.message().await? {
+    while let Some(status) = stream.message().await.map_err(call_failed(&args.client))? {
         final_state = JobState::try_from(status.state).unwrap_or(JobState::Unspecified);
         if args.client.json {
             println!("{}", status_view::to_json(&status));
@@ -172,7 +209,8 @@ pub async fn kill(args: KillArgs) -> Result<i32> {
     };
     let status = client
         .kill_job(call(request))
-        .await?
+        .await
+        .map_err(call_failed(&args.client))?
         .into_inner()
         .status
         .unwrap_or_default();
@@ -188,7 +226,8 @@ pub async fn resume(args: ResumeArgs) -> Result<i32> {
     };
     let status = client
         .resume_job(call(request))
-        .await?
+        .await
+        .map_err(call_failed(&args.client))?
         .into_inner()
         .status
         .unwrap_or_default();

@@ -1,19 +1,29 @@
 //! `coordinator … --dry-run`: what a command line would start, without starting it — the
 //! resolved DeepSpeed config and batch triple, every rank's place, and the command each remote
-//! host must run.
+//! host must run, and the names (never the values) of the secrets its environment needs.
 
 use crate::cli::ServeArgs;
 use crate::launch_plan::{self, Placement};
+use crate::server;
 use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::v1::{DeviceKind, JobSpec};
 use serde_json::{json, Value};
 
 /// The plan as JSON; `job`: the spec the command line builds, with its resolution.
 pub fn report(args: &ServeArgs, placements: &[Placement], job: Option<&(JobSpec, JobPlan)>) -> Value {
-    let url = match args.listen.parse::<std::net::SocketAddr>() {
-        Ok(addr) => launch_plan::advertised_url(addr),
-        Err(_) => format!("http://{}", args.listen),
+    let tls = args.tls_cert.is_some();
+    let host_port = match args.listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => launch_plan::advertised_url(addr)
+            .trim_start_matches("http://")
+            .to_string(),
+        Err(_) => args.listen.clone(),
     };
+    let url = server::url(&host_port, tls);
+    // Names only: the secret itself never appears in this report.
+    let mut worker_env = vec!["KORMLM_TOKEN (the contents of STATE_DIR/token)"];
+    if tls {
+        worker_env.push("KORMLM_TLS_CA (the CA that signed --tls-cert)");
+    }
     let device_of = |p: &Placement| match job {
         Some((spec, _)) => DeviceKind::try_from(spec.device).unwrap_or(DeviceKind::Cpu),
         None if p.cuda_devices.is_empty() => DeviceKind::Cpu,
@@ -34,7 +44,7 @@ pub fn report(args: &ServeArgs, placements: &[Placement], job: Option<&(JobSpec,
         })
         .collect();
     let Some((spec, plan)) = job else {
-        return json!({"job": null, "ranks": ranks, "coordinator_url": url});
+        return json!({"job": null, "ranks": ranks, "coordinator_url": url, "worker_environment": worker_env});
     };
     let device = DeviceKind::try_from(spec.device).unwrap_or(DeviceKind::Cpu);
     let external = if placements.is_empty() {
@@ -61,5 +71,6 @@ pub fn report(args: &ServeArgs, placements: &[Placement], job: Option<&(JobSpec,
         "ranks": ranks,
         "external_workers": (!external.is_empty()).then_some(external),
         "coordinator_url": url,
+        "worker_environment": worker_env,
     })
 }

@@ -92,6 +92,9 @@ impl LocalWorkers {
             if let Some(token) = &coordinator.settings().token {
                 command.env("KORMLM_TOKEN", token);
             }
+            if let Some(ca) = &coordinator.settings().worker_tls_ca {
+                command.env("KORMLM_TLS_CA", ca);
+            }
             if let Some(n) = threads {
                 command.env("OMP_NUM_THREADS", n.to_string());
             }

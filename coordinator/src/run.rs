@@ -13,11 +13,14 @@ use crate::signals::{Received, Signals};
 use crate::state::job::JobState;
 use crate::state::{Coordinator, Settings};
 use crate::store::Store;
+use kormlm_proto::auth::TokenInterceptor;
 use kormlm_proto::job_plan::{JobPlan, AUGMENT_ONLY_CONFIG};
 use kormlm_proto::v1::{DeviceKind, JobSpec, TaskKind};
+use kormlm_proto::{secret, tls};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 fn flag(flag: &str, message: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Flag {
@@ -341,15 +344,66 @@ async fn stop_jobs(coordinator: &Coordinator, signals: &mut Signals, first: Rece
     }
 }
 
+/// The server side of TLS from --tls-cert/--tls-key/--tls-client-ca (`None`: plain HTTP/2).
+fn server_tls(args: &ServeArgs) -> Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read =
+        |name: &'static str, path: &std::path::Path| tls::read_pem(name, path).map_err(|e| flag(name, e.to_string()));
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+    }
+    Ok(Some(config))
+}
+
+/// The token every call must present: KORMLM_TOKEN (or the deprecated --token), else the one in
+/// STATE_DIR/token, else a new random one. It is (re)written to STATE_DIR/token, mode 0600, for
+/// the client commands; the workers this coordinator starts get it in their environment.
+fn coordinator_token(args: &ServeArgs) -> Result<String> {
+    let state = |e: secret::SecretError| flag("--state-dir", e.to_string());
+    let path = args.state_dir.join(secret::TOKEN_FILE);
+    if args.token.is_some() {
+        tracing::warn!("{}", secret::TOKEN_FLAG_DEPRECATED);
+    }
+    let given = args
+        .token
+        .clone()
+        .or_else(|| std::env::var(secret::TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+    if let Some(token) = given {
+        TokenInterceptor::new(Some(&token)).map_err(|e| flag("KORMLM_TOKEN", e.to_string()))?;
+        let current = path.exists().then(|| secret::read_token_file(&path, true)).transpose();
+        if current.ok().flatten().as_deref() != Some(token.as_str()) {
+            secret::write_private(&path, &format!("{token}\n")).map_err(state)?;
+        }
+        return Ok(token);
+    }
+    if path.exists() {
+        let token = secret::read_token_file(&path, true).map_err(state)?;
+        tracing::info!(token_file = %path.display(), "using the token of the state directory");
+        return Ok(token);
+    }
+    let token = secret::generate_token().map_err(state)?;
+    secret::write_private(&path, &format!("{token}\n")).map_err(state)?;
+    tracing::info!(
+        token_file = %path.display(),
+        "generated a token (mode 0600); clients read it with --state-dir, workers elsewhere get it in KORMLM_TOKEN"
+    );
+    Ok(token)
+}
+
 pub async fn serve(args: ServeArgs) -> Result<i32> {
-    if !is_loopback(&args.listen) && args.token.is_none() {
-        return Err(flag(
-            "--listen",
-            format!(
-                "{} is reachable from other hosts; set a shared secret with --token or KORMLM_TOKEN",
-                args.listen
-            ),
-        ));
+    let tls = server_tls(&args)?;
+    let transport = server::transport(tls.clone())?;
+    let tls_on = tls.is_some();
+    if !is_loopback(&args.listen) && !tls_on {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback without TLS: the token and every call travel in clear text; serve TLS \
+             with --tls-cert/--tls-key (workers and clients then use https:// and --tls-ca)"
+        );
     }
     let worker_binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
     let placements = placements(&args, &worker_binary)?;
@@ -359,13 +413,18 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         println!("{report:#}");
         return Ok(0);
     }
+    secret::ensure_private_dir(&args.state_dir).map_err(|e| flag("--state-dir", e.to_string()))?;
+    let token = coordinator_token(&args)?;
     let mut signals = Signals::install().map_err(|e| CoordinatorError::Signal(e.to_string()))?;
     let store = Store::open(&args.state_dir)?;
     let settings = Settings {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
         worker_timeout: Duration::from_millis(args.worker_timeout_ms.max(100)),
-        token: args.token.clone(),
+        token: Some(token),
         open_status: args.open_status,
+        worker_tls_ca: tls_on
+            .then(|| args.tls_ca.clone().or_else(|| args.tls_cert.clone()))
+            .flatten(),
         ..Settings::default()
     };
     let coordinator = Coordinator::load(store, settings)?;
@@ -379,8 +438,14 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     };
 
     let (listener, local) = server::bind(&args.listen).await?;
-    let url = format!("http://{local}");
-    let remote_url = launch_plan::advertised_url(local);
+    let url = server::url(&local.to_string(), tls_on);
+    let remote_url = server::url(launch_plan::advertised_url(local).trim_start_matches("http://"), tls_on);
+    // Over TLS the local workers use a name the certificate can hold (not 0.0.0.0).
+    let local_url = if tls_on && local.ip().is_unspecified() {
+        remote_url.clone()
+    } else {
+        url.clone()
+    };
     let addr_file = args.state_dir.join("coordinator.addr");
     let tmp = args.state_dir.join("coordinator.addr.tmp");
     std::fs::write(&tmp, format!("{url}\n"))
@@ -390,7 +455,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     println!("coordinator listening on {url}");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(coordinator.clone(), listener, async move {
+    let server = tokio::spawn(server::serve(coordinator.clone(), transport, listener, async move {
         let _ = stop_rx.await;
     }));
 
@@ -408,7 +473,12 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             let (local, remote): (Vec<_>, Vec<_>) = placements.iter().partition(|p| launch_plan::is_local(&p.host));
             for p in &remote {
                 let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url);
-                tracing::warn!(host = %p.host, "start on {}: {command}", p.host);
+                tracing::warn!(
+                    host = %p.host,
+                    "start on {}: {command} (with KORMLM_TOKEN{} in its environment)",
+                    p.host,
+                    if tls_on { " and KORMLM_TLS_CA" } else { "" }
+                );
             }
             let slots: Vec<Slot> = local
                 .iter()
@@ -423,7 +493,7 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
                 &id,
                 attempt,
                 &worker_binary,
-                &url,
+                &local_url,
                 &slots,
                 &log_dir,
             )?;

@@ -1,11 +1,13 @@
 //! Serves JobService, WorkerService, gRPC health and server reflection on one port behind the
-//! authentication layer, and runs the background sweep that detects lost workers.
+//! authentication layer (over TLS when configured), and runs the background sweep that detects
+//! lost workers.
 
 use crate::auth::AuthLayer;
 use crate::error::{CoordinatorError, Result};
 use crate::job_service::JobApi;
 use crate::state::Coordinator;
 use crate::worker_service::WorkerApi;
+use kormlm_proto::tls;
 use kormlm_proto::v1::job_service_server::JobServiceServer;
 use kormlm_proto::v1::worker_service_server::WorkerServiceServer;
 use std::future::Future;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Server, ServerTlsConfig};
 
 /// Binds the listening socket; port 0 picks a free port.
 pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
@@ -33,9 +36,28 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
     Ok((listener, local))
 }
 
-/// Runs the gRPC server until `shutdown` resolves.
+/// The gRPC server's transport: TLS with `tls` (checked here, so a bad certificate or key stops
+/// the coordinator before it listens), plain HTTP/2 without.
+pub fn transport(tls: Option<ServerTlsConfig>) -> Result<Server> {
+    let server = Server::builder();
+    match tls {
+        Some(config) => server.tls_config(config).map_err(|e| CoordinatorError::Flag {
+            flag: "--tls-cert/--tls-key/--tls-client-ca".into(),
+            message: format!("cannot set up TLS: {}", tls::error_chain(&e)),
+        }),
+        None => Ok(server),
+    }
+}
+
+/// The URL of a listening address, https:// when it serves TLS.
+pub fn url(addr: &str, tls: bool) -> String {
+    format!("{}://{addr}", if tls { "https" } else { "http" })
+}
+
+/// Runs the gRPC server on `transport` (see [`transport`]) until `shutdown` resolves.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
+    transport: Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -65,8 +87,14 @@ pub async fn serve(
         })
     };
 
-    let auth = AuthLayer::new(coordinator.settings().token.clone(), coordinator.settings().open_status);
-    let result = tonic::transport::Server::builder()
+    let Some(token) = coordinator.settings().token.clone() else {
+        sweeper.abort();
+        return Err(CoordinatorError::Rpc(
+            "no token: every call is authenticated, so the coordinator needs one".into(),
+        ));
+    };
+    let auth = AuthLayer::new(token, coordinator.settings().open_status);
+    let result = transport
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(auth)

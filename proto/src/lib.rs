@@ -6,7 +6,8 @@
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
 //! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's.
 //! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
-//! * [`auth`]: the token every client call carries.
+//! * [`auth`]: the token every client call carries; [`secret`]: the token on disk and in the
+//!   environment; [`tls`]: the client side of TLS.
 //! * [`failure`]: the kinds of failure workers report and the coordinator decides on.
 //! * [`durable`]: files written whole or not at all (temporary name, flush, rename).
 
@@ -19,6 +20,8 @@ pub mod failure;
 mod flag_map;
 pub mod job_plan;
 pub mod run_file;
+pub mod secret;
+pub mod tls;
 pub mod train_args;
 
 #[allow(clippy::all, clippy::pedantic)]

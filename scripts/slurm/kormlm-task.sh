@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One kormlm worker for one Slurm task; kormlm.sbatch starts it with srun on every node:
 #     worker --rank $SLURM_PROCID --local_rank LOCAL_RANK --coordinator $KORMLM_COORDINATOR
-# The token comes from KORMLM_TOKEN in the environment (never on the command line).
+# The token comes from KORMLM_TOKEN in the environment (never on the command line); over TLS
+# (an https:// KORMLM_COORDINATOR) the worker verifies the coordinator with KORMLM_TLS_CA.
 #
 # LOCAL_RANK picks the GPU: with --device cuda the coordinator assigns external workers
 # cuda:LOCAL_RANK among the devices this process sees. It is $SLURM_LOCALID, except when Slurm
@@ -17,6 +18,9 @@ die() {
 : "${KORMLM_BIN_DIR:?set by kormlm.sbatch}"
 : "${KORMLM_COORDINATOR:?set by kormlm.sbatch}"
 [ -n "${KORMLM_TOKEN:-}" ] || die "KORMLM_TOKEN is not in the task's environment (srun --export=ALL passes it)"
+case $KORMLM_COORDINATOR in
+https://*) [ -n "${KORMLM_TLS_CA:-}" ] || die "KORMLM_TLS_CA is not in the task's environment (srun --export=ALL passes it)" ;;
+esac
 rank=${SLURM_PROCID:?not started by srun}
 local_rank=${KORMLM_LOCAL_RANK:-${SLURM_LOCALID:?not started by srun}}
 

@@ -1,7 +1,9 @@
 """A generic Python gRPC client of the coordinator: health check, server reflection, and a
-JobService client generated from proto/kormlm.proto with grpcio-tools.
+JobService client generated from proto/kormlm.proto with grpcio-tools. The token is read from the
+coordinator's STATE_DIR/token and sent in the `x-kormlm-token` metadata; an https:// URL is
+verified against CA_PEM.
 
-usage: grpc_client.py HOST:PORT PROTO_DIR OUT_DIR
+usage: grpc_client.py URL PROTO_DIR OUT_DIR STATE_DIR [CA_PEM]
 """
 import os
 import sys
@@ -13,8 +15,18 @@ from grpc_tools import protoc
 
 
 def main() -> None:
-    addr, proto_dir, out_dir = sys.argv[1:4]
-    channel = grpc.insecure_channel(addr)
+    url, proto_dir, out_dir, state_dir = sys.argv[1:5]
+    ca = sys.argv[5] if len(sys.argv) > 5 else None
+    with open(os.path.join(state_dir, "token"), encoding="ascii") as f:
+        token = f.read().strip()
+    auth = [("x-kormlm-token", token)]
+    if url.startswith("https://"):
+        with open(ca, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(url.removeprefix("https://"), credentials)
+        print("tls on")
+    else:
+        channel = grpc.insecure_channel(url.removeprefix("http://"))
     grpc.channel_ready_future(channel).result(timeout=10)
 
     health = health_pb2_grpc.HealthStub(channel)
@@ -37,11 +49,16 @@ def main() -> None:
     import kormlm_pb2_grpc
 
     jobs = kormlm_pb2_grpc.JobServiceStub(channel)
-    status = jobs.GetJobStatus(kormlm_pb2.GetJobStatusRequest(), timeout=5)
+    try:
+        jobs.GetJobStatus(kormlm_pb2.GetJobStatusRequest(), timeout=5)
+        print("without token: answered")
+    except grpc.RpcError as e:
+        print("without token:", e.code().name)
+    status = jobs.GetJobStatus(kormlm_pb2.GetJobStatusRequest(), timeout=5, metadata=auth)
     print("status", status.job_id, kormlm_pb2.JobState.Name(status.state))
-    listed = jobs.ListJobs(kormlm_pb2.ListJobsRequest(), timeout=5)
+    listed = jobs.ListJobs(kormlm_pb2.ListJobsRequest(), timeout=5, metadata=auth)
     print("jobs", len(listed.jobs))
-    for update in jobs.WatchJob(kormlm_pb2.WatchJobRequest(job_id=status.job_id), timeout=5):
+    for update in jobs.WatchJob(kormlm_pb2.WatchJobRequest(job_id=status.job_id), timeout=5, metadata=auth):
         print("watch", update.job_id, kormlm_pb2.JobState.Name(update.state), update.progress.global_step)
         break
 

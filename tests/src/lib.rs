@@ -19,7 +19,7 @@ pub use data::{config, nsmc_documents, nsmc_documents_where, shared_data, text, 
 pub use flags::{busy_training_flags, tiny_training, worker_augment_flags};
 pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model};
 pub use procs::{
-    bin_dir, binary, limit_file_size, parent_pid, pid_alive, wait_for, worker_state, CoordinatorProc, Proc,
+    bin_dir, binary, limit_file_size, parent_pid, pid_alive, read_token, wait_for, worker_state, CoordinatorProc, Proc,
 };
 pub use summary::{assert_early_stopped, logged_records, logged_steps, training_log, val_loss_history};
 pub use weights::{max_weight_diff, read_weights};

@@ -97,6 +97,11 @@ pub struct CoordinatorProc {
     pub proc: Proc,
     pub url: String,
     pub state_dir: PathBuf,
+    /// The token the coordinator requires (read from `STATE_DIR/token`, where it writes it).
+    pub token: String,
+    /// What its clients and workers get in their environment: `KORMLM_TOKEN`, and over TLS
+    /// `KORMLM_TLS_CA` (see [`CoordinatorProc::with_client_env`]).
+    pub client_env: Vec<(String, String)>,
 }
 
 impl CoordinatorProc {
@@ -156,11 +161,33 @@ impl CoordinatorProc {
             }
             std::fs::read_to_string(&addr_file).ok().map(|s| s.trim().to_string())
         });
+        let token = read_token(state_dir);
         Self {
             proc,
             url,
             state_dir: state_dir.to_path_buf(),
+            client_env: vec![("KORMLM_TOKEN".to_string(), token.clone())],
+            token,
         }
+    }
+
+    /// Adds an environment variable for the clients and workers this harness starts.
+    pub fn with_client_env(mut self, key: &str, value: &str) -> Self {
+        self.client_env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// `coordinator` (for a client subcommand) with the token (and TLS settings) in its
+    /// environment; the caller adds the subcommand and `--addr`.
+    pub fn client_command(&self) -> Command {
+        let mut command = Command::new(binary("coordinator"));
+        command.envs(self.client_env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// `coordinator ARGS… --addr URL`, run to completion as an authenticated client.
+    pub fn client(&self, args: &[&str]) -> Output {
+        run(self.client_command().args(args).args(["--addr", &self.url]))
     }
 
     pub fn log(&self) -> String {
@@ -173,7 +200,7 @@ impl CoordinatorProc {
         if let Some(job) = job {
             args.extend(["--job", job]);
         }
-        let out = run(Command::new(binary("coordinator")).args(&args));
+        let out = run(self.client_command().args(&args));
         assert!(
             out.status.success(),
             "status failed: {}",
@@ -204,6 +231,7 @@ impl CoordinatorProc {
         command
             .args(["--rank", &rank.to_string(), "--coordinator", &self.url])
             .args(extra)
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null());
         if let Some(log) = log {
             command.stderr(log);
@@ -221,6 +249,13 @@ impl CoordinatorProc {
     pub fn worker_log(&self, rank: u32) -> String {
         std::fs::read_to_string(self.worker_log_path(rank)).unwrap_or_default()
     }
+}
+
+/// The token a coordinator wrote to `STATE_DIR/token` (before it listens).
+pub fn read_token(state_dir: &Path) -> String {
+    let path = state_dir.join("token");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.trim().to_string()
 }
 
 /// The coordinator's log, then the last lines of every worker log it started (for failures).

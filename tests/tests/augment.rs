@@ -223,12 +223,12 @@ fn a_distributed_augmentation_job_equals_worker_augment_and_survives_kill_and_re
             .unwrap_or(false)
             .then_some(())
     });
-    let kill = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url]));
+    let kill = c.client(&["kill", "--job", "job-1"]);
     assert!(kill.status.success(), "{}", String::from_utf8_lossy(&kill.stderr));
     wait_for("KILLED", Duration::from_secs(120), || {
         (c.status(Some("job-1"))["state"] == "KILLED").then_some(())
     });
-    let resume = run(Command::new(binary("coordinator")).args(["resume", "--job", "job-1", "--addr", &c.url]));
+    let resume = c.client(&["resume", "--job", "job-1"]);
     assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
     wait_for("SUCCEEDED after resume", Duration::from_secs(300), || {
         let s = c.status(Some("job-1"));

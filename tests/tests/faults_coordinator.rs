@@ -84,7 +84,7 @@ fn run_coordinator(state: &Path, args: &[String]) -> Output {
 }
 
 fn client(c: &CoordinatorProc, args: &[&str]) -> Output {
-    run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]))
+    c.client(args)
 }
 
 fn text(out: &Output) -> String {

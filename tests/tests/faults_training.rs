@@ -140,7 +140,7 @@ fn trainer_state(checkpoint: &Path) -> Value {
 }
 
 fn coordinator_client(c: &CoordinatorProc, args: &[&str]) -> std::process::Output {
-    run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]))
+    c.client(args)
 }
 
 fn wait_job(c: &CoordinatorProc, state: &str, timeout: Duration) -> Value {

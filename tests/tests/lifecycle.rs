@@ -97,7 +97,7 @@ fn wait_state(c: &CoordinatorProc, state: &str, timeout: Duration) -> Value {
 }
 
 fn client(c: &CoordinatorProc, args: &[&str]) -> std::process::Output {
-    run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]))
+    c.client(args)
 }
 
 /// Steps per epoch of a job (its total over its epochs).

@@ -47,7 +47,9 @@ fn registration_status_loss_and_restart() {
     assert!(!dup.wait_exit(Duration::from_secs(30)).success());
     let log = std::fs::read_to_string(state.with_extension("worker-1.log")).unwrap();
     assert!(log.contains("rank 1 of job job-1 is already held by pid"), "{log}");
-    let out = run(Command::new(binary("worker")).args(["--rank", "2", "--coordinator", &coordinator.url]));
+    let out = run(Command::new(binary("worker"))
+        .args(["--rank", "2", "--coordinator", &coordinator.url])
+        .env("KORMLM_TOKEN", &coordinator.token));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -169,7 +171,7 @@ fn spawned_cpu_workers_register_and_stop_with_the_coordinator() {
     assert!(state.join("logs/job-1/attempt-1/rank-0.log").is_file());
 
     // A graceful kill stops the workers; the job ends KILLED.
-    let out = run(Command::new(binary("coordinator")).args(["kill", "--job", "job-1", "--addr", &c.url, "--json"]));
+    let out = c.client(&["kill", "--job", "job-1", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = wait_for("the job to be KILLED", Duration::from_secs(20), || {
         let s = c.status(Some("job-1"));
@@ -207,9 +209,10 @@ fn generic_grpc_clients_see_health_reflection_and_status() {
     );
     let out = run(Command::new(oracle_python())
         .arg(workspace_root().join("tests/python/grpc_client.py"))
-        .arg(c.url.trim_start_matches("http://"))
+        .arg(&c.url)
         .arg(workspace_root().join("proto"))
-        .arg(dir.path().join("gen")));
+        .arg(dir.path().join("gen"))
+        .arg(&state));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -218,6 +221,7 @@ fn generic_grpc_clients_see_health_reflection_and_status() {
     );
     assert!(stdout.contains("health SERVING"), "{stdout}");
     assert!(stdout.contains("reflection kormlm.v1.JobService"), "{stdout}");
+    assert!(stdout.contains("without token: UNAUTHENTICATED"), "{stdout}");
     assert!(stdout.contains("status job-1 PENDING"), "{stdout}");
     assert!(stdout.contains("watch job-1 PENDING 0"), "{stdout}");
 }

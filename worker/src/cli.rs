@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::tls::ClientTlsArgs;
 use kormlm_proto::train_args::TrainArgs;
 use std::path::PathBuf;
 
@@ -29,12 +30,17 @@ pub struct DaemonArgs {
     /// Rank on this host (default: chosen by the coordinator).
     #[arg(long = "local_rank", visible_alias = "local-rank")]
     pub local_rank: Option<u32>,
-    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    /// Coordinator URL, e.g. http://127.0.0.1:50051 (https://… when it serves TLS).
     #[arg(long, env = "KORMLM_COORDINATOR")]
     pub coordinator: Option<String>,
-    /// Shared secret, when the coordinator requires one.
-    #[arg(long, env = "KORMLM_TOKEN", hide_env_values = true)]
+    /// A file holding the coordinator's token (its STATE_DIR/token), when KORMLM_TOKEN is not set.
+    #[arg(long = "token-file", env = "KORMLM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Deprecated (visible in `ps`): the coordinator's token. Use KORMLM_TOKEN or --token-file.
+    #[arg(long)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Exit when the coordinator stays unreachable this many seconds.
     #[arg(long = "reconnect-timeout-s", default_value_t = 60)]
     pub reconnect_timeout_s: u64,

@@ -35,6 +35,8 @@ pub struct Settings {
     pub token: Option<String>,
     /// With a token: read-only calls (status, watch, list) need no token.
     pub open_status: bool,
+    /// Over TLS: the CA file the workers this coordinator starts verify it with (KORMLM_TLS_CA).
+    pub worker_tls_ca: Option<std::path::PathBuf>,
     /// How long a rendezvous waits for all ranks.
     pub rendezvous_timeout: Duration,
 }
@@ -46,6 +48,7 @@ impl Default for Settings {
             worker_timeout: Duration::from_millis(5000),
             token: None,
             open_status: false,
+            worker_tls_ca: None,
             rendezvous_timeout: Duration::from_secs(300),
         }
     }

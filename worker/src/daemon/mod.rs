@@ -15,6 +15,8 @@ use crate::error::WorkerError;
 use crate::work::assigned_device;
 use held::{HeldWork, StillRunning};
 use kormlm_proto::auth::TokenInterceptor;
+use kormlm_proto::secret::{self, SecretError};
+use kormlm_proto::tls::{self, ClientTlsArgs};
 use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{Assignment, RegisterRequest};
 use kormlm_proto::PROTOCOL_VERSION;
@@ -44,6 +46,8 @@ pub struct DaemonOptions {
     pub local_rank: Option<u32>,
     pub coordinator: String,
     pub token: Option<String>,
+    /// How to reach an https:// coordinator.
+    pub tls: ClientTlsArgs,
     /// Give up when the coordinator stays unreachable this long.
     pub reconnect_timeout: Duration,
     /// The CPU ring's listening address (`--ring-bind`); `None`: the interface towards the
@@ -67,6 +71,8 @@ pub enum DaemonError {
     Aborted(String),
     #[error("--coordinator {url}: {message}")]
     BadUrl { url: String, message: String },
+    #[error("the token: {0}")]
+    Token(#[from] SecretError),
     #[error("the daemon needs --rank K and --coordinator URL (or a subcommand; see `worker --help`)")]
     Usage,
     #[error("cannot start the async runtime: {0}")]
@@ -87,11 +93,13 @@ impl DaemonOptions {
         let (Some(rank), Some(coordinator)) = (args.rank, args.coordinator) else {
             return Err(DaemonError::Usage);
         };
+        let token = secret::client_token(args.token.as_deref(), args.token_file.as_deref(), None)?;
         Ok(Self {
             rank,
             local_rank: args.local_rank,
             coordinator,
-            token: args.token,
+            token: token.map(|t| t.token),
+            tls: args.tls,
             reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
             ring_bind: args.ring_bind,
         })
@@ -137,14 +145,6 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn normalise_url(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    }
-}
-
 /// A registration's answer.
 #[allow(clippy::large_enum_variant)] // one per registration, matched at once
 enum Registration {
@@ -186,15 +186,16 @@ impl Daemon {
     /// Connects and registers, naming the work held, retrying while the coordinator is
     /// unreachable.
     async fn register(&mut self) -> Result<Registration, DaemonError> {
-        let url = normalise_url(&self.options.coordinator);
-        let endpoint = Channel::from_shared(url.clone()).map_err(|e| DaemonError::BadUrl {
+        let url = tls::normalise_url(&self.options.coordinator);
+        let endpoint = tls::endpoint(&url, &self.options.tls).map_err(|e| DaemonError::BadUrl {
             url: url.clone(),
             message: e.to_string(),
         })?;
         let interceptor = TokenInterceptor::new(self.options.token.as_deref()).map_err(|e| DaemonError::BadUrl {
             url: url.clone(),
-            message: format!("--token / KORMLM_TOKEN: {e}"),
+            message: format!("KORMLM_TOKEN / --token-file: {e}"),
         })?;
+        let hint = tls::connect_hint(&url);
         let (current_job_id, current_attempt) = self
             .held
             .as_ref()
@@ -223,7 +224,7 @@ impl Daemon {
                     .keep_alive_timeout(Duration::from_secs(20))
                     .connect()
                     .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    .map_err(|e| tonic::Status::unavailable(format!("{}; {}", tls::error_chain(&e), hint)))?;
                 let mut client = WorkerServiceClient::with_interceptor(channel, interceptor.clone());
                 let assignment = client.register(request).await?.into_inner();
                 Ok::<_, tonic::Status>((client, assignment))
@@ -390,6 +391,8 @@ mod tests {
             local_rank: Some(1),
             coordinator: coordinator.map(str::to_string),
             token: None,
+            token_file: None,
+            tls: Default::default(),
             reconnect_timeout_s: 60,
             ring_bind: None,
         };
