@@ -14,6 +14,9 @@ use std::time::Duration;
 pub struct Slot {
     pub rank: u32,
     pub local_rank: u32,
+    /// The GPUs this worker sees (its host's selection, as `deepspeed` sets them); `None` keeps
+    /// the coordinator's environment (CPU workers).
+    pub cuda_visible_devices: Option<String>,
 }
 
 /// Worker processes started by this coordinator.
@@ -84,6 +87,9 @@ impl LocalWorkers {
             }
             if let Some(n) = threads {
                 command.env("OMP_NUM_THREADS", n.to_string());
+            }
+            if let Some(devices) = &slot.cuda_visible_devices {
+                command.env("CUDA_VISIBLE_DEVICES", devices);
             }
             let child = tokio::process::Command::from(command)
                 .spawn()

@@ -48,6 +48,42 @@ pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     }
 }
 
+/// Whether this process sees the GPUs the coordinator placed it on: local index `local[i]` must
+/// be physical GPU `physical[i]` under this process's `CUDA_VISIBLE_DEVICES` (`visible`; unset:
+/// indices are physical ids). An unplaced rank (no physical ids) and a visibility list of GPU
+/// UUIDs are taken as they are.
+pub fn check_visibility(local: &[u32], physical: &[u32], visible: Option<&str>) -> Result<(), DeviceError> {
+    let ids: Option<Vec<u32>> = match visible {
+        None => None,
+        Some(v) => match v
+            .split(',')
+            .map(|s| s.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(ids) => Some(ids),
+            Err(_) => return Ok(()),
+        },
+    };
+    for (index, gpu) in local.iter().zip(physical) {
+        let seen = match &ids {
+            None => Some(*index),
+            Some(ids) => ids.get(*index as usize).copied(),
+        };
+        if seen != Some(*gpu) {
+            let env = visible.map_or("unset".to_string(), |v| format!("{v:?}"));
+            return Err(DeviceError::Unavailable {
+                name: format!("cuda:{index}"),
+                message: format!(
+                    "the coordinator placed this rank on GPU {gpu} as cuda:{index}, but with CUDA_VISIBLE_DEVICES \
+                     {env} cuda:{index} is {}; start the worker with the CUDA_VISIBLE_DEVICES the coordinator printed",
+                    seen.map_or("no device".to_string(), |s| format!("GPU {s}"))
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Allocates and reduces a small tensor on `device`, so a broken device fails at assignment
 /// time with a clear message instead of in the middle of training.
 pub fn check(device: Device) -> Result<(), DeviceError> {
@@ -86,6 +122,20 @@ mod tests {
         check(Device::Cpu).unwrap();
         let info = DeviceInfo::probe();
         assert_eq!(info.torch_version, "2.11.0");
+    }
+
+    #[test]
+    fn the_placed_gpu_must_be_the_one_this_process_sees() {
+        check_visibility(&[1], &[3], Some("2,3")).unwrap();
+        check_visibility(&[2], &[2], None).unwrap();
+        check_visibility(&[0], &[], Some("5")).unwrap();
+        let err = check_visibility(&[0], &[3], None).unwrap_err().to_string();
+        assert!(
+            err.contains("GPU 3 as cuda:0") && err.contains("unset") && err.contains("is GPU 0"),
+            "{err}"
+        );
+        let err = check_visibility(&[1], &[3], Some("3")).unwrap_err().to_string();
+        assert!(err.contains("\"3\" cuda:1 is no device"), "{err}");
     }
 
     #[test]

@@ -280,6 +280,12 @@ impl Daemon {
                 Registration::Stopped(signal) => return Ok(Outcome::Stopped(signal)),
             };
             let device = assigned_device(&assignment);
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            device::check_visibility(
+                &assignment.cuda_devices,
+                &assignment.physical_cuda_devices,
+                visible.as_deref(),
+            )?;
             if self.checked_device != Some(device) {
                 device::check(device)?;
                 self.checked_device = Some(device);
@@ -291,6 +297,7 @@ impl Daemon {
                 local_rank = assignment.local_rank,
                 world_size = assignment.world_size,
                 device = ?device,
+                physical_gpus = ?assignment.physical_cuda_devices,
                 incarnation = assignment.incarnation,
                 "registered"
             );
