@@ -188,3 +188,86 @@ fn launched_workers_see_only_their_hosts_gpus() {
         );
     }
 }
+
+/// A copy of the worker (a hard link where the file system allows) in a directory of its own
+/// inside the build directory, so that `$ORIGIN/kormlm-libs` is a directory the test controls.
+fn worker_elsewhere() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("cuda-libs-test")
+        .tempdir_in(bin_dir())
+        .unwrap();
+    let worker = dir.path().join("worker");
+    if std::fs::hard_link(binary("worker"), &worker).is_err() {
+        std::fs::copy(binary("worker"), &worker).unwrap();
+    }
+    (dir, worker)
+}
+
+fn info(worker: &Path) -> Value {
+    let out = run(Command::new(worker)
+        .args(["info", "--json"])
+        .env_remove("LD_LIBRARY_PATH"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cuda_jobs_fail_at_start_saying_where_nccl_was_looked_for() {
+    let linked = bin_dir().join("kormlm-libs");
+    let real_nccl = std::fs::canonicalize(linked.join("libnccl.so"))
+        .expect("scripts/env.sh links kormlm-libs/libnccl.so beside the binaries");
+    let real_cudart = std::fs::canonicalize(linked.join("libcudart.so")).unwrap();
+    // The built worker binds the files its kormlm-libs links name.
+    let built = info(&binary("worker"));
+    assert_eq!(built["nccl_path"].as_str(), real_nccl.to_str(), "{built}");
+    assert_eq!(built["cudart_path"].as_str(), real_cudart.to_str(), "{built}");
+    assert!(built["nccl_version"].as_i64().is_some_and(|v| v >= 22800), "{built}");
+
+    // Without the link: `worker info` says where it looked, and a CUDA job stops before it
+    // reads its model or data.
+    let (dir, worker) = worker_elsewhere();
+    let libs = dir.path().join("kormlm-libs");
+    let missing = info(&worker);
+    let error = missing["cuda_libraries_error"].as_str().unwrap_or_default().to_string();
+    assert!(missing["nccl_version"].is_null(), "{missing}");
+    assert!(
+        error.contains("libnccl.so cannot be loaded") && error.contains(&libs.display().to_string()),
+        "{error}"
+    );
+    assert!(
+        error.contains(&real_nccl.display().to_string()),
+        "names what libtorch uses: {error}"
+    );
+    let config = workspace_root().join("configs/cpu-demo.json");
+    let out = run(Command::new(&worker)
+        .args(["train", "--device", "cuda:0", "--config"])
+        .arg(&config)
+        .args(["--model_name_or_path", "/no/such/model", "--data_path", "/no/such/data"])
+        .env_remove("LD_LIBRARY_PATH"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cuda:0") && stderr.contains("libnccl.so cannot be loaded") && !stderr.contains("/no/such"),
+        "{stderr}"
+    );
+
+    // A libcudart other than libtorch's (as a system toolkit's would be) is refused by name.
+    std::fs::create_dir_all(&libs).unwrap();
+    std::os::unix::fs::symlink(&real_nccl, libs.join("libnccl.so")).unwrap();
+    let other = dir.path().join("libcudart.so.13");
+    std::fs::copy(&real_cudart, &other).unwrap();
+    std::os::unix::fs::symlink(&other, libs.join("libcudart.so")).unwrap();
+    let twice = info(&worker);
+    let error = twice["cuda_libraries_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("2 different libcudart libraries are loaded")
+            && error.contains(&other.display().to_string())
+            && error.contains(&real_cudart.display().to_string()),
+        "{twice}"
+    );
+    std::fs::remove_file(libs.join("libcudart.so")).unwrap();
+    std::os::unix::fs::symlink(&real_cudart, libs.join("libcudart.so")).unwrap();
+    let fixed = info(&worker);
+    assert!(fixed["cuda_libraries_error"].is_null(), "{fixed}");
+    assert_eq!(fixed["nccl_path"].as_str(), real_nccl.to_str(), "{fixed}");
+}

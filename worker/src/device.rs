@@ -1,6 +1,8 @@
 //! What this machine offers: libtorch, CUDA devices, NCCL.
 
+use crate::comm::libraries;
 use serde::Serialize;
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// The libtorch version the build is pinned to (torch-sys refuses any other).
@@ -11,18 +13,26 @@ pub struct DeviceInfo {
     pub torch_version: &'static str,
     pub cuda_available: bool,
     pub cuda_device_count: u32,
-    /// NCCL version code, when libnccl is loadable.
+    /// NCCL version code, when cudarc binds the NCCL libtorch loaded.
     pub nccl_version: Option<i32>,
+    /// The NCCL and CUDA runtime files bound, or why they are not.
+    pub nccl_path: Option<PathBuf>,
+    pub cudart_path: Option<PathBuf>,
+    pub cuda_libraries_error: Option<String>,
 }
 
 impl DeviceInfo {
     pub fn probe() -> Self {
         let count = tch::Cuda::device_count().max(0) as u32;
+        let libraries = libraries::check();
         Self {
             torch_version: TORCH_VERSION,
             cuda_available: tch::Cuda::is_available(),
             cuda_device_count: count,
             nccl_version: crate::comm::nccl::version(),
+            nccl_path: libraries.as_ref().ok().map(|l| l.nccl.clone()),
+            cudart_path: libraries.as_ref().ok().map(|l| l.cudart.clone()),
+            cuda_libraries_error: libraries.err(),
         }
     }
 }
@@ -33,6 +43,8 @@ pub enum DeviceError {
     Unavailable { name: String, message: String },
     #[error("unknown device {0:?}; accepted: cpu, cuda, cuda:N")]
     Unknown(String),
+    #[error("{device}: {message}")]
+    Libraries { device: String, message: String },
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -85,10 +97,15 @@ pub fn check_visibility(local: &[u32], physical: &[u32], visible: Option<&str>) 
 }
 
 /// Allocates and reduces a small tensor on `device`, so a broken device fails at assignment
-/// time with a clear message instead of in the middle of training.
+/// time with a clear message instead of in the middle of training. On CUDA, the NCCL and CUDA
+/// runtime bindings are checked first.
 pub fn check(device: Device) -> Result<(), DeviceError> {
     let name = format!("{device:?}");
     if let Device::Cuda(i) = device {
+        libraries::check().map_err(|message| DeviceError::Libraries {
+            device: format!("cuda:{i}"),
+            message,
+        })?;
         let count = tch::Cuda::device_count();
         if i as i64 >= count {
             return Err(DeviceError::Unavailable {

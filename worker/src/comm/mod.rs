@@ -2,6 +2,7 @@
 //! ring on CPUs, and the trivial single-rank group. Set-up and every collective have a deadline,
 //! and a [`GroupAbort`] lets another thread make them give up at once.
 
+pub mod libraries;
 pub mod nccl;
 pub mod ring;
 

@@ -1,28 +1,21 @@
-//! Thin FFI layer over NCCL through cudarc's dynamically loaded bindings (`libnccl.so.2` from
-//! the torch wheel, linked as `libnccl.so` by `scripts/build.sh`). Collectives run in place on
+//! Thin FFI layer over NCCL through cudarc's dynamically loaded bindings (the `libnccl.so.2`
+//! libtorch loads, linked as `kormlm-libs/libnccl.so` by `scripts/build.sh`; see
+//! [`super::libraries`]). Collectives run in place on
 //! flat CUDA buffers on libtorch's default (null) stream, so they are ordered after the
 //! backward kernels without extra synchronisation; completion is awaited with an event polled
 //! against a deadline, and a communicator that fails, times out or is given up (a
 //! [`GroupAbort`]) is aborted. The communicator's set-up has the same deadline.
 
-use super::{wait_for_set_up, Collective, CommError, GroupAbort};
+use super::{libraries, wait_for_set_up, Collective, CommError, GroupAbort};
 use cudarc::nccl::{result, sys};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-/// The NCCL version as NCCL encodes it (2.28.9 → 22809), or `None` when `libnccl.so` cannot be
-/// loaded (no CUDA wheel, or `scripts/build.sh` did not link it).
+/// The NCCL version as NCCL encodes it (2.28.9 → 22809), or `None` when cudarc cannot bind
+/// the NCCL libtorch loaded ([`libraries::check`] says why).
 pub fn version() -> Option<i32> {
-    if !available() {
-        return None;
-    }
+    libraries::check().ok()?;
     result::get_nccl_version().ok()
-}
-
-/// Whether libnccl can be loaded (never panics).
-pub fn available() -> bool {
-    // SAFETY: is_culib_present only tries to dlopen the library and never panics.
-    unsafe { sys::is_culib_present() }
 }
 
 fn describe(e: result::NcclError) -> String {
@@ -40,12 +33,7 @@ fn failed(op: &'static str, message: impl Into<String>) -> CommError {
 
 /// A fresh 128-byte `ncclUniqueId` (rank 0 creates it; the coordinator relays it).
 pub fn unique_id() -> Result<Vec<u8>, CommError> {
-    if !available() {
-        return Err(failed(
-            "nccl_unique_id",
-            "libnccl.so is not loadable (run scripts/build.sh, or set LD_LIBRARY_PATH)",
-        ));
-    }
+    libraries::check().map_err(|message| failed("nccl_unique_id", message))?;
     let id = result::get_uniqueid().map_err(|e| failed("nccl_unique_id", describe(e)))?;
     Ok(id.internal.iter().map(|c| *c as u8).collect())
 }

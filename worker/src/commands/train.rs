@@ -12,6 +12,7 @@ pub fn run(command: &TrainCommand) -> Result<(), WorkerError> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let job = train_job_from_command(command, now)?;
+    crate::device::check(job.device)?;
     let summary = crate::train::train(&job, &mut SingleRank, &mut |_| {}, &|| false)?;
     eprintln!(
         "training finished: {} epoch(s), {} step(s), best val_loss {}{}; output in {}",
