@@ -271,3 +271,52 @@ fn cuda_jobs_fail_at_start_saying_where_nccl_was_looked_for() {
     assert!(fixed["cuda_libraries_error"].is_null(), "{fixed}");
     assert_eq!(fixed["nccl_path"].as_str(), real_nccl.to_str(), "{fixed}");
 }
+
+/// `scripts/gpu-check.sh --cpu-dry-run`: every command line of the GPU self-check, run against
+/// the real binaries on the CPU; only the CUDA-only checks are skipped.
+#[test]
+fn the_gpu_self_check_runs_its_command_lines_on_the_cpu() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut child = Proc::spawn(
+        "gpu-check.sh",
+        Command::new("bash")
+            .current_dir(workspace_root())
+            .args(["scripts/gpu-check.sh", "--cpu-dry-run"])
+            .env("OUT", out_dir.path())
+            .env("KORMLM_BIN_DIR", bin_dir())
+            .stdout(std::process::Stdio::null()),
+    );
+    let status = child.wait_exit(Duration::from_secs(400));
+    let log = std::fs::read_to_string(out_dir.path().join("gpucheck.log")).unwrap_or_default();
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.path().join("gpu-check.json")).unwrap_or_else(|e| panic!("{e}; log:\n{log}")),
+    )
+    .unwrap();
+    assert!(status.success() && summary["failed"] == 0, "{summary:#}\n{log}");
+    let results: Vec<(String, String)> = summary["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let skipped: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| r == "SKIP")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            "worker info sees CUDA, devices and NCCL",
+            "kill -9 of rank 1 ends the job in time",
+            "speed"
+        ],
+        "{summary:#}"
+    );
+    assert_eq!(summary["passed"], 7, "{summary:#}");
+}
