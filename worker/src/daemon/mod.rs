@@ -345,10 +345,20 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         nccl = ?info.nccl_version,
         "worker starting"
     );
+    // CUDA context creation and the first kernels can take seconds on a loaded host: done before
+    // registering, they cannot delay the first heartbeat past the coordinator's worker timeout.
+    let mut checked_device = None;
+    if info.cuda_device_count > 0 {
+        let device = tch::Device::Cuda(options.local_rank.unwrap_or(0) as usize);
+        match device::check(device) {
+            Ok(()) => checked_device = Some(device),
+            Err(e) => tracing::warn!(error = %e, "the GPU check before registering failed; the assignment decides"),
+        }
+    }
     let mut daemon = Daemon {
         options,
         info,
-        checked_device: None,
+        checked_device,
         held: None,
         signals,
         stopped_by: None,
