@@ -51,6 +51,8 @@ pub struct NcclGroup {
     timeout: Duration,
     aborted: bool,
     abort: GroupAbort,
+    /// The device buffer `all_reduce_scalars` gathers into, kept between calls.
+    scalars: Option<Tensor>,
 }
 
 /// `NCCL_CONFIG_INITIALIZER` of nccl.h 2.28 with `blocking = 0`: every other field undefined,
@@ -183,6 +185,7 @@ impl NcclGroup {
             timeout,
             aborted: false,
             abort: abort.clone(),
+            scalars: None,
         })
     }
 
@@ -323,9 +326,16 @@ impl Collective for NcclGroup {
     fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError> {
         let k = values.len();
         select(self.device, "all_reduce_scalars")?;
-        let table = Tensor::zeros([(self.world * k) as i64], (Kind::Double, Device::Cuda(self.device)));
-        let mine = Tensor::from_slice(values).to_device(Device::Cuda(self.device));
-        table.narrow(0, (self.rank * k) as i64, k as i64).copy_(&mine);
+        let size = (self.world * k) as i64;
+        let device = Device::Cuda(self.device);
+        // One buffer for the run (the scalars are the same few every step), not one per call.
+        let table = match self.scalars.take() {
+            Some(table) if table.size() == [size] => table,
+            _ => Tensor::zeros([size], (Kind::Double, device)),
+        };
+        table
+            .narrow(0, (self.rank * k) as i64, k as i64)
+            .copy_(&Tensor::from_slice(values));
         let base = table.data_ptr();
         // SAFETY: in-place all-gather of `k` doubles per rank in a buffer of world·k doubles.
         let status = unsafe {
@@ -346,6 +356,7 @@ impl Collective for NcclGroup {
         for (i, v) in values.iter_mut().enumerate() {
             *v = (0..self.world).map(|r| gathered[r * k + i]).sum();
         }
+        self.scalars = Some(table);
         Ok(())
     }
 }
