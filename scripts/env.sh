@@ -40,16 +40,25 @@ kormlm_provision_venv() {
     fi
 }
 
-# Links libnccl.so -> the wheel's libnccl.so.2 next to torch (cudarc loads the unversioned name;
-# the worker's rpath includes this directory).
-kormlm_link_nccl() {
-    local torch_dir=$1
-    local site; site=$(dirname "$torch_dir")
-    local nccl="$site/nvidia/nccl/lib/libnccl.so.2"
-    if [ -f "$nccl" ] && [ -w "$site" ]; then
-        mkdir -p "$site/kormlm-nccl"
-        ln -sfn "$nccl" "$site/kormlm-nccl/libnccl.so"
-    fi
+# kormlm_link_cuda_libs TORCH_LIB_DIR [DEST]: links the NCCL and CUDA runtime that
+# libtorch_cuda.so loads into DEST (default target/release/kormlm-libs, the worker's first
+# runpath) as libnccl.so and libcudart.so, the names cudarc opens, so that cudarc binds the very
+# files libtorch uses. Nothing to do for a CPU-only libtorch; a CUDA libtorch whose libraries
+# cannot be resolved is an error.
+kormlm_link_cuda_libs() {
+    local torch_lib=$1 dest=${2:-${CARGO_TARGET_DIR:-$KORMLM_ROOT/target}/release/kormlm-libs}
+    [ -f "$torch_lib/libtorch_cuda.so" ] || return 0
+    mkdir -p "$dest" || { kormlm_die "cannot create $dest"; return 1; }
+    local deps; deps=$(ldd "$torch_lib/libtorch_cuda.so" 2>&1) || { kormlm_die "ldd $torch_lib/libtorch_cuda.so failed: $deps"; return 1; }
+    local stem path
+    for stem in libnccl libcudart; do
+        path=$(printf '%s\n' "$deps" | awk -v s="$stem" '$3 ~ /^\// && (index($1, s ".") == 1 || index($1, s "-") == 1) {print $3; exit}')
+        if [ -z "$path" ]; then
+            kormlm_die "$torch_lib/libtorch_cuda.so resolves no $stem (ldd: $(printf '%s\n' "$deps" | grep "$stem" || echo 'not listed')); CUDA jobs will fail until $dest/$stem.so links to it"
+            return 1
+        fi
+        ln -sfn "$(readlink -f "$path")" "$dest/$stem.so" || { kormlm_die "cannot link $dest/$stem.so"; return 1; }
+    done
 }
 
 # Decides where libtorch comes from and exports the build variables.
@@ -66,7 +75,7 @@ kormlm_setup_libtorch() {
             return 1
         fi
         unset LIBTORCH_USE_PYTORCH
-        kormlm_link_nccl "$LIBTORCH"
+        kormlm_link_cuda_libs "$LIBTORCH/lib" || return 1
         return 0
     fi
     local sys_py; sys_py=$(command -v python3 || true)
@@ -74,7 +83,7 @@ kormlm_setup_libtorch() {
         local v; v=$(kormlm_torch_version_of "$sys_py")
         if [ "$v" = "$KORMLM_TORCH_VERSION" ]; then
             export LIBTORCH_USE_PYTORCH=1
-            kormlm_link_nccl "$("$sys_py" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
+            kormlm_link_cuda_libs "$("$sys_py" -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib" || return 1
             return 0
         elif [ -n "$v" ]; then
             echo "kormlm: $sys_py has torch $v, not $KORMLM_TORCH_VERSION; using the cached virtualenv instead" >&2
@@ -84,7 +93,7 @@ kormlm_setup_libtorch() {
     export VIRTUAL_ENV="$KORMLM_VENV"
     export PATH="$KORMLM_VENV/bin:$PATH"
     export LIBTORCH_USE_PYTORCH=1
-    kormlm_link_nccl "$("$KORMLM_VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
+    kormlm_link_cuda_libs "$("$KORMLM_VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib" || return 1
 }
 
 # Installs the Python test oracle (scripts/requirements-oracle.txt) into the cached virtualenv,

@@ -2,8 +2,9 @@
 //! * an rpath to the libtorch directory, so `worker` runs without LD_LIBRARY_PATH;
 //! * `libtorch_cuda` linked with `--no-as-needed`, so CUDA is detected when present even though
 //!   no symbol of it is referenced directly;
-//! * an rpath to `kormlm-nccl/` beside torch, where `scripts/build.sh` links `libnccl.so` to the
-//!   wheel's `libnccl.so.2` (cudarc looks for the unversioned name).
+//! * a first runpath `$ORIGIN/kormlm-libs`, where `scripts/build.sh` links `libnccl.so` and
+//!   `libcudart.so` to the files libtorch loads (cudarc opens them by those names; see
+//!   `comm::libraries`).
 use std::path::PathBuf;
 
 fn main() {
@@ -14,11 +15,8 @@ fn main() {
     };
     let lib_dir = PathBuf::from(lib_dir);
     compile_shims(&lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/kormlm-libs");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if let Some(torch_dir) = lib_dir.parent() {
-        let nccl_dir = torch_dir.with_file_name("kormlm-nccl");
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl_dir.display());
-    }
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

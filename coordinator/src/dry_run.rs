@@ -33,13 +33,18 @@ pub fn report(args: &ServeArgs, placements: &[Placement], job: Option<&(JobSpec,
         .iter()
         .map(|p| {
             let local = launch_plan::is_local(&p.host);
+            let devices = launch_plan::rank_devices(device_of(p), Some(p), p.local_rank);
+            let visible = launch_plan::host_visible_devices(placements, &p.host);
             json!({
                 "rank": p.rank,
                 "local_rank": p.local_rank,
                 "host": p.host,
-                "devices": launch_plan::rank_devices(device_of(p), Some(p), p.local_rank).names,
+                "devices": devices.names,
+                "local_cuda_devices": devices.cuda,
+                "physical_cuda_devices": devices.physical,
+                "cuda_visible_devices": (!visible.is_empty()).then(|| launch_plan::device_list(&visible)),
                 "started_here": local,
-                "command": (!local).then(|| launch_plan::remote_worker_command(p.rank, p.local_rank, &url)),
+                "command": (!local).then(|| launch_plan::remote_worker_command(p.rank, p.local_rank, &url, &visible)),
             })
         })
         .collect();

@@ -1,6 +1,10 @@
 //! Which ranks run where, with the `deepspeed` launcher's semantics: a resource pool from
 //! `--hostfile` (`host slots=N`) or the local GPUs, narrowed by `--num_gpus`, `--include` or
 //! `--exclude` (`NAME[:SLOT[,SLOT…]][@NAME…]`); global ranks go host by host in pool order.
+//!
+//! Device numbering follows the launcher too: a slot is a physical GPU id; every worker of a host
+//! is started with `CUDA_VISIBLE_DEVICES` set to that host's selected GPUs, and opens `cuda:I`
+//! where I is its device's position in that list (its local index).
 
 use crate::error::{CoordinatorError, Result};
 use kormlm_proto::v1::{self, DeviceKind};
@@ -91,8 +95,15 @@ pub fn parse_hostfile(path: &Path) -> Result<Vec<(String, u32)>> {
 
 /// `worker-0@worker-1:0,2` → [(worker-0, None), (worker-1, Some([0, 2]))].
 pub fn parse_node_spec(name: &str, spec: &str) -> Result<Vec<(String, Option<Vec<u32>>)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, Option<Vec<u32>>)> = Vec::new();
     for node in spec.split('@').filter(|n| !n.is_empty()) {
+        let host = node.split_once(':').map_or(node, |(host, _)| host);
+        if out.iter().any(|(h, _)| h == host) {
+            return Err(flag(
+                name,
+                format!("{spec:?} names host {host} twice; list its slots once, e.g. {host}:0,1"),
+            ));
+        }
         match node.split_once(':') {
             None => out.push((node.to_string(), None)),
             Some((host, slots)) => {
@@ -101,6 +112,16 @@ pub fn parse_node_spec(name: &str, spec: &str) -> Result<Vec<(String, Option<Vec
                     .map(|s| s.trim().parse::<u32>())
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .map_err(|_| flag(name, format!("{node:?}: slots must be integers like localhost:0,2")))?;
+                if let Some(twice) = ids.iter().enumerate().find(|(i, id)| ids[..*i].contains(id)) {
+                    return Err(flag(
+                        name,
+                        format!(
+                            "{node:?} lists slot {} twice; each GPU takes one rank (NCCL refuses two ranks \
+                             on one GPU: \"Duplicate GPU detected\")",
+                            twice.1
+                        ),
+                    ));
+                }
                 out.push((host.to_string(), Some(ids)));
             }
         }
@@ -112,6 +133,53 @@ pub fn parse_node_spec(name: &str, spec: &str) -> Result<Vec<(String, Option<Vec
         ));
     }
     Ok(out)
+}
+
+/// `CUDA_VISIBLE_DEVICES` as the `deepspeed` launcher reads it on a single host: the physical ids
+/// of the GPUs the job may use (unset: all of them). `count` is the number of GPUs the host has.
+/// Only integer ids are accepted (not GPU UUIDs or MIG names, whose slots could not be named).
+pub fn visible_devices(value: Option<&str>, count: u32) -> Result<Option<Vec<u32>>> {
+    let Some(value) = value else { return Ok(None) };
+    let name = "CUDA_VISIBLE_DEVICES";
+    let ids = value
+        .split(',')
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>().map_err(|_| {
+                flag(
+                    name,
+                    format!("{value:?}: entry {s:?} is not a GPU index; give indices like 2,3"),
+                )
+            })
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    if ids.is_empty() {
+        return Err(flag(name, format!("{value:?} hides every GPU of this host")));
+    }
+    if let Some(id) = ids.iter().find(|id| **id >= count) {
+        return Err(flag(
+            name,
+            format!("{value:?} names GPU {id}, but this host has {count} (0..{count})"),
+        ));
+    }
+    if let Some(twice) = ids.iter().enumerate().find(|(i, id)| ids[..*i].contains(id)) {
+        return Err(flag(name, format!("{value:?} lists GPU {} twice", twice.1)));
+    }
+    Ok(Some(ids))
+}
+
+/// The GPUs the workers of `host` see (`CUDA_VISIBLE_DEVICES` the launcher gives them): the
+/// devices of that host's placements in local-rank order.
+pub fn host_visible_devices(placements: &[Placement], host: &str) -> Vec<u32> {
+    let mut on_host: Vec<&Placement> = placements.iter().filter(|p| p.host == host).collect();
+    on_host.sort_by_key(|p| p.local_rank);
+    on_host.iter().flat_map(|p| p.cuda_devices.iter().copied()).collect()
+}
+
+/// `2,3`: a device list as `CUDA_VISIBLE_DEVICES` spells it.
+pub fn device_list(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Selection flags of the launcher.
@@ -228,28 +296,46 @@ pub fn renumbered(placements: &[Placement], keep: &[u32]) -> Vec<Placement> {
 /// The devices one rank runs on, as the assignment and the status name them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankDevices {
-    /// `cuda:N` or `cpu`.
+    /// `cuda:N` (`cuda:N (GPU P)` when the physical id differs) or `cpu`.
     pub names: Vec<String>,
-    /// The CUDA ordinals among them (empty on CPU).
+    /// The CUDA ordinals the worker opens, indices into the devices it sees (empty on CPU).
     pub cuda: Vec<u32>,
+    /// The physical GPU ids behind them (the same numbers when the worker's visibility is not
+    /// narrowed by the launcher).
+    pub physical: Vec<u32>,
 }
 
-/// The one device mapping: a CUDA rank gets the GPUs of its placement, or the GPU of its local
-/// rank when no placement names one (external workers); a CPU rank gets `cpu`.
+/// The one device mapping: a placed CUDA rank gets the GPUs of its placement, which its worker
+/// sees at local indices `local_rank * n ..` of its host's `CUDA_VISIBLE_DEVICES` (see
+/// [`host_visible_devices`]); an external worker gets the GPU of its local rank among the
+/// devices it sees; a CPU rank gets `cpu`.
 pub fn rank_devices(device: DeviceKind, placement: Option<&Placement>, local_rank: u32) -> RankDevices {
-    let cuda = match (device, placement) {
-        (DeviceKind::Cuda, Some(p)) if !p.cuda_devices.is_empty() => p.cuda_devices.clone(),
-        (DeviceKind::Cuda, _) => vec![local_rank],
+    let (cuda, physical): (Vec<u32>, Vec<u32>) = match (device, placement) {
+        (DeviceKind::Cuda, Some(p)) if !p.cuda_devices.is_empty() => {
+            let n = p.cuda_devices.len() as u32;
+            ((0..n).map(|i| local_rank * n + i).collect(), p.cuda_devices.clone())
+        }
+        // Which physical GPU an unplaced worker's index means is up to its own environment.
+        (DeviceKind::Cuda, _) => (vec![local_rank], vec![]),
         _ => {
             return RankDevices {
                 names: vec!["cpu".to_string()],
                 cuda: vec![],
+                physical: vec![],
             }
         }
     };
     RankDevices {
-        names: cuda.iter().map(|d| format!("cuda:{d}")).collect(),
+        names: cuda
+            .iter()
+            .enumerate()
+            .map(|(i, local)| match physical.get(i) {
+                Some(gpu) if gpu != local => format!("cuda:{local} (GPU {gpu})"),
+                _ => format!("cuda:{local}"),
+            })
+            .collect(),
         cuda,
+        physical,
     }
 }
 
@@ -276,9 +362,13 @@ pub fn advertised_url(listen: std::net::SocketAddr) -> String {
 }
 
 /// The command that starts a rank on its host (the token travels in `KORMLM_TOKEN`, never on
-/// a command line).
-pub fn remote_worker_command(rank: u32, local_rank: u32, coordinator_url: &str) -> String {
-    format!("worker --rank {rank} --local_rank {local_rank} --coordinator {coordinator_url}")
+/// a command line), with the host's `CUDA_VISIBLE_DEVICES` when it has selected GPUs.
+pub fn remote_worker_command(rank: u32, local_rank: u32, coordinator_url: &str, visible: &[u32]) -> String {
+    let env = match visible.is_empty() {
+        true => String::new(),
+        false => format!("CUDA_VISIBLE_DEVICES={} ", device_list(visible)),
+    };
+    format!("{env}worker --rank {rank} --local_rank {local_rank} --coordinator {coordinator_url}")
 }
 
 #[cfg(test)]
@@ -324,11 +414,23 @@ mod tests {
         };
         let d = rank_devices(DeviceKind::Cuda, Some(&gpu), 1);
         assert_eq!(
-            (d.names, d.cuda),
-            (vec!["cuda:2".to_string(), "cuda:3".to_string()], vec![2, 3])
+            (d.names, d.cuda, d.physical),
+            (vec!["cuda:2".to_string(), "cuda:3".to_string()], vec![2, 3], vec![2, 3])
+        );
+        let one = Placement {
+            cuda_devices: vec![5],
+            ..gpu.clone()
+        };
+        let d = rank_devices(DeviceKind::Cuda, Some(&one), 1);
+        assert_eq!(
+            (d.names, d.cuda, d.physical),
+            (vec!["cuda:1 (GPU 5)".to_string()], vec![1], vec![5])
         );
         let d = rank_devices(DeviceKind::Cuda, None, 1);
-        assert_eq!((d.names, d.cuda), (vec!["cuda:1".to_string()], vec![1]));
+        assert_eq!(
+            (d.names, d.cuda, d.physical),
+            (vec!["cuda:1".to_string()], vec![1], vec![])
+        );
         let d = rank_devices(DeviceKind::Cpu, Some(&gpu), 1);
         assert_eq!((d.names, d.cuda), (vec!["cpu".to_string()], vec![]));
     }
@@ -408,6 +510,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("no slot 7"));
+        for (spec, expected) in [
+            ("worker-0:0,0", "lists slot 0 twice"),
+            ("worker-0:1@worker-0:2", "names host worker-0 twice"),
+        ] {
+            let err = plan(
+                pool(),
+                &Selection {
+                    include: Some(spec),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("--include") && err.contains(expected), "{err}");
+        }
         assert!(plan(
             pool(),
             &Selection {
@@ -417,6 +534,40 @@ mod tests {
             }
         )
         .is_err());
+    }
+
+    #[test]
+    fn cuda_visible_devices_names_the_pool() {
+        assert_eq!(visible_devices(None, 4).unwrap(), None);
+        assert_eq!(visible_devices(Some("2,3"), 4).unwrap(), Some(vec![2, 3]));
+        for (value, expected) in [
+            ("", "hides every GPU"),
+            ("GPU-8e6a", "is not a GPU index"),
+            ("1,4", "names GPU 4, but this host has 4"),
+            ("1,1", "lists GPU 1 twice"),
+        ] {
+            let err = visible_devices(Some(value), 4).unwrap_err().to_string();
+            assert!(err.contains("CUDA_VISIBLE_DEVICES") && err.contains(expected), "{err}");
+        }
+        let plan = vec![
+            Placement {
+                rank: 1,
+                local_rank: 1,
+                host: "a".into(),
+                cuda_devices: vec![3],
+            },
+            Placement {
+                rank: 0,
+                local_rank: 0,
+                host: "a".into(),
+                cuda_devices: vec![2],
+            },
+        ];
+        assert_eq!(host_visible_devices(&plan, "a"), vec![2, 3]);
+        assert_eq!(
+            remote_worker_command(1, 1, "http://c:1", &[2, 3]),
+            "CUDA_VISIBLE_DEVICES=2,3 worker --rank 1 --local_rank 1 --coordinator http://c:1"
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const TERMINATE_DEADLINE: Duration = Duration::from_secs(10);
 pub struct Slot {
     pub rank: u32,
     pub local_rank: u32,
+    /// The GPUs this worker sees (its host's selection, as `deepspeed` sets them); `None` keeps
+    /// the coordinator's environment (CPU workers).
+    pub cuda_visible_devices: Option<String>,
 }
 
 /// Worker processes started by this coordinator for one attempt of a job.
@@ -97,6 +100,9 @@ impl LocalWorkers {
             }
             if let Some(n) = threads {
                 command.env("OMP_NUM_THREADS", n.to_string());
+            }
+            if let Some(devices) = &slot.cuda_visible_devices {
+                command.env("CUDA_VISIBLE_DEVICES", devices);
             }
             let child = command.spawn().map_err(|e| spawn_err(e.to_string()))?;
             let pid = child.id() as i32;

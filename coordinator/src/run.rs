@@ -38,7 +38,8 @@ fn is_loopback(listen: &str) -> bool {
 /// How long `worker info` may take (it initialises CUDA when there is one).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// CUDA devices on this host, as the worker binary (which links libtorch) sees them.
+/// CUDA devices on this host, as the worker binary (which links libtorch) sees them without
+/// `CUDA_VISIBLE_DEVICES` (the launcher narrows the pool itself, as `deepspeed` does).
 fn local_gpu_count(worker_binary: &std::path::Path) -> Result<u32> {
     use std::io::Read;
     let what = format!("{} info", worker_binary.display());
@@ -48,6 +49,7 @@ fn local_gpu_count(worker_binary: &std::path::Path) -> Result<u32> {
     };
     let mut child = std::process::Command::new(worker_binary)
         .args(["info", "--json"])
+        .env_remove("CUDA_VISIBLE_DEVICES")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -98,11 +100,21 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
     if !gpu_flags {
         return Ok(Vec::new());
     }
+    let visible_env = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let mut narrowed_by = None;
     let pool: Vec<(String, Vec<u32>)> = match &args.hostfile {
-        Some(path) => launch_plan::parse_hostfile(path)?
-            .into_iter()
-            .map(|(host, slots)| (host, (0..slots).collect()))
-            .collect(),
+        Some(path) => {
+            if let Some(value) = &visible_env {
+                tracing::info!(
+                    "CUDA_VISIBLE_DEVICES={value} is ignored with --hostfile (as deepspeed does); each host's \
+                     workers see the slots chosen for them"
+                );
+            }
+            launch_plan::parse_hostfile(path)?
+                .into_iter()
+                .map(|(host, slots)| (host, (0..slots).collect()))
+                .collect()
+        }
         None => {
             let count = local_gpu_count(worker_binary)?;
             if count == 0 {
@@ -111,7 +123,14 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
                     "no CUDA device is visible on this host (`worker info` reports 0); use --num_workers N --device cpu",
                 ));
             }
-            vec![("localhost".to_string(), (0..count).collect())]
+            let ids = match launch_plan::visible_devices(visible_env.as_deref(), count)? {
+                Some(ids) => {
+                    narrowed_by = visible_env;
+                    ids
+                }
+                None => (0..count).collect(),
+            };
+            vec![("localhost".to_string(), ids)]
         }
     };
     launch_plan::plan(
@@ -122,6 +141,13 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
             exclude: args.exclude.as_deref(),
         },
     )
+    .map_err(|e| match (e, narrowed_by) {
+        (CoordinatorError::Flag { flag, message }, Some(value)) => CoordinatorError::Flag {
+            flag,
+            message: format!("{message} (CUDA_VISIBLE_DEVICES={value} limits this host to GPUs {value})"),
+        },
+        (e, _) => e,
+    })
 }
 
 /// Builds the job spec from the flags and the config file and resolves it (so a bad config
@@ -472,7 +498,8 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             }
             let (local, remote): (Vec<_>, Vec<_>) = placements.iter().partition(|p| launch_plan::is_local(&p.host));
             for p in &remote {
-                let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url);
+                let visible = launch_plan::host_visible_devices(&placements, &p.host);
+                let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url, &visible);
                 tracing::warn!(
                     host = %p.host,
                     "start on {}: {command} (with KORMLM_TOKEN{} in its environment)",
@@ -485,6 +512,9 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
                 .map(|p| Slot {
                     rank: p.rank,
                     local_rank: p.local_rank,
+                    cuda_visible_devices: Some(launch_plan::host_visible_devices(&placements, &p.host))
+                        .filter(|ids| !ids.is_empty())
+                        .map(|ids| launch_plan::device_list(&ids)),
                 })
                 .collect();
             let log_dir = args.state_dir.join("logs").join(&id).join(format!("attempt-{attempt}"));

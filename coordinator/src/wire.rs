@@ -241,6 +241,7 @@ impl From<Assignment> for v1::Assignment {
             world_size: a.world_size,
             device: device as i32,
             cuda_devices: a.cuda_devices,
+            physical_cuda_devices: a.physical_cuda_devices,
             resolved_config_json: a.resolved_config_json,
             batch: Some(batch_to_proto(a.batch)),
             args: a.args,

@@ -307,7 +307,7 @@ fn the_readme_gpu_and_multi_host_command_lines_plan_as_documented() {
     );
     assert_eq!(
         p["ranks"][2]["command"],
-        format!("worker --rank 2 --local_rank 0 --coordinator {url}")
+        format!("CUDA_VISIBLE_DEVICES=0,1 worker --rank 2 --local_rank 0 --coordinator {url}")
     );
 
     // Without TLS, a coordinator listening beyond loopback warns that the token travels in

@@ -146,7 +146,7 @@ fn plan_kind(e: &PlanError) -> FailureKind {
 
 fn device_kind(e: &DeviceError) -> FailureKind {
     match e {
-        DeviceError::Unknown(_) => FailureKind::BadInput,
+        DeviceError::Unknown(_) | DeviceError::Libraries { .. } => FailureKind::BadInput,
         DeviceError::Unavailable { message, .. } => torch_kind(message),
     }
 }

@@ -253,6 +253,8 @@ pub struct Assignment {
     pub world_size: u32,
     pub device: DeviceKind,
     pub cuda_devices: Vec<u32>,
+    /// The physical GPU ids behind `cuda_devices`.
+    pub physical_cuda_devices: Vec<u32>,
     pub resolved_config_json: String,
     pub batch: Batch,
     pub args: HashMap<String, String>,
@@ -444,7 +446,7 @@ impl Job {
         &self,
         rank: u32,
         local_rank: u32,
-        cuda_devices: Vec<u32>,
+        devices: &launch_plan::RankDevices,
         incarnation: u32,
         heartbeat_interval: Duration,
     ) -> Assignment {
@@ -455,7 +457,8 @@ impl Job {
             local_rank,
             world_size: self.world_size(),
             device: self.device(),
-            cuda_devices,
+            cuda_devices: devices.cuda.clone(),
+            physical_cuda_devices: devices.physical.clone(),
             resolved_config_json: self.resolved_config_json.clone(),
             batch: self.batch,
             args: self.spec.args.clone(),
@@ -1035,7 +1038,13 @@ mod tests {
         assert_eq!(j.early_stop.max_stop_number, 5);
         assert_eq!(j.keep_checkpoints, 2);
         assert_eq!(j.message, "waiting for 2 worker(s) to register");
-        let a = j.assignment(0, 0, vec![], 1, Duration::from_secs(1));
+        let a = j.assignment(
+            0,
+            0,
+            &launch_plan::rank_devices(kormlm_proto::v1::DeviceKind::Cpu, None, 0),
+            1,
+            Duration::from_secs(1),
+        );
         assert_eq!(
             (a.run_id.as_str(), a.attempt, a.resume_from.as_str()),
             ("5eed/job-1", 1, "")

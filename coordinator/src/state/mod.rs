@@ -396,7 +396,7 @@ impl Coordinator {
         let assignment = entry.job.assignment(
             worker.rank,
             worker.local_rank,
-            registered.devices.cuda.clone(),
+            &registered.devices,
             worker.incarnation,
             self.settings.heartbeat_interval,
         );

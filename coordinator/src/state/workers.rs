@@ -607,8 +607,11 @@ mod tests {
         }];
         let mut roster = Roster::default();
         let placed = take(&mut roster, &j, &registration(1)).unwrap();
-        assert_eq!((placed.worker.local_rank, placed.devices.cuda), (0, vec![3]));
-        assert_eq!(placed.worker.devices, vec!["cuda:3"]);
+        assert_eq!(
+            (placed.worker.local_rank, placed.devices.cuda, placed.devices.physical),
+            (0, vec![0], vec![3])
+        );
+        assert_eq!(placed.worker.devices, vec!["cuda:0 (GPU 3)"]);
         let free = take(&mut roster, &j, &registration(0)).unwrap();
         assert_eq!(free.worker.devices, vec!["cuda:0"]);
     }

@@ -2,6 +2,7 @@
 //! ring on CPUs, and the trivial single-rank group. Set-up and every collective have a deadline,
 //! and a [`GroupAbort`] lets another thread make them give up at once.
 
+pub mod libraries;
 pub mod nccl;
 pub mod ring;
 pub mod ring_handshake;
@@ -67,50 +68,39 @@ impl GroupAbort {
     }
 }
 
-/// Runs a blocking set-up call `f` that cannot be interrupted (NCCL's communicator init) on its
-/// own thread and waits for it until `timeout` or an abort. A call given up on is left to
-/// finish on its thread; `abandoned` then releases what it returns.
-pub(crate) fn wait_for_set_up<T: Send + 'static>(
+/// Polls a set-up that runs in the background (NCCL's non-blocking communicator init) until
+/// `poll` says it is done, fails, `timeout` passes or the group is aborted. On a timeout or an
+/// abort, `give_up` releases it (NCCL: `ncclCommAbort`) before the error returns, so no thread is
+/// left blocked on a peer that died between the rendezvous and the set-up.
+pub(crate) fn poll_set_up(
     op: &'static str,
     timeout: Duration,
     abort: &GroupAbort,
-    f: impl FnOnce() -> Result<T, CommError> + Send + 'static,
-    abandoned: impl FnOnce(T) + Send + 'static,
-) -> Result<T, CommError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(op.into())
-        .spawn(move || {
-            if let Err(std::sync::mpsc::SendError(Ok(value))) = tx.send(f()) {
-                abandoned(value);
-            }
-        })
-        .map_err(|e| CommError::Failed {
-            op,
-            message: format!("cannot start the set-up thread: {e}"),
-        })?;
+    mut poll: impl FnMut() -> Result<bool, CommError>,
+    give_up: impl FnOnce(),
+) -> Result<(), CommError> {
     let deadline = Instant::now() + timeout;
     loop {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(result) => return result,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(CommError::Failed {
-                    op,
-                    message: "the set-up thread ended without a result".into(),
-                })
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if abort.is_aborted() {
-                    return Err(CommError::Aborted { op });
-                }
-                if Instant::now() >= deadline {
-                    return Err(CommError::Timeout {
-                        op,
-                        seconds: timeout.as_secs(),
-                    });
-                }
+        match poll() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                give_up();
+                return Err(e);
             }
         }
+        if abort.is_aborted() {
+            give_up();
+            return Err(CommError::Aborted { op });
+        }
+        if Instant::now() >= deadline {
+            give_up();
+            return Err(CommError::Timeout {
+                op,
+                seconds: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -178,19 +168,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_set_up_that_hangs_times_out_and_its_result_is_released() {
-        let released = Arc::new(AtomicBool::new(false));
-        let flag = released.clone();
+    fn a_set_up_that_never_completes_times_out_and_is_given_up() {
+        let given_up = AtomicBool::new(false);
         let started = Instant::now();
-        let result = wait_for_set_up(
+        let result = poll_set_up(
             "nccl_init",
             Duration::from_millis(300),
             &GroupAbort::default(),
-            || {
-                std::thread::sleep(Duration::from_millis(800));
-                Ok(7)
-            },
-            move |value| flag.store(value == 7, Ordering::SeqCst),
+            || Ok(false),
+            || given_up.store(true, Ordering::SeqCst),
         );
         let waited = started.elapsed();
         assert!(
@@ -204,22 +190,31 @@ mod tests {
             "{result:?}"
         );
         assert!(
-            waited >= Duration::from_millis(300) && waited < Duration::from_millis(700),
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !released.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the late result was never released");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(given_up.load(Ordering::SeqCst), "the communicator was not aborted");
     }
 
     #[test]
-    fn a_set_up_returns_its_result_or_gives_up_on_abort() {
+    fn a_set_up_completes_fails_or_gives_up_on_abort() {
         let abort = GroupAbort::default();
-        let ok = wait_for_set_up("init", Duration::from_secs(5), &abort, || Ok(3), |_| {});
-        assert_eq!(ok.unwrap(), 3);
-        let failed = wait_for_set_up::<u32>(
+        let mut polls = 0;
+        let given_up = AtomicBool::new(false);
+        poll_set_up(
+            "init",
+            Duration::from_secs(5),
+            &abort,
+            || {
+                polls += 1;
+                Ok(polls == 3)
+            },
+            || given_up.store(true, Ordering::SeqCst),
+        )
+        .unwrap();
+        assert_eq!(polls, 3);
+        assert!(!given_up.load(Ordering::SeqCst), "a completed set-up is kept");
+        let failed = poll_set_up(
             "init",
             Duration::from_secs(5),
             &abort,
@@ -229,26 +224,25 @@ mod tests {
                     message: "no device".into(),
                 })
             },
-            |_| {},
+            || given_up.store(true, Ordering::SeqCst),
         );
         assert_eq!(failed.unwrap_err().to_string(), "collective init failed: no device");
+        assert!(given_up.swap(false, Ordering::SeqCst), "a failed set-up is aborted");
         let aborter = abort.clone();
         let started = Instant::now();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             aborter.abort();
         });
-        let aborted = wait_for_set_up(
+        let aborted = poll_set_up(
             "init",
             Duration::from_secs(30),
             &abort,
-            || {
-                std::thread::sleep(Duration::from_secs(2));
-                Ok(1)
-            },
-            |_| {},
+            || Ok(false),
+            || given_up.store(true, Ordering::SeqCst),
         );
         assert!(matches!(aborted, Err(CommError::Aborted { op: "init" })), "{aborted:?}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(given_up.load(Ordering::SeqCst));
     }
 }

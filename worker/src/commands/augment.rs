@@ -10,6 +10,7 @@ use crate::work::AugmentJob;
 
 pub fn run(command: &AugmentCommand) -> Result<(), WorkerError> {
     let job = AugmentJob::from_command(command)?;
+    crate::device::check(job.device)?;
     let (table, output_format, output, options) = job.setup()?;
     let model = job.load_model()?;
     let n = options.num_augmentations;

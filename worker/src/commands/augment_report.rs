@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 pub fn run(command: &AugmentReportCommand) -> Result<(), WorkerError> {
     let mut job = AugmentJob::from_command(&command.run)?;
+    crate::device::check(job.device)?;
     // The report writes nothing; the shared set-up only wants an output name.
     job.args.output.get_or_insert_with(|| PathBuf::from("unused.csv"));
     let (table, _, _, options) = job.setup()?;

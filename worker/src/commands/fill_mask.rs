@@ -1,7 +1,7 @@
 //! `worker fill-mask`: the transformers fill-mask pipeline's JSON for each stdin line.
 
 use crate::cli::FillMaskCommand;
-use crate::device::parse_device;
+use crate::device::{check, parse_device};
 use crate::error::WorkerError;
 use crate::fill_mask::{fill_mask, FillMaskOptions};
 use crate::lines::map_lines;
@@ -9,6 +9,7 @@ use crate::model::LoadedModel;
 
 pub fn run(command: &FillMaskCommand) -> Result<(), WorkerError> {
     let device = parse_device(&command.device)?;
+    check(device)?;
     let model = LoadedModel::load(&command.model, command.revision.as_deref(), device)?;
     let options = FillMaskOptions {
         top_k: command.top_k,

@@ -14,9 +14,21 @@ pub fn run(command: &InfoCommand) -> Result<(), WorkerError> {
             "cuda available: {} ({} device(s))",
             info.cuda_available, info.cuda_device_count
         );
-        match info.nccl_version {
-            Some(v) => println!("nccl {}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
-            None => println!("nccl not loadable"),
+        match (info.nccl_version, &info.nccl_path, &info.cudart_path) {
+            (Some(v), Some(nccl), Some(cudart)) => {
+                println!(
+                    "nccl {}.{}.{} ({})",
+                    v / 10000,
+                    (v / 100) % 100,
+                    v % 100,
+                    nccl.display()
+                );
+                println!("cuda runtime {}", cudart.display());
+            }
+            _ => println!("nccl not usable"),
+        }
+        if let Some(error) = &info.cuda_libraries_error {
+            println!("  {error}");
         }
     }
     Ok(())

@@ -54,6 +54,7 @@ pub fn run(command: &TrainCommand) -> Result<i32, WorkerError> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let job = train_job_from_command(command, now)?;
+    crate::device::check(job.device)?;
     let signals = StopSignals::install()?;
     let mut checkpoint = None;
     let mut on_progress = |event: &ProgressEvent| checkpoint.clone_from(&event.checkpoint);

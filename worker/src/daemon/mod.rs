@@ -285,6 +285,12 @@ impl Daemon {
                 Registration::Stopped(signal) => return Ok(Outcome::Stopped(signal)),
             };
             let device = assigned_device(&assignment);
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            device::check_visibility(
+                &assignment.cuda_devices,
+                &assignment.physical_cuda_devices,
+                visible.as_deref(),
+            )?;
             if self.checked_device != Some(device) {
                 device::check(device)?;
                 self.checked_device = Some(device);
@@ -296,6 +302,7 @@ impl Daemon {
                 local_rank = assignment.local_rank,
                 world_size = assignment.world_size,
                 device = ?device,
+                physical_gpus = ?assignment.physical_cuda_devices,
                 incarnation = assignment.incarnation,
                 "registered"
             );
@@ -346,10 +353,20 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         nccl = ?info.nccl_version,
         "worker starting"
     );
+    // CUDA context creation and the first kernels can take seconds on a loaded host: done before
+    // registering, they cannot delay the first heartbeat past the coordinator's worker timeout.
+    let mut checked_device = None;
+    if info.cuda_device_count > 0 {
+        let device = tch::Device::Cuda(options.local_rank.unwrap_or(0) as usize);
+        match device::check(device) {
+            Ok(()) => checked_device = Some(device),
+            Err(e) => tracing::warn!(error = %e, "the GPU check before registering failed; the assignment decides"),
+        }
+    }
     let mut daemon = Daemon {
         options,
         info,
-        checked_device: None,
+        checked_device,
         held: None,
         signals,
         stopped_by: None,
