@@ -25,7 +25,6 @@ use signals::Signals;
 pub use signals::StopSignal;
 use std::time::{Duration, Instant};
 use tch::Device;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// How long stale work may take to end once its group is aborted before the worker gives up on
