@@ -165,6 +165,8 @@ struct Daemon {
     signals: Signals,
     /// The stop signal acted on, once one came.
     stopped_by: Option<StopSignal>,
+    /// An assignment came before: a later registration rejoins, and a signal then means leave.
+    assigned_before: bool,
 }
 
 impl Daemon {
@@ -235,9 +237,14 @@ impl Daemon {
                 result = &mut attempt => result,
                 signal = signals.wait(), if !signalled => {
                     self.on_signal(signal);
-                    // The coordinator may already have given this process a rank: finish the
-                    // registration, so that the rank is not abandoned with its peers waiting for
-                    // it (the work then stops right after its first step, with them).
+                    if self.assigned_before {
+                        // A rejoin: the signal (e.g. the coordinator taking down an attempt
+                        // that is over) means leave, never take a rank of a new attempt.
+                        return Ok(Registration::Stopped(signal));
+                    }
+                    // The first registration: the coordinator may already have given this
+                    // process a rank. Finish it, so that the rank is not abandoned with its
+                    // peers waiting for it (the work then stops right after its first step).
                     return Ok(match tokio::time::timeout(REGISTRATION_AFTER_SIGNAL, &mut attempt).await {
                         Ok(Ok((client, assignment))) => Registration::Assigned(client, assignment),
                         _ => Registration::Stopped(signal),
@@ -283,6 +290,7 @@ impl Daemon {
                 Registration::Assigned(client, assignment) => (client, assignment),
                 Registration::Stopped(signal) => return Ok(Outcome::Stopped(signal)),
             };
+            self.assigned_before = true;
             let device = assigned_device(&assignment);
             let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
             device::check_visibility(
@@ -369,6 +377,7 @@ pub async fn run(options: DaemonOptions) -> Result<Outcome, DaemonError> {
         held: None,
         signals,
         stopped_by: None,
+        assigned_before: false,
     };
     let result = daemon.serve().await;
     if let Some(held) = daemon.held.take() {
