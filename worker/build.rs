@@ -25,10 +25,11 @@ fn main() {
     }
 }
 
-/// Compiles the libtorch calls tch does not expose (`csrc/autocast.cpp`: bfloat16 autocast;
-/// `csrc/rng.cpp`: the random generators' states) against the same headers tch uses.
+/// Compiles the libtorch calls tch does not expose (`csrc/autocast.cpp`: CPU/CUDA autocast and
+/// CPU capabilities; `csrc/rng.cpp`: the random generators' states; `csrc/grad.cpp`: setting a
+/// parameter's gradient) against the same headers tch uses.
 fn compile_shims(lib_dir: &std::path::Path) {
-    const SOURCES: [&str; 2] = ["csrc/autocast.cpp", "csrc/rng.cpp"];
+    const SOURCES: [&str; 3] = ["csrc/autocast.cpp", "csrc/rng.cpp", "csrc/grad.cpp"];
     for source in SOURCES {
         println!("cargo:rerun-if-changed={source}");
     }

@@ -71,6 +71,7 @@ pub fn to_json(status: &JobStatus) -> Value {
         "learning_rate": progress.learning_rate,
         "samples_per_s": progress.samples_per_s,
         "tokens_per_s": progress.tokens_per_s,
+        "mfu": progress.mfu,
         "loss_scale": progress.loss_scale,
         "skipped_steps": progress.skipped_steps,
         "best_val_loss": early.best_val_loss,
@@ -129,13 +130,15 @@ pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
         out.push_str(&format!("message     {}\n", status.message));
     }
     out.push_str(&format!(
-        "progress    epoch {}  step {}/{}  train_loss {}  val_loss {}  {:.1} samples/s\n",
+        "progress    epoch {}  step {}/{}  train_loss {}  val_loss {}  {:.1} samples/s  {:.0} tokens/s  MFU {:.1}%\n",
         progress.epoch,
         progress.global_step,
         progress.total_steps,
         opt(progress.train_loss),
         opt(progress.val_loss),
-        progress.samples_per_s
+        progress.samples_per_s,
+        progress.tokens_per_s,
+        progress.mfu * 100.0
     ));
     out.push_str(&format!(
         "early stop  best_val_loss {}  stop_count {}/{}{}\n",
@@ -228,6 +231,8 @@ mod tests {
             "latest_checkpoint",
             "best_checkpoint",
             "samples_per_s",
+            "tokens_per_s",
+            "mfu",
             "workers",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");

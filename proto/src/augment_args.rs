@@ -42,6 +42,27 @@ pub struct AugmentArgs {
     pub require_change: bool,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Compute precision of the model: fp32, or bf16 (autocast; CUDA or a CPU with AVX-512 BF16/AMX).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::Fp32)]
+    pub dtype: ComputeDtype,
+}
+
+/// The precision a model computes in for inference (`--dtype`); weights stay fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::Fp32 => "fp32",
+            ComputeDtype::Bf16 => "bf16",
+        }
+    }
 }
 
 #[derive(Debug, Parser)]

@@ -73,6 +73,10 @@ pub struct TrainArgs {
     /// Stop after this many optimizer steps (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,
+    /// Batch samples of similar length (the Hugging Face Trainer's group_by_length): each epoch's
+    /// shuffled order is cut into megabatches of up to 50 optimizer batches, each sorted by length.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub group_by_length: bool,
 }
 
 /// Parses flags out of a `name -> value` map, as carried by `JobSpec.args`.

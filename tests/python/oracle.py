@@ -276,14 +276,19 @@ def cmd_train_step(args):
     optimizer = torch.optim.Adam if args.l2 else torch.optim.AdamW
     opt = optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                     weight_decay=args.weight_decay)
+    loss_total = 0.0
     for k in micro:
-        logits = model(input_ids=batches[f"input_ids_{k}"], attention_mask=batches[f"attention_mask_{k}"]).logits
+        # --bf16: CPU autocast in bfloat16, as the Hugging Face Trainer runs with --bf16 on a CPU.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=batches[f"input_ids_{k}"], attention_mask=batches[f"attention_mask_{k}"]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batches[f"labels_{k}"].reshape(-1),
                                ignore_index=-100, reduction="sum") / total
         loss.backward()
+        loss_total += float(loss)
+    result = {"loss": loss_total}
     if args.clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        print(json.dumps({"grad_norm": float(norm)}))
+        result["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+    print(json.dumps(result))
     opt.step()
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "generator_lm_head.weight"}
     save_file(state, args.out)
@@ -389,6 +394,7 @@ def main():
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=0.0)
     p.add_argument("--l2", action="store_true")
+    p.add_argument("--bf16", action="store_true")
     p = sub.add_parser("schedules")
     p.add_argument("--n", type=int, default=200)
     p = sub.add_parser("loss-scale")

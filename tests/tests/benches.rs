@@ -63,13 +63,30 @@ fn the_benchmark_commands_run_and_print_their_ratios() {
     let rust_s = number_after(&out, "kormlm worker fill-mask:");
     assert_ratio(ratio, python_s, rust_s, &out);
 
-    let out = bench("train.py", &["--steps", "2", "--warmup", "1"]);
+    let out = bench("train.py", &["--steps", "2", "--warmup", "1", "--precision", "fp32"]);
     assert!(out.contains(", 2 timed steps"), "{out}");
-    let ratio = number_after(&out, "speed-up:");
+    let ratio = number_after(&out, "fp32 speed-up:");
     assert!(ratio > 0.0);
-    let python_rate = number_after(&out, "transformers + torch AdamW:");
-    let rust_rate = number_after(&out, "kormlm worker train:");
+    let python_rate = number_after(&out, "fp32 transformers + torch AdamW (dynamic padding):");
+    let rust_rate = number_after(&out, "fp32 kormlm worker train:");
     assert_ratio(ratio, rust_rate, python_rate, &out);
+    let original_rate = number_after(&out, "fp32 original setup (padding to 100):");
+    assert_ratio(
+        number_after(&out, "fp32 speed-up vs original setup:"),
+        rust_rate,
+        original_rate,
+        &out,
+    );
+    let ours = &out[out.find("fp32 kormlm worker train:").unwrap()..];
+    let mfu = number_after(ours, "MFU");
+    assert!(mfu > 0.0 && mfu < 100.0, "MFU is a percentage of the peak: {out}");
+    let our_rss = number_after(ours, "peak RSS");
+    let anchor = &out[out.find("fp32 transformers").unwrap()..];
+    let their_rss = number_after(anchor, "peak RSS");
+    assert!(
+        our_rss > 0.1 && their_rss > 0.1,
+        "both peak RSS figures are measured: {out}"
+    );
 
     let out = bench("augment.py", &["--n", "16"]);
     assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");

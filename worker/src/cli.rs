@@ -2,7 +2,7 @@
 //! commands. Only definitions live here; `main.rs` parses and dispatches, the library runs.
 
 use clap::{Args, Parser, Subcommand};
-use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::augment_args::{AugmentArgs, ComputeDtype};
 use kormlm_proto::tls::ClientTlsArgs;
 use kormlm_proto::train_args::TrainArgs;
 use std::path::PathBuf;
@@ -107,6 +107,9 @@ pub struct FillMaskCommand {
     pub device: String,
     #[arg(long = "batch_size", default_value_t = 32)]
     pub batch_size: usize,
+    /// Compute precision: fp32, or bf16 (autocast; CUDA or a CPU with AVX-512 BF16/AMX).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::Fp32)]
+    pub dtype: ComputeDtype,
 }
 
 /// `worker augment`; its seed and window default to the training flags' (`--seed`, `--max_seq_len`),
@@ -211,6 +214,10 @@ pub struct InfoCommand {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also measure this machine: matmul peak in fp32 and bf16 (GFLOP/s), and the AdamW step's
+    /// memory bandwidth against a copy of the same bytes (a few seconds).
+    #[arg(long)]
+    pub bench: bool,
 }
 
 #[cfg(test)]

@@ -224,6 +224,7 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::Step(message) => torch_kind(message),
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
         TrainError::OutputDirInUse { .. } => FailureKind::BadInput,
+        TrainError::Precision(_) => FailureKind::BadInput,
     }
 }
 
@@ -236,6 +237,7 @@ fn augment_kind(e: &AugmentError) -> FailureKind {
         AugmentError::Input(e) => corpus_kind(e),
         AugmentError::Model(e) => model_kind(e),
         AugmentError::Parts(e) => parts_kind(e),
+        AugmentError::Precision(_) => FailureKind::BadInput,
     }
 }
 
@@ -252,6 +254,7 @@ fn fill_mask_kind(e: &FillMaskError) -> FailureKind {
         FillMaskError::Tokenizer(e) => tokenizer_kind(e),
         FillMaskError::NoTargets => FailureKind::BadInput,
         FillMaskError::Torch(e) => torch_kind(&e.to_string()),
+        FillMaskError::Precision(_) => FailureKind::BadInput,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `worker fill-mask`: the transformers fill-mask pipeline's output for each input line,
 //! computed in length-sorted batches with the vocabulary projection run only at masked positions.
 
+use crate::autocast::{Precision, PrecisionError, Region};
 use crate::batch::{MaskedBatch, MaskedRow};
 use crate::model::{masked_lm, LoadedModel};
 use crate::tokenizer::TokenizerError;
@@ -13,6 +14,8 @@ pub struct FillMaskOptions {
     /// Restrict predictions to these tokens (as the pipeline's `targets`).
     pub targets: Option<Vec<String>>,
     pub batch_size: usize,
+    /// The model's compute precision (`--dtype`).
+    pub precision: Precision,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum FillMaskError {
     NoTargets,
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
 }
 
 /// Target ids like the pipeline's `get_target_ids`: exact vocabulary entries, else the first
@@ -114,6 +119,9 @@ pub fn fill_mask(
     prepared.sort_by_key(|(_, p)| p.ids.len());
     let target_tensor = targets.as_ref().map(|t| Tensor::from_slice(t).to_device(device));
     let pad = tokenizer.special().pad;
+    crate::autocast::check(options.precision, device, "--dtype bf16", "--dtype fp32")?;
+    // One region for all batches: each weight is cast to bf16 once per call, not per batch.
+    let _region = Region::enter(options.precision, device);
     for batch in prepared.chunks(options.batch_size.max(1)) {
         let rows: Vec<MaskedRow<'_>> = batch
             .iter()

@@ -14,6 +14,7 @@ pub mod io;
 pub mod parts;
 pub mod report;
 
+use crate::autocast::{Precision, PrecisionError};
 use crate::batch::{MaskedBatch, MaskedRow};
 use crate::corpus::{CorpusError, Format};
 use crate::masking::SplitMix64;
@@ -35,6 +36,8 @@ pub struct AugmentOptions {
     pub max_seq_len: usize,
     /// Retry an unchanged sentence with a new mask and a threshold lower by 0.05, this often.
     pub require_change_retries: usize,
+    /// The model's compute precision (`--dtype`).
+    pub precision: Precision,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ pub enum AugmentError {
     /// The parts directory's manifest cannot be read or written.
     #[error(transparent)]
     Parts(#[from] kormlm_proto::augment_parts::PartsError),
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
 }
 
 /// The result for one sentence.
@@ -185,6 +190,9 @@ impl<'a> Augmenter<'a> {
 
     /// Augments a batch of sentences; `first_index` numbers them for the seed.
     pub fn augment(&self, texts: &[String], first_index: u64) -> Result<Vec<Augmented>, AugmentError> {
+        crate::autocast::check(self.options.precision, self.device, "--dtype bf16", "--dtype fp32")?;
+        // One region for the whole call: each weight is cast to bf16 once, not per batch.
+        let _region = crate::autocast::Region::enter(self.options.precision, self.device);
         let prepared: Vec<Prepared> = texts.iter().map(|t| self.prepare(t)).collect::<Result<_, _>>()?;
         let mut results: Vec<Augmented> = prepared
             .iter()
@@ -320,6 +328,7 @@ pub fn setup(
         batch_size: args.batch_size.max(1),
         max_seq_len: max_seq_len.max(3),
         require_change_retries: if args.require_change { 3 } else { 0 },
+        precision: args.dtype.into(),
     };
     Ok((table, output_format, output, options))
 }

@@ -78,6 +78,7 @@ pub fn manifest(
             "mlm_prob": options.mlm_prob,
             "k": options.k,
             "threshold": options.threshold,
+            "dtype": options.precision.name(),
             "batch_size": options.batch_size,
             "require_change_retries": options.require_change_retries,
         }),

@@ -34,6 +34,7 @@ fn top1_accuracy(
     texts: &[String],
     max_len: usize,
     seed: u64,
+    precision: crate::autocast::Precision,
     device: Device,
 ) -> Result<(f64, usize), AugmentError> {
     let tokenizer = &model.tokenizer;
@@ -56,7 +57,10 @@ fn top1_accuracy(
             MaskedSample { input_ids, labels }
         })
         .collect();
-    let sums = masked_lm::try_evaluate(&model.model, &samples, 32, special.pad, device)?;
+    crate::autocast::check(precision, device, "--dtype bf16", "--dtype fp32")?;
+    let sums = crate::autocast::with(precision, device, || {
+        masked_lm::try_evaluate(&model.model, &samples, 32, special.pad, device)
+    })?;
     Ok((sums.accuracy(), sums.masked as usize))
 }
 
@@ -68,7 +72,7 @@ pub fn quality_report(
     thresholds: &[f64],
     device: Device,
 ) -> Result<QualityReport, AugmentError> {
-    let (accuracy, masked) = top1_accuracy(model, texts, base.max_seq_len, base.seed, device)?;
+    let (accuracy, masked) = top1_accuracy(model, texts, base.max_seq_len, base.seed, base.precision, device)?;
     let mut grid = Vec::new();
     for &mlm_prob in mlm_probs {
         for &threshold in thresholds {

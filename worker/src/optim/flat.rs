@@ -4,6 +4,10 @@
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
+extern "C" {
+    fn kormlm_set_grad(var: *mut std::ffi::c_void, grad: *const std::ffi::c_void) -> std::ffi::c_int;
+}
+
 /// One parameter's place in the flat buffers.
 #[derive(Debug, Clone)]
 pub struct Slot {
@@ -60,14 +64,35 @@ impl FlatParams {
                 offset += n;
             }
         });
-        Self {
+        let mut flat = Self {
             params,
             grads,
             slots,
             variables,
             numel,
             grads_aliased: false,
+        };
+        flat.alias_grads();
+        flat
+    }
+
+    /// Makes every parameter's gradient a view of the flat gradient buffer before any backward
+    /// pass, so libtorch accumulates there in place and no second set of gradients (the size of
+    /// the model) is ever allocated.
+    fn alias_grads(&mut self) {
+        for (slot, var) in self.slots.iter().zip(&mut self.variables) {
+            let view = self
+                .grads
+                .narrow(0, slot.offset, slot.numel)
+                .view(slot.shape.as_slice());
+            // SAFETY: both pointers are live at::Tensor handles owned by tch for the duration of
+            // the call; the shim assigns the gradient (a reference-counted copy of the view).
+            let rc = unsafe { kormlm_set_grad(var.as_mut_ptr().cast(), view.as_ptr().cast()) };
+            if rc != 0 {
+                tracing::warn!(parameter = %slot.name, "could not alias the gradient into the flat buffer");
+            }
         }
+        self.grads_aliased = self.grads_in_place();
     }
 
     pub fn padded_numel(&self) -> i64 {

@@ -79,6 +79,9 @@ pub struct LogWindow {
     pub elapsed_s: f64,
     /// The global step of the last `train` record (0: none yet).
     pub last_logged_step: u64,
+    /// Model FLOPs of the window's steps (see `mfu`).
+    #[serde(default)]
+    pub flops: f64,
 }
 
 impl LogWindow {
@@ -646,6 +649,7 @@ mod tests {
             tokens: 700,
             elapsed_s: 0.25,
             last_logged_step: 160,
+            flops: 3.5e12,
         };
         state.rng_states = (0..2)
             .map(|rank| RngStateFile {

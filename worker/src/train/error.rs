@@ -36,6 +36,9 @@ pub enum TrainError {
          afresh, or choose another --output_dir"
     )]
     OutputDirInUse { dir: String, other: String },
+    /// The config asks for a precision this device cannot compute in.
+    #[error(transparent)]
+    Precision(#[from] crate::autocast::PrecisionError),
 }
 
 impl TrainError {

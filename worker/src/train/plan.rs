@@ -20,6 +20,30 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
     order
 }
 
+/// The Hugging Face Trainer's `get_length_grouped_indices` over `order` (the epoch's seeded
+/// permutation): megabatches of `min(n / (4·batch), 50)` (at least 1) batches of `batch` samples
+/// (the global optimizer batch, so the order does not depend on the world size), each sorted by
+/// length, longest first; the first sample of the megabatch holding the longest sample is
+/// swapped to the very front, so a step too large for memory fails at once.
+pub fn group_by_length(order: Vec<u32>, batch: usize, length: impl Fn(u32) -> usize) -> Vec<u32> {
+    let batch = batch.max(1);
+    let per_mega = (order.len() / (4 * batch)).clamp(1, 50) * batch;
+    let mut megabatches: Vec<Vec<u32>> = order.chunks(per_mega).map(<[u32]>::to_vec).collect();
+    for mega in &mut megabatches {
+        mega.sort_by_key(|&i| std::cmp::Reverse(length(i)));
+    }
+    let longest = megabatches
+        .iter()
+        .enumerate()
+        .max_by_key(|(n, mega)| (length(mega[0]), std::cmp::Reverse(*n)))
+        .map(|(n, _)| n);
+    if let Some(n) = longest.filter(|&n| n > 0) {
+        let (first, rest) = megabatches.split_at_mut(n);
+        std::mem::swap(&mut first[0][0], &mut rest[0][0]);
+    }
+    megabatches.concat()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepShape {
     pub train_batch_size: usize,
@@ -66,6 +90,47 @@ mod tests {
         assert_eq!(sorted, (0..1000).collect::<Vec<u32>>());
         assert_ne!(a, epoch_order(1000, 1, 1));
         assert_eq!(a, epoch_order(1000, 1, 0));
+    }
+
+    #[test]
+    fn length_grouping_sorts_megabatches_and_puts_the_longest_first() {
+        let lengths: Vec<usize> = (0..1000u32).map(|i| (i as usize * 7919) % 97 + 3).collect();
+        let len = |i: u32| lengths[i as usize];
+        let order = epoch_order(1000, 3, 0);
+        let grouped = group_by_length(order.clone(), 8, len);
+        let mut sorted = grouped.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<u32>>(), "a permutation");
+        assert_eq!(len(grouped[0]), 99, "the longest sample leads");
+        // min(1000 / 32, 50) = 31 batches of 8 per megabatch; each (after the front swap) is
+        // the same set as the shuffled order's and sorted by length.
+        for (n, mega) in grouped.chunks(248).enumerate().skip(1) {
+            let mut want = order[n * 248..(n * 248 + 248).min(1000)].to_vec();
+            let mut got = mega.to_vec();
+            if got.windows(2).all(|w| len(w[0]) >= len(w[1])) {
+                want.sort();
+                got.sort();
+                if want == got {
+                    continue;
+                }
+            }
+            // The megabatch that gave its first sample to the front holds megabatch 0's instead.
+            assert!(
+                mega[1..].windows(2).all(|w| len(w[0]) >= len(w[1])),
+                "megabatch {n} sorted"
+            );
+        }
+        assert_eq!(grouped, group_by_length(order, 8, len), "deterministic");
+        let mean_spread = |o: &[u32]| {
+            o.chunks(8)
+                .map(|b| b.iter().map(|&i| len(i)).max().unwrap() - b.iter().map(|&i| len(i)).min().unwrap())
+                .sum::<usize>() as f64
+                / o.len().div_ceil(8) as f64
+        };
+        assert!(
+            mean_spread(&grouped) * 4.0 < mean_spread(&epoch_order(1000, 3, 0)),
+            "batches of similar length"
+        );
     }
 
     #[test]

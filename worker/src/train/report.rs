@@ -22,6 +22,8 @@ pub struct ProgressEvent {
     pub learning_rate: f64,
     pub samples_per_s: f64,
     pub tokens_per_s: f64,
+    /// Model-FLOPs utilisation against the measured matmul peak of the precision in use.
+    pub mfu: f64,
     pub loss_scale: f64,
     pub skipped_steps: u64,
     pub optimizer_state_bytes: u64,
@@ -54,6 +56,7 @@ impl ProgressEvent {
                 learning_rate: self.learning_rate,
                 samples_per_s: self.samples_per_s,
                 tokens_per_s: self.tokens_per_s,
+                mfu: self.mfu,
                 loss_scale: self.loss_scale,
                 skipped_steps: self.skipped_steps,
             },

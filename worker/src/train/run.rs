@@ -13,8 +13,9 @@
 use super::checkpoint::{self, LogWindow, RngResume, RngStateFile, TrainerState};
 use super::early_stopping::EarlyStopping;
 use super::error::TrainError;
+use super::mfu;
 use super::ownership::{self, Claim, RunIdentity};
-use super::plan::{epoch_order, StepShape};
+use super::plan::{epoch_order, group_by_length, StepShape};
 use super::report::{ProgressEvent, TrainSummary};
 use super::run_files::RunFiles;
 use super::trainer::{StepReport, Trainer};
@@ -88,6 +89,8 @@ struct Window {
     loss: LossSum,
     samples: u64,
     tokens: u64,
+    /// Model FLOPs done (see `mfu::train_flops`).
+    flops: f64,
     since: Instant,
     /// The global step of the last `train` record.
     last_logged_step: u64,
@@ -100,6 +103,7 @@ impl Window {
             loss: LossSum::default(),
             samples: 0,
             tokens: 0,
+            flops: 0.0,
             since: Instant::now(),
             last_logged_step,
         }
@@ -115,6 +119,7 @@ impl Window {
             },
             samples: saved.samples,
             tokens: saved.tokens,
+            flops: saved.flops,
             since: Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now),
             last_logged_step: saved.last_logged_step,
         }
@@ -126,6 +131,7 @@ impl Window {
             masked: self.loss.masked,
             samples: self.samples,
             tokens: self.tokens,
+            flops: self.flops,
             elapsed_s: self.since.elapsed().as_secs_f64(),
             last_logged_step: self.last_logged_step,
         }
@@ -228,6 +234,8 @@ struct Run<'a> {
     epochs_run: u32,
     stopped_by_request: bool,
     bar: Option<indicatif::ProgressBar>,
+    /// This device's measured matmul peak (FLOP/s) in the training precision, for the MFU.
+    peak_flops: f64,
 }
 
 impl<'a> Run<'a> {
@@ -284,13 +292,14 @@ impl<'a> Run<'a> {
             total_steps = total_steps.min(args.max_steps as u64);
         }
         tch::manual_seed(args.seed as i64);
-        let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, &*comm);
+        let mut trainer = Trainer::new(loaded, &job.config, args, total_steps, &*comm)?;
         if let Some((dir, state)) = &resume {
             checkpoint::restore_optimizer(&mut trainer, dir, state).map_err(|e| TrainError::unreadable(dir, e))?;
             if leader {
                 tracing::info!(checkpoint = %dir.display(), epoch = state.epoch, step = state.next_step, run_id, attempt, "resuming");
             }
         }
+        let peak_flops = mfu::measure_peak(trainer.precision, job.device, Duration::from_millis(300));
         let params = json!({"args": args, "config": job.config, "corpus": report});
         let mut files = RunFiles::open(&job.output_dir, rank, start_step, &params)?;
         files.record(&json!({
@@ -301,6 +310,8 @@ impl<'a> Run<'a> {
             "attempt": attempt,
             "world_size": world,
             "checkpoint": resume.as_ref().map(|(dir, _)| dir.display().to_string()),
+            "precision": trainer.precision.name(),
+            "peak_gflops": peak_flops / 1e9,
         }))?;
 
         let early = resumed_state.map_or_else(EarlyStopping::default, |s| s.early_stopping.clone());
@@ -364,6 +375,7 @@ impl<'a> Run<'a> {
             epochs_run: 0,
             stopped_by_request: false,
             bar: show_bar.then(|| progress_bar(total_steps)),
+            peak_flops,
         })
     }
 
@@ -382,7 +394,11 @@ impl<'a> Run<'a> {
     fn epoch(&mut self, epoch: u32) -> Result<bool, TrainError> {
         self.epochs_run = epoch + 1;
         self.progress.epoch = epoch;
-        let order = epoch_order(self.train_set.len(), self.job.args.seed, u64::from(epoch));
+        let mut order = epoch_order(self.train_set.len(), self.job.args.seed, u64::from(epoch));
+        if self.job.args.group_by_length {
+            let set = &self.train_set;
+            order = group_by_length(order, self.shape.train_batch_size, |i| set.get(i as usize).len());
+        }
         let first_step = std::mem::take(&mut self.resume_step);
         if first_step == 0 {
             self.epoch_loss = LossSum::default();
@@ -426,21 +442,24 @@ impl<'a> Run<'a> {
             return Ok(StepEnd::Next);
         }
         let pad = self.trainer.loaded.tokenizer.special().pad;
-        let (mut loss_sum, mut tokens) = (0.0, 0u64);
+        let (mut loss_sum, mut tokens, mut flops) = (0.0, 0u64, 0.0);
+        let config = self.trainer.loaded.model.config().clone();
         for micro in &samples.micro {
             if micro.is_empty() {
                 continue;
             }
             let batch = MaskedBatch::from_samples(micro, pad, job.device);
             tokens += batch.tokens as u64;
+            flops += mfu::train_flops(&config, micro.iter().map(|s| s.input_ids.len()), batch.masked);
             loss_sum += self.trainer.backward(&batch, samples.masked as f64);
         }
         let report = self.trainer.step(&mut *self.comm)?;
-        let mut sums = [loss_sum, tokens as f64];
+        let mut sums = [loss_sum, tokens as f64, flops];
         self.comm.all_reduce_scalars(&mut sums)?;
         self.window.loss.add(sums[0], samples.masked as f64);
         self.window.samples += samples.samples;
         self.window.tokens += sums[1] as u64;
+        self.window.flops += sums[2];
         self.epoch_loss.add(sums[0], samples.masked as f64);
 
         let progress = &mut self.progress;
@@ -506,6 +525,7 @@ impl<'a> Run<'a> {
         progress.train_loss = Some(self.window.loss.sum / self.window.loss.masked);
         progress.samples_per_s = self.window.samples as f64 / elapsed;
         progress.tokens_per_s = self.window.tokens as f64 / elapsed;
+        progress.mfu = mfu::utilisation(self.window.flops, elapsed, self.peak_flops, self.comm.world_size());
         self.files.record(&json!({
             "type": "train",
             "epoch": epoch,
@@ -515,6 +535,7 @@ impl<'a> Run<'a> {
             "grad_norm": report.grad_norm,
             "samples_per_s": progress.samples_per_s,
             "tokens_per_s": progress.tokens_per_s,
+            "mfu": progress.mfu,
             "elapsed_s": self.started.elapsed().as_secs_f64(),
             "skipped_steps": self.trainer.skipped_steps,
         }))?;
@@ -726,7 +747,10 @@ fn distributed_eval(
     let (rank, world) = (comm.rank(), comm.world_size());
     let part = &dev[rank * dev.len() / world..(rank + 1) * dev.len() / world];
     let pad = trainer.loaded.tokenizer.special().pad;
-    let local = evaluate(&trainer.loaded.model, part, batch_size, pad, trainer.device);
+    // Evaluated in the training precision, as the Hugging Face Trainer does under autocast.
+    let local = crate::autocast::with(trainer.precision, trainer.device, || {
+        evaluate(&trainer.loaded.model, part, batch_size, pad, trainer.device)
+    });
     let mut sums = [local.loss_sum, local.correct, local.masked];
     comm.all_reduce_scalars(&mut sums)?;
     Ok(EvalSums {

@@ -2,6 +2,7 @@
 //! micro-batch, and take an optimizer step (exchange the gradients with the other ranks, clip,
 //! AdamW on this rank's partition, schedule, fp16 loss scaling, share the updated weights).
 
+use crate::autocast::PrecisionError;
 use crate::batch::MaskedBatch;
 use crate::comm::{Collective, CommError};
 use crate::model::LoadedModel;
@@ -14,36 +15,33 @@ use kormlm_proto::ds_config::{OptimizerKind, ResolvedConfig, Toggle};
 use kormlm_proto::train_args::TrainArgs;
 use tch::{Device, Kind, Reduction, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    /// CUDA autocast with DeepSpeed's dynamic loss scaling.
-    Fp16,
-    /// CUDA autocast in bfloat16 (no loss scaling needed).
-    Bf16,
-}
+pub use crate::autocast::Precision;
 
-/// Decides the precision from the config and the device (`"auto"` means on with CUDA).
-pub fn precision(config: &ResolvedConfig, device: Device) -> Precision {
+/// Decides the precision from the config and the device. `"auto"` means on with CUDA; on the
+/// CPU, `"bf16": {"enabled": true}` trains with CPU autocast in bfloat16 (an error on a CPU
+/// without AVX-512 BF16/AMX), and fp16 (CUDA only) falls back to fp32 with a warning, as before.
+pub fn precision(config: &ResolvedConfig, device: Device) -> Result<Precision, PrecisionError> {
     let cuda = device.is_cuda();
     let wanted = |t: Toggle| match t {
-        Toggle::On | Toggle::Auto => cuda,
+        Toggle::On => true,
+        Toggle::Auto => cuda,
         Toggle::Off => false,
     };
-    for (name, toggle) in [("fp16", config.config.fp16.enabled), ("bf16", config.config.bf16)] {
-        if toggle == Toggle::On && !cuda {
-            tracing::warn!("{name} needs CUDA; training in fp32 on the CPU");
-        }
+    if config.config.bf16 == Toggle::On {
+        let setting = "\"bf16\": {\"enabled\": true} in the DeepSpeed config";
+        crate::autocast::check(Precision::Bf16, device, setting, "\"bf16\": {\"enabled\": false}")?;
+        return Ok(Precision::Bf16);
     }
-    if wanted(config.config.bf16) && config.config.bf16 == Toggle::On {
-        Precision::Bf16
-    } else if wanted(config.config.fp16.enabled) {
+    if config.config.fp16.enabled == Toggle::On && !cuda {
+        tracing::warn!("fp16 needs CUDA; training in fp32 on the CPU (bf16 runs on CPUs with AVX-512 BF16/AMX)");
+    }
+    Ok(if cuda && wanted(config.config.fp16.enabled) {
         Precision::Fp16
-    } else if wanted(config.config.bf16) {
+    } else if cuda && wanted(config.config.bf16) {
         Precision::Bf16
     } else {
         Precision::Fp32
-    }
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +124,7 @@ impl Trainer {
         args: &TrainArgs,
         total_steps: u64,
         group: &dyn Collective,
-    ) -> Self {
+    ) -> Result<Self, PrecisionError> {
         let device = loaded.vs.device();
         let (rank, world) = (group.rank(), group.world_size());
         let flat = FlatParams::new(&loaded.vs, Partition::alignment(world));
@@ -134,11 +132,8 @@ impl Trainer {
         let (params, base_lr) = optimizer_settings(config, args);
         let mask = args.decay_exclude_bias_layernorm.then(|| flat.decay_mask());
         let optimizer = AdamW::new(params, partition.local(), device, mask);
-        let precision = precision(config, device);
-        if precision != Precision::Fp32 {
-            crate::autocast::set_cuda_autocast_bf16(precision == Precision::Bf16);
-        }
-        Self {
+        let precision = precision(config, device)?;
+        Ok(Self {
             schedule: schedule(config, args, base_lr, total_steps),
             scaler: (precision == Precision::Fp16).then(|| DynamicLossScaler::from_config(&config.config.fp16)),
             precision,
@@ -150,7 +145,7 @@ impl Trainer {
             loaded,
             steps: 0,
             skipped_steps: 0,
-        }
+        })
     }
 
     /// Forward and backward of one micro-batch; the loss is the masked-token cross-entropy sum
@@ -161,8 +156,7 @@ impl Trainer {
             return 0.0;
         }
         let model = &self.loaded.model;
-        let mixed = self.precision != Precision::Fp32;
-        let loss_sum = tch::autocast(mixed, || {
+        let loss_sum = crate::autocast::with(self.precision, self.device, || {
             let logits = model.logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, true);
             logits
                 .to_kind(Kind::Float)
@@ -220,14 +214,14 @@ impl Trainer {
     fn apply(&mut self, grad_norm_sq: f64) -> Result<StepReport, LossScaleError> {
         let mut norm = grad_norm_sq.sqrt();
         let mut overflow = !norm.is_finite();
+        // Unscaling and clipping are folded into the optimizer's one pass over the gradients.
+        let mut grad_scale = 1.0;
         if let Some(scaler) = &mut self.scaler {
             let scale = scaler.cur_scale;
             norm /= scale;
             overflow = !norm.is_finite();
             scaler.update_scale(overflow)?;
-            if !overflow {
-                let _ = tch::no_grad(|| self.flat.grads.g_mul_scalar_(1.0 / scale));
-            }
+            grad_scale = 1.0 / scale;
         }
         if overflow {
             self.skipped_steps += 1;
@@ -241,11 +235,11 @@ impl Trainer {
         if self.clip > 0.0 {
             let coef = self.clip / (norm + 1e-6);
             if coef < 1.0 {
-                let _ = tch::no_grad(|| self.flat.grads.g_mul_scalar_(coef));
+                grad_scale *= coef;
             }
         }
         let lr = self.schedule.lr(self.steps);
-        self.optimizer.step(&self.flat.params, &self.flat.grads, lr);
+        self.optimizer.step(&self.flat.params, &self.flat.grads, lr, grad_scale);
         self.steps += 1;
         self.flat.zero_grad();
         Ok(StepReport {
@@ -273,12 +267,20 @@ mod tests {
     fn precision_follows_config_and_device() {
         let fp16_auto = resolved(r#"{"train_batch_size": 8, "fp16": {"enabled": "auto"}}"#);
         let bf16 = resolved(r#"{"train_batch_size": 8, "bf16": {"enabled": true}}"#);
-        assert_eq!(precision(&fp16_auto, Device::Cpu), Precision::Fp32);
-        assert_eq!(precision(&bf16, Device::Cpu), Precision::Fp32);
-        assert_eq!(precision(&fp16_auto, Device::Cuda(0)), Precision::Fp16);
-        assert_eq!(precision(&bf16, Device::Cuda(0)), Precision::Bf16);
-        // The libtorch shim is linked and callable without a GPU.
-        crate::autocast::set_cuda_autocast_bf16(true);
-        crate::autocast::set_cuda_autocast_bf16(false);
+        let fp16_on = resolved(r#"{"train_batch_size": 8, "fp16": {"enabled": true}}"#);
+        assert_eq!(precision(&fp16_auto, Device::Cpu).unwrap(), Precision::Fp32);
+        assert_eq!(precision(&fp16_on, Device::Cpu).unwrap(), Precision::Fp32);
+        match precision(&bf16, Device::Cpu) {
+            Ok(p) => {
+                assert!(crate::autocast::CpuBf16::probe().supported());
+                assert_eq!(p, Precision::Bf16);
+            }
+            Err(e) => {
+                assert!(!crate::autocast::CpuBf16::probe().supported());
+                assert!(e.to_string().contains("\"bf16\""), "{e}");
+            }
+        }
+        assert_eq!(precision(&fp16_auto, Device::Cuda(0)).unwrap(), Precision::Fp16);
+        assert_eq!(precision(&bf16, Device::Cuda(0)).unwrap(), Precision::Bf16);
     }
 }
