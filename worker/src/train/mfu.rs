@@ -58,13 +58,13 @@ pub fn measure_peak(precision: Precision, device: Device, budget: Duration) -> f
     tch::no_grad(|| {
         let a = Tensor::randn([n, n], (kind, device));
         let b = Tensor::randn([n, n], (kind, device));
-        let mut out = a.matmul(&b); // warm-up (oneDNN primitive creation, AMX initialisation)
+        let out = a.matmul(&b); // warm-up (oneDNN primitive creation, AMX initialisation)
         sync(device);
         let flops = 2.0 * (n as f64).powi(3);
         let (mut best, started, mut runs) = (0.0f64, Instant::now(), 0);
         while runs < 3 || started.elapsed() < budget {
             let t = Instant::now();
-            let _ = a.matmul_out(&mut out, &b);
+            let _ = a.matmul_out(&out, &b);
             sync(device);
             best = best.max(flops / t.elapsed().as_secs_f64().max(1e-9));
             runs += 1;
