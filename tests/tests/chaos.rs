@@ -1,6 +1,6 @@
 //! The chaos suite: seeded fault injection on real coordinator and worker processes. Each
 //! scenario of the table in `chaos/scenarios.rs` starts a small training job (2 CPU workers, the
-//! tiny ELECTRA with dropout 0.1, 40 steps) or an augmentation job, hits one process kind
+//! tiny ELECTRA with dropout 0.1, 160 steps) or an augmentation job, hits one process kind
 //! (coordinator, rank 0, rank k) with SIGKILL, SIGTERM or SIGSTOP(+SIGCONT) at a randomised
 //! step — also during a checkpoint write, during a collective and during a `kill` — or leaves
 //! stray temporary files, or fills the disk (RLIMIT_FSIZE, EFBIG) during a checkpoint, then
@@ -43,9 +43,10 @@ use std::time::{Duration, Instant};
 /// The seed when `KORMLM_CHAOS_SEED` is not set (CI replays the same choices every time).
 const DEFAULT_SEED: u64 = 20_261_202;
 
-/// Optimizer steps of every training scenario: two epochs of dev.tsv (29 steps each) cut at 40,
-/// so the run crosses an epoch end (evaluation, best model) and stops mid-epoch.
-const STEPS: u64 = 40;
+/// Optimizer steps of every training scenario: six epochs of dev.tsv (29 steps each) cut at 160,
+/// so the run crosses epoch ends (evaluation, best model) and stops mid-epoch. Faults land in
+/// the first 30 steps: the rest keeps the run going well past them on a fast machine.
+const STEPS: u64 = 160;
 
 /// The collective timeout of every worker: a peer that is gone is noticed well within a
 /// scenario's budget even where the coordinator cannot tell the others.
@@ -113,7 +114,7 @@ fn training_flags(dir: &Path, out: &Path) -> Vec<String> {
         "--seed",
         "7",
         "--num_train_epochs",
-        "2",
+        "6",
         "--max_steps",
         &STEPS.to_string(),
         "--logging_steps",
@@ -420,7 +421,7 @@ impl Ctx {
 
     /// A client subcommand against `c` (`kill --job job-1`, `resume --job job-1`).
     pub fn client(&self, c: &CoordinatorProc, args: &[&str]) -> Output {
-        let out = run(Command::new(binary("coordinator")).args(args).args(["--addr", &c.url]));
+        let out = c.client(args);
         assert!(
             out.status.success(),
             "coordinator {args:?}: {}\n{}",
