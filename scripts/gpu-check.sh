@@ -212,7 +212,7 @@ timeout 300 "$B/coordinator" --config "$W/w2.json" --world_size 2 --device $JOBD
     --state-dir "$W/st2" "${T[@]}" --output_dir "$W/job2" > "$W/coord2.log" 2>&1 & C2=$!
 for _ in $(seq 300); do [ -s "$W/st2/coordinator.addr" ] && break; sleep 0.2; done
 U=$(cat "$W/st2/coordinator.addr" 2>/dev/null)
-for r in 0 1; do NCCL_HOSTID=gc$r timeout 290 "$B/worker" --rank $r --local_rank 0 --coordinator "$U" > "$W/w$r.log" 2>&1 & done
+for r in 0 1; do KORMLM_TOKEN_FILE="$W/st2/token" NCCL_HOSTID=gc$r timeout 290 "$B/worker" --rank $r --local_rank 0 --coordinator "$U" > "$W/w$r.log" 2>&1 & done
 wait $C2; echo "job2 exit $? in $((SECONDS - s)) s"; wait
 pyck train run-cpu-fp32 run-dev-fp32 run-dev-fp16 run-dev-bf16 job1 job2
 

@@ -6,7 +6,6 @@
 //! restarted attempt.
 
 use kormlm_e2e::*;
-use kormlm_proto::v1::worker_service_client::WorkerServiceClient;
 use kormlm_proto::v1::{RegisterRequest, RendezvousRequest};
 use kormlm_proto::PROTOCOL_VERSION;
 use nix::sys::signal::{kill, Signal};
@@ -340,10 +339,10 @@ fn a_second_stop_signal_exits_at_once() {
 
 /// Registers as rank `rank` and joins the rendezvous announcing `ring_address`, as a worker
 /// would; returns once every rank has joined. Never heart-beats.
-fn join_rendezvous(url: &str, rank: u32, ring_address: String) {
+fn join_rendezvous(c: &CoordinatorProc, rank: u32, ring_address: String) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut client = WorkerServiceClient::connect(url.to_string()).await.unwrap();
+        let mut client = kormlm_e2e::grpc::worker_client(c).await;
         let assignment = client
             .register(RegisterRequest {
                 rank,
@@ -385,7 +384,7 @@ fn a_peer_that_dies_after_the_rendezvous_fails_the_set_up_within_the_collective_
     let mut rank0 = c.worker_with_env(0, &[], &[("KORMLM_COLLECTIVE_TIMEOUT_S", "3")]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    join_rendezvous(&c.url, 1, address);
+    join_rendezvous(&c, 1, address);
     // Rank 1 dies right after the rendezvous: nothing listens at its address any more.
     drop(listener);
     let joined = Instant::now();
@@ -426,7 +425,7 @@ fn an_abort_during_the_set_up_ends_the_worker_without_waiting_for_it() {
     let c = start(&state, &args);
     let mut rank0 = c.worker_with_env(0, &[], &[("KORMLM_COLLECTIVE_TIMEOUT_S", "120")]);
     let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    join_rendezvous(&c.url, 1, frozen.local_addr().unwrap().to_string());
+    join_rendezvous(&c, 1, frozen.local_addr().unwrap().to_string());
     let joined = Instant::now();
     let code = rank0.wait_exit(Duration::from_secs(120)).code();
     let took = joined.elapsed();
