@@ -43,7 +43,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario!(
         "rank0-sigkill-auto-restart",
         "SIGKILL rank 0, --max_restarts 1",
-        false,
+        true,
         |c| sigkill_rank_auto_restart(c, 0)
     ),
     scenario!(
@@ -91,7 +91,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario!(
         "rank1-sigstop-past-timeout",
         "SIGSTOP rank 1 5 s > timeout 2 s, SIGCONT",
-        true,
+        false,
         |c| sigstop_past_timeout(c, 1)
     ),
     scenario!(
