@@ -14,6 +14,21 @@ pub fn config(name: &str) -> PathBuf {
     workspace_root().join("configs").join(name)
 }
 
+/// Writes `DIR/ds.json`, the DeepSpeed config the fault tests train with: ZeRO-2, AdamW, WarmupLR
+/// (linear, 8 steps), gradient clipping, 16 samples a step.
+pub fn zero2_config(dir: &Path) -> PathBuf {
+    let path = dir.join("ds.json");
+    std::fs::write(
+        &path,
+        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
+            "zero_optimization": {"stage": 2}}"#,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
 /// The shared corpora (`../shared/data`, or `KORMLM_SHARED_DATA`).
 pub fn shared_data() -> PathBuf {
     std::env::var_os("KORMLM_SHARED_DATA")

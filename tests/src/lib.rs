@@ -15,7 +15,9 @@ mod summary;
 mod weights;
 
 pub use command::{run, run_with_input};
-pub use data::{config, nsmc_documents, nsmc_documents_where, shared_data, text, workspace_root, Fixture};
+pub use data::{
+    config, nsmc_documents, nsmc_documents_where, shared_data, text, workspace_root, zero2_config, Fixture,
+};
 pub use flags::{busy_training_flags, tiny_training, worker_augment_flags};
 pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model};
 pub use procs::{

@@ -82,27 +82,13 @@ fn scenario_seed(base: u64, name: &str) -> u64 {
     })
 }
 
-/// The DeepSpeed config of every training scenario: ZeRO-2, WarmupLR, clipping, 16 samples a step.
-fn ds_config(dir: &Path) -> PathBuf {
-    let path = dir.join("ds.json");
-    std::fs::write(
-        &path,
-        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
-            "zero_optimization": {"stage": 2}}"#,
-    )
-    .unwrap();
-    path
-}
-
 /// The training flags every training scenario and its reference share: what decides the
 /// weights. `--checkpoint_steps`, restarts and timeouts are the scenario's and change nothing.
 fn training_flags(dir: &Path, out: &Path) -> Vec<String> {
     let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
     [
         "--config",
-        &text(&ds_config(dir)),
+        &text(&zero2_config(dir)),
         "--model_name_or_path",
         &text(&tiny_dropout_model()),
         "--data_path",

@@ -13,20 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// ZeRO-2 with WarmupLR and clipping, 16 samples a step.
-fn config(dir: &Path) -> PathBuf {
-    let path = dir.join("ds.json");
-    std::fs::write(
-        &path,
-        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
-            "zero_optimization": {"stage": 2}}"#,
-    )
-    .unwrap();
-    path
-}
-
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -36,7 +22,7 @@ fn train_flags(dir: &Path, out: &Path, data: &str, extra: &[&str]) -> Vec<String
     let data = shared_data().join("korean-hate-speech/labeled").join(data);
     let mut flags = strings(&[
         "--config",
-        config(dir).to_str().unwrap(),
+        zero2_config(dir).to_str().unwrap(),
         "--model_name_or_path",
         tiny_dropout_model().to_str().unwrap(),
         "--data_path",

@@ -14,24 +14,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn ds_config(dir: &Path) -> PathBuf {
-    let path = dir.join("ds.json");
-    std::fs::write(
-        &path,
-        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
-            "zero_optimization": {"stage": 2}}"#,
-    )
-    .unwrap();
-    path
-}
-
 /// The flags of a training job on the tiny model over a Korean HateSpeech file (`dev.tsv`: 29
 /// steps an epoch; `train.tsv`: about 490), its ranks placed by `placement`.
 fn train_args(dir: &Path, out: &Path, data: &str, placement: &[&str], extra: &[&str]) -> Vec<String> {
     let data = shared_data().join("korean-hate-speech/labeled").join(data);
-    let mut args: Vec<String> = ["--config", ds_config(dir).to_str().unwrap(), "--device", "cpu"]
+    let mut args: Vec<String> = ["--config", zero2_config(dir).to_str().unwrap(), "--device", "cpu"]
         .iter()
         .chain(placement)
         .chain(&[

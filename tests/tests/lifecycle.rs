@@ -10,19 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn config(dir: &Path) -> PathBuf {
-    let path = dir.join("ds.json");
-    std::fs::write(
-        &path,
-        r#"{"train_batch_size": 16, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.01}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 8, "warmup_type": "linear"}},
-            "zero_optimization": {"stage": 2}}"#,
-    )
-    .unwrap();
-    path
-}
-
 fn job_args(dir: &Path, out: &Path, workers: u32, epochs: u32) -> Vec<String> {
     job_args_on(dir, out, workers, epochs, "dev.tsv")
 }
@@ -32,7 +19,7 @@ fn job_args_on(dir: &Path, out: &Path, workers: u32, epochs: u32, data: &str) ->
     let data = shared_data().join("korean-hate-speech/labeled").join(data);
     [
         "--config",
-        config(dir).to_str().unwrap(),
+        zero2_config(dir).to_str().unwrap(),
         "--num_workers",
         &workers.to_string(),
         "--device",
