@@ -6,7 +6,7 @@ use crate::client::CoordinatorClient;
 use crate::comm::nccl::{self, NcclGroup};
 use crate::comm::ring::{self, Ring};
 use crate::comm::ring_handshake::RingSecret;
-use crate::comm::{Collective, CommError, GroupAbort, SingleRank};
+use crate::comm::{deadlines, Collective, CommError, GroupAbort, SingleRank};
 use crate::error::{JobError, WorkerError};
 use crate::train::{self, ProgressEvent, TrainError, TrainJob, TrainSummary};
 use crate::work::{AugmentJob, AugmentOutcome};
@@ -14,17 +14,7 @@ use kormlm_proto::v1::{Assignment, RendezvousRequest};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tch::Device;
-
-/// How long a collective may wait for a peer before it fails.
-pub fn collective_timeout() -> Duration {
-    let seconds = std::env::var("KORMLM_COLLECTIVE_TIMEOUT_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120);
-    Duration::from_secs(seconds)
-}
 
 /// Where this worker's CPU ring listens: one interface, never all of them — the one given with
 /// `--ring-bind`, or else the one this host uses to reach the coordinator (its peers reach the
@@ -83,7 +73,7 @@ pub async fn form_group(
     if world == 1 {
         return Ok(Box::new(SingleRank));
     }
-    let timeout = collective_timeout();
+    let timeout = deadlines::collective_timeout()?;
     let mut request = RendezvousRequest {
         job_id: assignment.job_id.clone(),
         rank: assignment.rank,

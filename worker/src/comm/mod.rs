@@ -2,6 +2,7 @@
 //! ring on CPUs, and the trivial single-rank group. Set-up and every collective have a deadline,
 //! and a [`GroupAbort`] lets another thread make them give up at once.
 
+pub mod deadlines;
 pub mod libraries;
 pub mod nccl;
 pub mod ring;
@@ -117,6 +118,24 @@ pub trait Collective {
     fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<(), CommError>;
     /// Sums a few scalars over ranks.
     fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError>;
+    /// How long a collective waits for the peers.
+    fn timeout(&self) -> Duration;
+    /// Changes how long the next collectives wait for the peers.
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), CommError>;
+}
+
+/// Sums `values` over ranks, waiting up to `timeout` rather than the group's usual deadline:
+/// the barrier after work only some ranks do (see [`deadlines::saving_timeout`]).
+pub fn all_reduce_scalars_within(
+    comm: &mut dyn Collective,
+    values: &mut [f64],
+    timeout: Duration,
+) -> Result<(), CommError> {
+    let usual = comm.timeout();
+    comm.set_timeout(timeout)?;
+    let summed = comm.all_reduce_scalars(values);
+    let restored = comm.set_timeout(usual);
+    summed.and(restored)
 }
 
 /// A group of one: every collective is the identity.
@@ -140,6 +159,12 @@ impl Collective for SingleRank {
         Ok(())
     }
     fn all_reduce_scalars(&mut self, _values: &mut [f64]) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn timeout(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn set_timeout(&mut self, _timeout: Duration) -> Result<(), CommError> {
         Ok(())
     }
 }

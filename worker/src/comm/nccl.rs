@@ -359,6 +359,15 @@ impl Collective for NcclGroup {
         self.scalars = Some(table);
         Ok(())
     }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), CommError> {
+        self.timeout = timeout;
+        Ok(())
+    }
 }
 
 impl Drop for NcclGroup {

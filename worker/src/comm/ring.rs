@@ -436,6 +436,21 @@ impl Collective for Ring {
         }
         Ok(())
     }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), CommError> {
+        for s in [&self.next, &self.prev].into_iter().flatten() {
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| failed("set_timeout", e))?;
+            s.set_write_timeout(Some(timeout))
+                .map_err(|e| failed("set_timeout", e))?;
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
 }
 
 impl Drop for Ring {
@@ -612,6 +627,47 @@ mod tests {
         let err = ring.reduce_scatter_f32(&mut data).unwrap_err();
         assert!(matches!(err, CommError::PeerLost { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_saving_barrier_waits_past_the_collective_deadline_for_a_slow_writer() {
+        use crate::comm::all_reduce_scalars_within;
+        let collective = Duration::from_secs(1);
+        let saving = Duration::from_secs(20);
+        let slow_write = Duration::from_millis(2500);
+        let (l0, a0) = listen(LOOPBACK).unwrap();
+        let (l1, a1) = listen(LOOPBACK).unwrap();
+        let addresses = vec![a0, a1];
+        let secret = RingSecret::generate().unwrap();
+        let writer = {
+            let (addresses, secret) = (addresses.clone(), secret.clone());
+            std::thread::spawn(move || {
+                let mut ring = Ring::connect(l0, 0, &addresses, &secret, collective).unwrap();
+                // Rank 0 writes for longer than the collective deadline, then meets its peer at
+                // the saving barrier, reporting success.
+                std::thread::sleep(slow_write);
+                let mut flags = [0.0];
+                all_reduce_scalars_within(&mut ring, &mut flags, saving).unwrap();
+                // The second time it is as slow but its peer waits in a plain collective.
+                std::thread::sleep(slow_write);
+                let _ = ring.all_reduce_scalars(&mut [0.0]);
+                ring.timeout()
+            })
+        };
+        let mut ring = Ring::connect(l1, 1, &addresses, &secret, collective).unwrap();
+        let started = Instant::now();
+        let mut flags = [1.0];
+        all_reduce_scalars_within(&mut ring, &mut flags, saving).unwrap();
+        assert_eq!(flags, [1.0]);
+        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+        // The group's own deadline is back for the collectives that follow.
+        assert_eq!(ring.timeout(), collective);
+        let started = Instant::now();
+        let err = ring.all_reduce_scalars(&mut [1.0]).unwrap_err();
+        assert!(matches!(err, CommError::Timeout { seconds: 1, .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        drop(ring);
+        assert_eq!(writer.join().unwrap(), collective);
     }
 
     /// A world of 2 forming, rank 0 with `secret_of_rank_0`: both results and how long it took.

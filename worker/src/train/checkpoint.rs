@@ -15,12 +15,13 @@
 use super::early_stopping::EarlyStopping;
 use super::rng_state::{RngError, RngStates};
 use super::trainer::Trainer;
-use crate::comm::Collective;
+use crate::comm::{all_reduce_scalars_within, Collective};
 use crate::optim::loss_scale::DynamicLossScaler;
 pub use crate::optim::partition::PartitionRange;
 use kormlm_proto::durable;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tch::{Kind, Tensor};
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -232,13 +233,15 @@ fn flagged(sums: &[f64]) -> Vec<usize> {
 
 /// Writes a checkpoint collectively; returns its directory (on every rank). When any rank
 /// fails, every rank returns [`CheckpointError::NotWritten`] naming the failed ranks, and no
-/// `step-N` directory appears.
+/// `step-N` directory appears. Its barriers wait up to `saving` for the ranks that write (see
+/// [`crate::comm::deadlines::saving_timeout`]).
 pub fn save(
     trainer: &Trainer,
     state: &TrainerState,
     comm: &mut dyn Collective,
     root: &Path,
     keep: usize,
+    saving: Duration,
 ) -> Result<PathBuf, CheckpointError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let step = state.global_step();
@@ -267,7 +270,7 @@ pub fn save(
     // Barrier 1: every rank's part is on disk, or the ranks that failed are known to all.
     let mut failed = vec![0.0; world];
     failed[rank] = f64::from(u8::from(part.is_err()));
-    comm.all_reduce_scalars(&mut failed)?;
+    all_reduce_scalars_within(comm, &mut failed, saving)?;
     let failed = flagged(&failed);
     if !failed.is_empty() {
         if rank == 0 {
@@ -282,7 +285,7 @@ pub fn save(
         Ok(())
     };
     let mut failed = [f64::from(u8::from(committed.is_err()))];
-    comm.all_reduce_scalars(&mut failed)?;
+    all_reduce_scalars_within(comm, &mut failed, saving)?;
     if failed[0] > 0.0 {
         if rank == 0 {
             let _ = std::fs::remove_dir_all(&tmp);

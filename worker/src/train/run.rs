@@ -20,7 +20,7 @@ use super::report::{ProgressEvent, TrainSummary};
 use super::run_files::RunFiles;
 use super::trainer::{StepReport, Trainer};
 use crate::batch::MaskedBatch;
-use crate::comm::Collective;
+use crate::comm::{all_reduce_scalars_within, deadlines, Collective};
 use crate::corpus::{CorpusReport, CorpusSpec};
 use crate::dataset::{tokenize_cached, TokenizedSet};
 use crate::masking::{MaskedSample, Masker, DEV_EPOCH};
@@ -236,6 +236,8 @@ struct Run<'a> {
     bar: Option<indicatif::ProgressBar>,
     /// This device's measured matmul peak (FLOP/s) in the training precision, for the MFU.
     peak_flops: f64,
+    /// How long the ranks wait for rank 0's (and each rank's) writes at a saving barrier.
+    saving_timeout: Duration,
 }
 
 impl<'a> Run<'a> {
@@ -247,6 +249,7 @@ impl<'a> Run<'a> {
     ) -> Result<Self, TrainError> {
         let started = Instant::now();
         let args = &job.args;
+        let saving_timeout = deadlines::saving_timeout()?;
         let (rank, world) = (comm.rank(), comm.world_size());
         let leader = rank == 0;
         let resume = resume_point(job.resume_from.as_deref(), job.run_id.as_deref())?;
@@ -376,6 +379,7 @@ impl<'a> Run<'a> {
             stopped_by_request: false,
             bar: show_bar.then(|| progress_bar(total_steps)),
             peak_flops,
+            saving_timeout,
         })
     }
 
@@ -558,6 +562,22 @@ impl<'a> Run<'a> {
         Ok(stop[0] > 0.0)
     }
 
+    /// Waits, up to the saving deadline rather than the collective one, for rank 0 to write
+    /// `dir`; when that failed, every rank fails with it (no peer is left waiting in the next
+    /// collective for a rank that has gone).
+    fn agree_saved(&mut self, dir: &Path, saved: Result<(), TrainError>) -> Result<(), TrainError> {
+        let mut failed = [f64::from(u8::from(saved.is_err()))];
+        all_reduce_scalars_within(&mut *self.comm, &mut failed, self.saving_timeout)?;
+        saved?;
+        if failed[0] > 0.0 {
+            return Err(TrainError::output(
+                dir,
+                "rank 0 could not write it (see rank 0's error)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Evaluation on the dev set, early stopping (and the best model), the `eval` log record,
     /// the plot and the epoch's checkpoint.
     fn end_epoch(&mut self, epoch: u32) -> Result<(), TrainError> {
@@ -567,7 +587,8 @@ impl<'a> Run<'a> {
         let val_loss = sums.loss();
         let observation = self.early.observe(epoch, val_loss, args.max_stop_number);
         if observation.improved {
-            self.files.save_best(&self.trainer.loaded)?;
+            let saved = self.files.save_best(&self.trainer.loaded);
+            self.agree_saved(&self.files.best_dir(), saved)?;
         }
         self.progress.val_loss = Some(val_loss);
         self.progress.val_accuracy = Some(sums.accuracy());
@@ -640,6 +661,7 @@ impl<'a> Run<'a> {
             &mut *self.comm,
             &root,
             self.job.args.keep_checkpoints,
+            self.saving_timeout,
         )?;
         self.progress.checkpoint = Some((dir.display().to_string(), self.progress.global_step));
         // The log lists the run's complete checkpoints (what `worker train --resume_from` takes).
