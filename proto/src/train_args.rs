@@ -77,6 +77,11 @@ pub struct TrainArgs {
     /// shuffled order is cut into megabatches of up to 50 optimizer batches, each sorted by length.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub group_by_length: bool,
+    /// TF32 for fp32 matmuls and convolutions on CUDA GPUs of compute capability 8.0+ (the Hugging
+    /// Face Trainer's tf32): true enables it (refused elsewhere), false keeps full fp32, unset
+    /// keeps libtorch's default.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub tf32: Option<bool>,
 }
 
 /// Parses flags out of a `name -> value` map, as carried by `JobSpec.args`.

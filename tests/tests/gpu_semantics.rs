@@ -320,3 +320,31 @@ fn the_gpu_self_check_runs_its_command_lines_on_the_cpu() {
     );
     assert_eq!(summary["passed"], 7, "{summary:#}");
 }
+
+/// `--tf32 true` (the Hugging Face Trainer's flag) on a device without TF32 is refused before
+/// the model or the data are read, naming the flag and what to do instead.
+#[test]
+fn tf32_on_a_device_without_it_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("run");
+    let args = tiny_training(Path::new("/no/such/data"), &output);
+    let config = workspace_root().join("configs/cpu-demo.json");
+    let out = run(Command::new(binary("worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(&config)
+        .args(args.to_argv())
+        .args(["--tf32", "true"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--tf32 true needs a CUDA GPU of compute capability 8.0 or newer")
+            && stderr.contains("this run is on cpu")
+            && stderr.contains("give --tf32 false"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("/no/such/data"),
+        "refused before the data is read: {stderr}"
+    );
+    assert!(!output.exists(), "nothing written: {}", output.display());
+}

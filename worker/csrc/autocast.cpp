@@ -1,6 +1,7 @@
 // The libtorch calls tch does not expose for mixed precision: autocast on a chosen device type
 // with a chosen dtype (tch's `autocast` only enables CUDA autocast in its default float16), and
 // the CPU capabilities that say whether bfloat16 runs in hardware (AVX-512 BF16, AMX).
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/cpu/Utils.h>
 
@@ -53,6 +54,33 @@ extern "C" int kormlm_cpu_capability(const char* name) {
       return -1;
     }
     return it->second.toBool() ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN) on CUDA, set as the Hugging Face
+// Trainer's tf32 does on torch >= 2.9 (`torch.backends.cuda.matmul.fp32_precision` and
+// `torch.backends.cudnn.conv.fp32_precision` = "tf32" or "ieee"). Returns 0, or -1 when
+// libtorch threw.
+extern "C" int kormlm_set_cuda_tf32(int enabled) {
+  try {
+    auto precision = enabled ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, precision);
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, precision);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 1 when fp32 matmuls on CUDA may use TF32 (cuBLAS), 0 when not, -1 when libtorch threw.
+extern "C" int kormlm_cuda_matmul_tf32() {
+  try {
+    // The new API only: libtorch refuses to answer the legacy allowTF32CuBLAS() once the
+    // precision was set through the new one.
+    auto precision = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+    return precision == at::Float32Precision::TF32 ? 1 : 0;
   } catch (...) {
     return -1;
   }

@@ -1,6 +1,7 @@
 //! Mixed precision: autocast regions on the CPU or CUDA in bfloat16 or float16 (a thin FFI to
-//! `csrc/autocast.cpp`, since tch's `autocast` only enables CUDA autocast in float16), and whether
-//! this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX).
+//! `csrc/autocast.cpp`, since tch's `autocast` only enables CUDA autocast in float16), whether
+//! this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), and TF32 for fp32 CUDA matmuls
+//! (`--tf32`, as the Hugging Face Trainer's).
 
 use kormlm_proto::augment_args::ComputeDtype;
 use std::ffi::{c_char, c_int, CStr};
@@ -10,6 +11,8 @@ extern "C" {
     fn kormlm_autocast_enter(cuda: c_int, bf16: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int) -> c_int;
     fn kormlm_autocast_exit(cuda: c_int, prev_enabled: c_int, prev_dtype: c_int) -> c_int;
     fn kormlm_cpu_capability(name: *const c_char) -> c_int;
+    fn kormlm_set_cuda_tf32(enabled: c_int) -> c_int;
+    fn kormlm_cuda_matmul_tf32() -> c_int;
 }
 
 /// The precision a model computes in (weights stay fp32 in every case).
@@ -52,6 +55,14 @@ pub enum PrecisionError {
     CpuWithoutBf16 { setting: String, fix: &'static str },
     #[error("fp16 runs only on CUDA devices; {setting} asks for it on the CPU")]
     CpuFp16 { setting: String },
+    /// `--tf32 true` where TF32 does not exist (as the Hugging Face Trainer refuses it).
+    #[error(
+        "--tf32 true needs a CUDA GPU of compute capability 8.0 or newer (Ampere and later); this run is on {device}; \
+         leave --tf32 out or give --tf32 false"
+    )]
+    NoTf32 { device: String },
+    #[error("--tf32: libtorch could not set the fp32 matmul precision")]
+    Tf32Failed,
 }
 
 /// What this CPU offers for bfloat16, as libtorch's cpuinfo reports it.
@@ -94,6 +105,59 @@ pub fn check(precision: Precision, device: Device, setting: &str, fix: &'static 
             fix,
         }),
     }
+}
+
+/// Applies `--tf32`: `Some(true)` lets fp32 matmuls and convolutions on CUDA use TF32 (refused
+/// unless `device` is a CUDA GPU of compute capability 8.0+), `Some(false)` keeps them in full
+/// fp32, `None` leaves libtorch's default (matmuls in full fp32, convolutions in TF32).
+pub fn apply_tf32(setting: Option<bool>, device: Device) -> Result<(), PrecisionError> {
+    let Some(enabled) = setting else {
+        return Ok(());
+    };
+    if enabled {
+        let capability = match device {
+            Device::Cuda(ordinal) => cuda_capability_major(ordinal),
+            _ => None,
+        };
+        if capability.is_none_or(|major| major < 8) {
+            return Err(PrecisionError::NoTf32 {
+                device: match (device, capability) {
+                    (Device::Cuda(i), Some(major)) => format!("cuda:{i} (compute capability {major}.x)"),
+                    _ => format!("{device:?}").to_lowercase(),
+                },
+            });
+        }
+    }
+    set_cuda_tf32(enabled)
+}
+
+fn set_cuda_tf32(enabled: bool) -> Result<(), PrecisionError> {
+    // SAFETY: a plain int; the shim only sets libtorch's global precision setting.
+    match unsafe { kormlm_set_cuda_tf32(c_int::from(enabled)) } {
+        0 => Ok(()),
+        _ => Err(PrecisionError::Tf32Failed),
+    }
+}
+
+/// Whether fp32 matmuls on CUDA may use TF32 now.
+pub fn cuda_matmul_tf32() -> bool {
+    // SAFETY: no arguments; the shim only reads libtorch's global precision setting.
+    unsafe { kormlm_cuda_matmul_tf32() == 1 }
+}
+
+/// The major compute capability of CUDA device `ordinal`, when the CUDA runtime answers.
+fn cuda_capability_major(ordinal: usize) -> Option<i32> {
+    // cudarc loads libcudart lazily and panics when it is missing: check the libraries first.
+    crate::comm::libraries::check().ok()?;
+    let ordinal = std::ffi::c_int::try_from(ordinal).ok()?;
+    // SAFETY: a valid attribute; an ordinal out of range is an error code, not undefined behaviour.
+    unsafe {
+        cudarc::runtime::result::device::get_attribute(
+            ordinal,
+            cudarc::runtime::sys::cudaDeviceAttr::cudaDevAttrComputeCapabilityMajor,
+        )
+    }
+    .ok()
 }
 
 /// An autocast region on this thread (autocast state is thread-local in libtorch), left when
@@ -162,6 +226,26 @@ mod tests {
         });
         assert_eq!(nested, Kind::BFloat16, "an inner region restores the outer one");
         assert_eq!(with(Precision::Fp32, Device::Cpu, || a.matmul(&a).kind()), Kind::Float);
+    }
+
+    #[test]
+    fn tf32_is_refused_without_an_ampere_gpu_and_switched_off_or_left_alone_otherwise() {
+        let e = apply_tf32(Some(true), Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("--tf32 true needs a CUDA GPU of compute capability 8.0"),
+            "{e}"
+        );
+        assert!(e.contains("this run is on cpu"), "{e}");
+        assert!(!cuda_matmul_tf32(), "libtorch's default: full fp32");
+        // Unset leaves the setting alone; false sets full fp32 (also where it changes nothing).
+        apply_tf32(None, Device::Cpu).unwrap();
+        apply_tf32(Some(false), Device::Cpu).unwrap();
+        assert!(!cuda_matmul_tf32());
+        // The switch is libtorch's own (what cuBLAS calls consult).
+        set_cuda_tf32(true).unwrap();
+        assert!(cuda_matmul_tf32());
+        apply_tf32(Some(false), Device::Cpu).unwrap();
+        assert!(!cuda_matmul_tf32());
     }
 
     #[test]

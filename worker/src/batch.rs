@@ -103,14 +103,30 @@ impl Builder {
     fn finish(self, device: Device) -> MaskedBatch {
         let shape = [self.rows as i64, self.width as i64];
         MaskedBatch {
-            input_ids: Tensor::from_slice(&self.ids).view(shape).to_device(device),
-            attention_mask: Tensor::from_slice(&self.attention).view(shape).to_device(device),
-            positions: Tensor::from_slice(&self.positions).view([-1, 2]).to_device(device),
+            input_ids: to_device(Tensor::from_slice(&self.ids).view(shape), device),
+            attention_mask: to_device(Tensor::from_slice(&self.attention).view(shape), device),
+            positions: to_device(Tensor::from_slice(&self.positions).view([-1, 2]), device),
             masked: self.positions.len() / 2,
-            labels: Tensor::from_slice(&self.labels).to_device(device),
+            labels: to_device(Tensor::from_slice(&self.labels), device),
             samples: self.rows,
             tokens: self.tokens,
         }
+    }
+}
+
+/// A host tensor on `device`: on CUDA copied from page-locked memory without blocking the host
+/// (it goes on building the next batch; libtorch's pinned-memory allocator keeps the source until
+/// the copy has run), falling back to a plain copy when memory cannot be pinned; elsewhere as is.
+fn to_device(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => match host.f_pin_memory(device) {
+            Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
+            Err(e) => {
+                tracing::debug!(error = %e, "pinned memory unavailable; copying the batch from pageable memory");
+                host.to_device(device)
+            }
+        },
+        _ => host,
     }
 }
 

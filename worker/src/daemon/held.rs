@@ -13,6 +13,7 @@ use kormlm_proto::v1::Assignment;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tch::Device;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -47,9 +48,15 @@ pub struct HeldWork {
 }
 
 impl HeldWork {
-    /// Starts the assignment's work. Decoding it and forming the group run on a task, so the
-    /// daemon keeps heart-beating meanwhile; the work itself then runs on its own thread.
-    pub fn start(client: CoordinatorClient, assignment: Assignment, ring_bind: RingBind) -> Self {
+    /// Starts the assignment's work. Checking `unchecked_device` (when the device was not
+    /// checked before registering), decoding the assignment and forming the group run on a task,
+    /// so the daemon keeps heart-beating meanwhile; the work itself then runs on its own thread.
+    pub fn start(
+        client: CoordinatorClient,
+        assignment: Assignment,
+        ring_bind: RingBind,
+        unchecked_device: Option<Device>,
+    ) -> Self {
         let (progress_tx, progress) = watch::channel(None);
         let stop = Arc::new(AtomicBool::new(false));
         let abort = GroupAbort::default();
@@ -57,6 +64,11 @@ impl HeldWork {
         let task = {
             let (stop, abort) = (stop.clone(), abort.clone());
             tokio::spawn(async move {
+                if let Some(device) = unchecked_device {
+                    tokio::task::spawn_blocking(move || crate::device::check(device))
+                        .await
+                        .map_err(WorkerError::StartUp)??;
+                }
                 let mut client = client;
                 start_work(&mut client, &assignment, &ring_bind, progress_tx, stop, &abort).await
             })

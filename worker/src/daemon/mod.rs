@@ -298,10 +298,10 @@ impl Daemon {
                 &assignment.physical_cuda_devices,
                 visible.as_deref(),
             )?;
-            if self.checked_device != Some(device) {
-                device::check(device)?;
-                self.checked_device = Some(device);
-            }
+            // A device not checked before registering is checked as the work starts, while the
+            // session heart-beats: a slow first CUDA context cannot outlast the worker timeout.
+            let unchecked = (self.checked_device != Some(device)).then_some(device);
+            self.checked_device = Some(device);
             tracing::info!(
                 job_id = %assignment.job_id,
                 attempt = assignment.attempt,
@@ -326,7 +326,7 @@ impl Daemon {
                     explicit: self.options.ring_bind,
                     coordinator_url: self.options.coordinator.clone(),
                 };
-                let held = HeldWork::start(client.clone(), assignment.clone(), ring_bind);
+                let held = HeldWork::start(client.clone(), assignment.clone(), ring_bind, unchecked);
                 if self.stopped_by.is_some() {
                     // Signalled while registering: the work stops after its first step.
                     held.request_stop();

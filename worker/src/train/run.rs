@@ -250,6 +250,7 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let args = &job.args;
         let saving_timeout = deadlines::saving_timeout()?;
+        crate::autocast::apply_tf32(args.tf32, job.device)?;
         let (rank, world) = (comm.rank(), comm.world_size());
         let leader = rank == 0;
         let resume = resume_point(job.resume_from.as_deref(), job.run_id.as_deref())?;
