@@ -18,7 +18,7 @@ use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::v1::{EventRecord, JobRecord, JobSpec, WorkerInfo};
 use kormlm_proto::{now_ms, PROTOCOL_VERSION};
 use rendezvous::{Arrival, Group, Round};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -72,6 +72,9 @@ struct Entry {
     merging: Option<u32>,
     /// The last checkpoint reference of another run that rank 0 reported (recorded once).
     refused: Option<String>,
+    /// Rank failures this process took for the job (reported, or a rank lost), by kind; kept
+    /// across attempts, for the metrics.
+    failures: HashMap<FailureKind, u64>,
 }
 
 impl Entry {
@@ -83,7 +86,12 @@ impl Entry {
             held: None,
             merging: None,
             refused: None,
+            failures: HashMap::new(),
         }
+    }
+
+    fn count_failure(&mut self, kind: FailureKind) {
+        *self.failures.entry(kind).or_default() += 1;
     }
 
     /// Every rank of the attempt is done: a running job's ranks have all finished, a stopping
@@ -104,6 +112,15 @@ impl Entry {
             workers: self.workers.workers(),
         }
     }
+}
+
+/// A job with what only this process counts about it, for the metrics.
+#[derive(Debug, Clone)]
+pub struct JobMetrics {
+    pub view: JobView,
+    /// Rank failures taken since this coordinator process started (reported by a worker, or a
+    /// rank lost), by kind.
+    pub failures: HashMap<FailureKind, u64>,
 }
 
 struct Inner {
@@ -344,6 +361,18 @@ impl Coordinator {
         self.lock().jobs.values().map(Entry::view).collect()
     }
 
+    /// Every job as the metrics show it, copied under the lock (the caller renders it after).
+    pub fn metrics_snapshot(&self) -> Vec<JobMetrics> {
+        self.lock()
+            .jobs
+            .values()
+            .map(|entry| JobMetrics {
+                view: entry.view(),
+                failures: entry.failures.clone(),
+            })
+            .collect()
+    }
+
     /// Claims a rank of the active job for a worker. A worker that says it holds work of an
     /// earlier attempt gets the current one (it drops the old work first); a new process for a
     /// rank of a running attempt whose workers have not come back after a coordinator restart
@@ -464,6 +493,7 @@ impl Coordinator {
                 _ => format!("rank {rank} failed: {}", reported.message),
             };
             self.event(&entry.job, "failure", message.clone())?;
+            entry.count_failure(kind);
             let failure = Failure {
                 kind,
                 message,
@@ -550,6 +580,7 @@ impl Coordinator {
         }
         let message = format!("rank {rank} lost: {reason}");
         self.event(&entry.job, "failure", message.clone())?;
+        entry.count_failure(FailureKind::PeerLost);
         if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
             let failure = Failure {
                 kind: FailureKind::PeerLost,
@@ -593,6 +624,7 @@ impl Coordinator {
         let result = if entry.workers.is_alive_in(rank, pid) {
             self.mark_lost(entry, rank, description)
         } else if entry.job.state == JobState::Pending && !entry.workers.contains(rank) {
+            entry.count_failure(FailureKind::PeerLost);
             let failure = Failure {
                 kind: FailureKind::PeerLost,
                 message: format!("rank {rank} exited before registering: {description}"),
