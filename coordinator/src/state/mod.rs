@@ -1105,6 +1105,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_metrics_count_failures_by_kind_across_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, sessions) = running_pair(&c);
+        c.report(sessions[0].0, failed(&id, 0, FailureKind::OutOfMemory))
+            .await
+            .unwrap();
+        let sessions: Vec<_> = (0..2)
+            .map(|rank| {
+                let a = c.register(register(rank)).unwrap();
+                assert_eq!(a.attempt, 2);
+                c.attach(&id, rank, a.incarnation).unwrap()
+            })
+            .collect();
+        c.detach(&id, 1, sessions[1].0, "heartbeat stream closed");
+        let jobs = c.metrics_snapshot();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].view.job.automatic_restarts, 2);
+        assert_eq!(jobs[0].failures.get(&FailureKind::OutOfMemory), Some(&1));
+        assert_eq!(jobs[0].failures.get(&FailureKind::PeerLost), Some(&1));
+        let text = crate::metrics::render(crate::metrics::Snapshot { jobs, now_ms: now_ms() }).unwrap();
+        for line in [
+            "kormlm_jobs{state=\"PENDING\"} 1",
+            "kormlm_job_state{job=\"job-1\",state=\"PENDING\"} 1",
+            "kormlm_job_automatic_restarts_total{job=\"job-1\"} 2",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"OUT_OF_MEMORY\"} 1",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"PEER_LOST\"} 1",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"BAD_INPUT\"} 0",
+            "# TYPE kormlm_job_failures_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Nothing reported yet: no loss series, and a new attempt has no workers.
+        assert!(!text.contains("kormlm_job_train_loss"), "{text}");
+        assert!(!text.contains("kormlm_worker_"), "{text}");
+    }
+
+    #[tokio::test]
     async fn a_retryable_failure_restarts_the_job() {
         let dir = tempfile::tempdir().unwrap();
         let c = coordinator(dir.path());
