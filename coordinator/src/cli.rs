@@ -124,6 +124,15 @@ pub struct ServeArgs {
     /// KORMLM_TLS_CA; default: the --tls-cert file, enough when it holds the full chain).
     #[arg(long = "tls-ca", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR/metrics: HOST:PORT, or a bare
+    /// PORT on 127.0.0.1; port 0 picks a free port (written to STATE_DIR/metrics.addr). Read-only,
+    /// open unless --metrics-token-file is given; beyond loopback without a token it warns.
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` on /metrics, the token read from this file (one
+    /// line, not world-readable; e.g. a mounted Kubernetes Secret).
+    #[arg(long = "metrics-token-file", value_name = "FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<PathBuf>,
     /// The worker binary to start (default: `worker` next to this binary).
     #[arg(long = "worker-bin")]
     pub worker_bin: Option<PathBuf>,

@@ -9,6 +9,8 @@ pub mod error;
 pub mod job_service;
 pub mod launch_plan;
 pub mod launcher;
+pub mod metrics;
+pub mod metrics_server;
 pub mod own_processes;
 pub mod run;
 pub mod run_dir;

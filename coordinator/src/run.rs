@@ -8,6 +8,7 @@ use crate::dry_run;
 use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
 use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
+use crate::metrics_server;
 use crate::server;
 use crate::signals::{Received, Signals};
 use crate::state::job::JobState;
@@ -464,6 +465,18 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     };
 
     let (listener, local) = server::bind(&args.listen).await?;
+    let metrics = match &args.metrics_listen {
+        Some(listen) => Some(
+            metrics_server::start(
+                listen,
+                args.metrics_token_file.as_deref(),
+                coordinator.clone(),
+                &args.state_dir,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let url = server::url(&local.to_string(), tls_on);
     let remote_url = server::url(launch_plan::advertised_url(local).trim_start_matches("http://"), tls_on);
     // Over TLS the local workers use a name the certificate can hold (not 0.0.0.0).
@@ -569,6 +582,9 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
     // Every process this coordinator started ends with it (each leads its own process group).
     for (_, (_, workers)) in launched {
         workers.terminate(grace).await;
+    }
+    if let Some(metrics) = metrics {
+        metrics.stop();
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

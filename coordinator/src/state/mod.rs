@@ -18,7 +18,7 @@ use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::v1::{EventRecord, JobRecord, JobSpec, WorkerInfo};
 use kormlm_proto::{now_ms, PROTOCOL_VERSION};
 use rendezvous::{Arrival, Group, Round};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -72,6 +72,9 @@ struct Entry {
     merging: Option<u32>,
     /// The last checkpoint reference of another run that rank 0 reported (recorded once).
     refused: Option<String>,
+    /// Rank failures this process took for the job (reported, or a rank lost), by kind; kept
+    /// across attempts, for the metrics.
+    failures: HashMap<FailureKind, u64>,
 }
 
 impl Entry {
@@ -83,7 +86,12 @@ impl Entry {
             held: None,
             merging: None,
             refused: None,
+            failures: HashMap::new(),
         }
+    }
+
+    fn count_failure(&mut self, kind: FailureKind) {
+        *self.failures.entry(kind).or_default() += 1;
     }
 
     /// Every rank of the attempt is done: a running job's ranks have all finished, a stopping
@@ -104,6 +112,15 @@ impl Entry {
             workers: self.workers.workers(),
         }
     }
+}
+
+/// A job with what only this process counts about it, for the metrics.
+#[derive(Debug, Clone)]
+pub struct JobMetrics {
+    pub view: JobView,
+    /// Rank failures taken since this coordinator process started (reported by a worker, or a
+    /// rank lost), by kind.
+    pub failures: HashMap<FailureKind, u64>,
 }
 
 struct Inner {
@@ -344,6 +361,18 @@ impl Coordinator {
         self.lock().jobs.values().map(Entry::view).collect()
     }
 
+    /// Every job as the metrics show it, copied under the lock (the caller renders it after).
+    pub fn metrics_snapshot(&self) -> Vec<JobMetrics> {
+        self.lock()
+            .jobs
+            .values()
+            .map(|entry| JobMetrics {
+                view: entry.view(),
+                failures: entry.failures.clone(),
+            })
+            .collect()
+    }
+
     /// Claims a rank of the active job for a worker. A worker that says it holds work of an
     /// earlier attempt gets the current one (it drops the old work first); a new process for a
     /// rank of a running attempt whose workers have not come back after a coordinator restart
@@ -464,6 +493,7 @@ impl Coordinator {
                 _ => format!("rank {rank} failed: {}", reported.message),
             };
             self.event(&entry.job, "failure", message.clone())?;
+            entry.count_failure(kind);
             let failure = Failure {
                 kind,
                 message,
@@ -550,6 +580,7 @@ impl Coordinator {
         }
         let message = format!("rank {rank} lost: {reason}");
         self.event(&entry.job, "failure", message.clone())?;
+        entry.count_failure(FailureKind::PeerLost);
         if matches!(entry.job.state, JobState::Running | JobState::Stopping) {
             let failure = Failure {
                 kind: FailureKind::PeerLost,
@@ -593,6 +624,7 @@ impl Coordinator {
         let result = if entry.workers.is_alive_in(rank, pid) {
             self.mark_lost(entry, rank, description)
         } else if entry.job.state == JobState::Pending && !entry.workers.contains(rank) {
+            entry.count_failure(FailureKind::PeerLost);
             let failure = Failure {
                 kind: FailureKind::PeerLost,
                 message: format!("rank {rank} exited before registering: {description}"),
@@ -1070,6 +1102,44 @@ mod tests {
         assert!(status.job.message.contains("not restarted"), "{}", status.job.message);
         assert_eq!(status.workers[1].failure_kind, Some(FailureKind::BadInput));
         assert_eq!(sessions[0].1.try_recv().unwrap().kind, OrderKind::Abort);
+    }
+
+    #[tokio::test]
+    async fn the_metrics_count_failures_by_kind_across_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path());
+        let (id, sessions) = running_pair(&c);
+        c.report(sessions[0].0, failed(&id, 0, FailureKind::OutOfMemory))
+            .await
+            .unwrap();
+        let sessions: Vec<_> = (0..2)
+            .map(|rank| {
+                let a = c.register(register(rank)).unwrap();
+                assert_eq!(a.attempt, 2);
+                c.attach(&id, rank, a.incarnation).unwrap()
+            })
+            .collect();
+        c.detach(&id, 1, sessions[1].0, "heartbeat stream closed");
+        let jobs = c.metrics_snapshot();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].view.job.automatic_restarts, 2);
+        assert_eq!(jobs[0].failures.get(&FailureKind::OutOfMemory), Some(&1));
+        assert_eq!(jobs[0].failures.get(&FailureKind::PeerLost), Some(&1));
+        let text = crate::metrics::render(crate::metrics::Snapshot { jobs, now_ms: now_ms() }).unwrap();
+        for line in [
+            "kormlm_jobs{state=\"PENDING\"} 1",
+            "kormlm_job_state{job=\"job-1\",state=\"PENDING\"} 1",
+            "kormlm_job_automatic_restarts_total{job=\"job-1\"} 2",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"OUT_OF_MEMORY\"} 1",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"PEER_LOST\"} 1",
+            "kormlm_job_failures_total{job=\"job-1\",kind=\"BAD_INPUT\"} 0",
+            "# TYPE kormlm_job_failures_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Nothing reported yet: no loss series, and a new attempt has no workers.
+        assert!(!text.contains("kormlm_job_train_loss"), "{text}");
+        assert!(!text.contains("kormlm_worker_"), "{text}");
     }
 
     #[tokio::test]
