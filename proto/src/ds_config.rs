@@ -1110,7 +1110,10 @@ mod tests {
         let err = DsConfig::parse(r#"{"wandb": {"enabled": true, "project": "p"}}"#, "ds.json")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("ds.json: key `wandb.enabled`: Weights & Biases needs a network connection"), "{err}");
+        assert!(
+            err.starts_with("ds.json: key `wandb.enabled`: Weights & Biases needs a network connection"),
+            "{err}"
+        );
         assert!(err.contains("`tensorboard` or `csv_monitor`"), "{err}");
     }
 

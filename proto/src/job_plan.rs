@@ -142,7 +142,9 @@ mod tests {
         let sent = crate::ds_config::ResolvedConfig::from_json(&plan.config.to_json()).unwrap();
         assert_eq!(sent.config.tensorboard.dir(), tensorboard.dir());
         let absolute = JobPlan::resolve(
-            &spec(r#"{"train_batch_size": 4, "tensorboard": {"enabled": true, "output_path": "/abs", "job_name": "j"}}"#),
+            &spec(
+                r#"{"train_batch_size": 4, "tensorboard": {"enabled": true, "output_path": "/abs", "job_name": "j"}}"#,
+            ),
             1,
         )
         .unwrap();

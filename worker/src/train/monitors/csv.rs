@@ -172,7 +172,10 @@ mod tests {
         csv.flush().unwrap();
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
         assert_eq!(read("Train_Samples_lr.csv"), "step,lr\r\n16,1e-05\r\n32,0.001\r\n");
-        assert_eq!(read("Train_Samples_loss_scale.csv"), "step,loss_scale\r\n16,65536.0\r\n");
+        assert_eq!(
+            read("Train_Samples_loss_scale.csv"),
+            "step,loss_scale\r\n16,65536.0\r\n"
+        );
         assert_eq!(read("odd_tag.csv"), "step,odd tag\r\n32,2.0\r\n");
         // Another run appends, with a header of its own.
         let mut again = CsvMonitor::new(dir.path());

@@ -166,7 +166,10 @@ mod tests {
         assert_eq!(crc32c::crc32c(&ascending), 0x46dd_794e);
         // The mask, by its definition in TensorFlow's `crc32c.h`.
         let crc = 0xe306_9283u32;
-        assert_eq!(masked_crc32c(b"123456789"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8));
+        assert_eq!(
+            masked_crc32c(b"123456789"),
+            ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+        );
     }
 
     #[test]
@@ -204,7 +207,8 @@ mod tests {
         assert_eq!(&parts[..3], ["events", "out", "tfevents"]);
         assert_eq!(parts[3].len(), 10, "{name}");
         assert_eq!(parts[parts.len() - 2], std::process::id().to_string(), "{name}");
-        file.write(96, What::SessionLog(SessionLog { status: SESSION_START })).unwrap();
+        file.write(96, What::SessionLog(SessionLog { status: SESSION_START }))
+            .unwrap();
         file.scalars(96, &[("Train/Samples/lr", 1e-3), ("Train/Samples/loss_scale", 65536.0)])
             .unwrap();
         file.flush().unwrap();

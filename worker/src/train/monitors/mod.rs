@@ -212,7 +212,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            err.starts_with(&format!("{}: writing the tensorboard monitor:", blocker.join("tb").display())),
+            err.starts_with(&format!(
+                "{}: writing the tensorboard monitor:",
+                blocker.join("tb").display()
+            )),
             "{err}"
         );
     }
