@@ -164,12 +164,10 @@ mod tests {
         assert_eq!(crc32c::crc32c(&[0xffu8; 32]), 0x62a8_ab43);
         let ascending: Vec<u8> = (0..32).collect();
         assert_eq!(crc32c::crc32c(&ascending), 0x46dd_794e);
-        // The mask, by its definition in TensorFlow's `crc32c.h`.
-        let crc = 0xe306_9283u32;
-        assert_eq!(
-            masked_crc32c(b"123456789"),
-            ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
-        );
+        // Masked values from TensorBoard's own `masked_crc32c` (tensorflow_stub/pywrap_tensorflow.py).
+        assert_eq!(masked_crc32c(b"123456789"), 0xc78a_b0e5);
+        assert_eq!(masked_crc32c(&5u64.to_le_bytes()), 0x3e04_b2ea);
+        assert_eq!(masked_crc32c(b"hello"), 0x191c_1fbb);
     }
 
     #[test]
