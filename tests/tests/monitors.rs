@@ -348,3 +348,67 @@ fn tensorboard_and_csv_monitors_match_the_training_log_across_a_kill_and_resume(
     let raw = std::fs::read_to_string(csv_dir.join("Train_Samples_lr.csv")).unwrap();
     assert!(raw.starts_with(&format!("step,lr\r\n{TRAIN_BATCH},0.0\r\n")), "{raw:?}");
 }
+
+/// A coordinator job resolves a relative monitor path once, against the coordinator's working
+/// directory, and hands the workers the absolute path (what `--dry-run` shows is what they
+/// receive); `wandb` enabled is refused before anything starts, naming the key.
+#[test]
+fn coordinator_jobs_get_absolute_monitor_paths_and_wandb_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let config = write_config(d, &d.join("csv"));
+    let out = run(Command::new(binary("coordinator"))
+        .current_dir(&work)
+        .args([
+            "--config",
+            &text(&config),
+            "--num_workers",
+            "2",
+            "--device",
+            "cpu",
+            "--dry-run",
+        ])
+        .args(["--data_path", "data.txt", "--model_name_or_path", "model"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resolved = &plan["job"]["config"];
+    assert_eq!(
+        resolved["tensorboard"]["output_path"],
+        text(&work.join("tb")),
+        "{resolved}"
+    );
+    assert_eq!(resolved["tensorboard"]["job_name"], JOB_NAME);
+    assert_eq!(resolved["csv_monitor"]["output_path"], text(&d.join("csv")));
+
+    let wandb = d.join("wandb.json");
+    std::fs::write(
+        &wandb,
+        r#"{"train_batch_size": 16, "wandb": {"enabled": true, "project": "kormlm"}}"#,
+    )
+    .unwrap();
+    let out = run(Command::new(binary("worker")).current_dir(&work).args([
+        "train",
+        "--config",
+        &text(&wandb),
+        "--data_path",
+        "data.txt",
+        "--model_name_or_path",
+        "model",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "{}: key `wandb.enabled`: Weights & Biases needs a network connection",
+            text(&wandb)
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("`tensorboard` or `csv_monitor`"), "{stderr}");
+    assert!(
+        !work.join("tb").exists() && !d.join("csv").exists(),
+        "nothing written by the refused runs"
+    );
+}
