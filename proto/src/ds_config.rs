@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A problem with a DeepSpeed config. Every variant names where the problem is.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -146,6 +146,43 @@ impl Default for ZeroConfig {
     }
 }
 
+/// A DeepSpeed file monitor (`tensorboard`, `csv_monitor`): rank 0 writes the run's scalars into
+/// `join(output_path, job_name)`. [`crate::job_plan::JobPlan::resolve`] makes `output_path`
+/// absolute (against the resolving process's working directory, as DeepSpeed's relative paths
+/// are), so every rank of a job and every attempt agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    pub enabled: bool,
+    pub output_path: String,
+    pub job_name: String,
+}
+
+impl Default for MonitorConfig {
+    /// DeepSpeed's defaults (`deepspeed/monitor/config.py`).
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            output_path: String::new(),
+            job_name: "DeepSpeedJobName".into(),
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// The directory the monitor writes into: `join(output_path, job_name)`.
+    pub fn dir(&self) -> PathBuf {
+        Path::new(&self.output_path).join(&self.job_name)
+    }
+
+    /// Makes a relative `output_path` absolute against `base` (`""` is `base` itself).
+    fn anchor(&mut self, base: &Path) {
+        let path = Path::new(&self.output_path);
+        if !path.is_absolute() {
+            self.output_path = base.join(path).to_string_lossy().into_owned();
+        }
+    }
+}
+
 /// The batch-size triple after DeepSpeed's inference for one world size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -170,6 +207,11 @@ pub struct DsConfig {
     pub gradient_clipping: f64,
     pub zero: ZeroConfig,
     pub steps_per_print: u64,
+    /// Absent in configs resolved by an older coordinator: off.
+    #[serde(default)]
+    pub tensorboard: MonitorConfig,
+    #[serde(default)]
+    pub csv_monitor: MonitorConfig,
 }
 
 /// A config resolved for one world size: what a worker receives.
@@ -197,9 +239,6 @@ const IGNORED_KEYS: &[&str] = &[
     "zero_allow_untested_optimizer",
     "sparse_gradients",
     "memory_breakdown",
-    "tensorboard",
-    "wandb",
-    "csv_monitor",
     "comms_logger",
     "flops_profiler",
     "checkpoint",
@@ -300,6 +339,14 @@ impl DsConfig {
             batch,
             config: self.clone(),
         })
+    }
+
+    /// Makes the monitors' relative `output_path`s absolute against `base` (the working
+    /// directory of the process that resolves the job), once, so that workers started elsewhere
+    /// write where the user meant.
+    pub fn anchor_monitor_paths(&mut self, base: &Path) {
+        self.tensorboard.anchor(base);
+        self.csv_monitor.anchor(base);
     }
 }
 
@@ -509,6 +556,9 @@ impl<'a> Reader<'a> {
         let gradient_clipping = self.non_negative(&mut r, "gradient_clipping")?.unwrap_or(0.0);
         let zero = self.zero(&mut r)?;
         let steps_per_print = self.integer(&mut r, "steps_per_print")?.unwrap_or(10);
+        let tensorboard = self.monitor(&mut r, "tensorboard")?;
+        let csv_monitor = self.monitor(&mut r, "csv_monitor")?;
+        self.wandb(&mut r)?;
         // The root's warnings come first (its slot was opened first): unknown keys, then ignored ones.
         self.close(r);
         for key in ignored {
@@ -525,7 +575,56 @@ impl<'a> Reader<'a> {
             gradient_clipping,
             zero,
             steps_per_print,
+            tensorboard,
+            csv_monitor,
         })
+    }
+
+    /// `tensorboard` / `csv_monitor`: `{enabled, output_path, job_name}` with DeepSpeed's defaults.
+    fn monitor(&mut self, root: &mut Section<'_>, key: &'static str) -> Result<MonitorConfig, ConfigError> {
+        let d = MonitorConfig::default();
+        let Some(mut p) = self.child(root, key)? else {
+            return Ok(d);
+        };
+        let config = MonitorConfig {
+            enabled: self.boolean(&mut p, "enabled")?.unwrap_or(d.enabled),
+            output_path: self.string(&mut p, "output_path")?.unwrap_or(d.output_path),
+            job_name: self.string(&mut p, "job_name")?.unwrap_or(d.job_name),
+        };
+        if config.enabled && config.job_name.is_empty() {
+            return Err(self.err(&p.path("job_name"), "expected a directory name, got \"\""));
+        }
+        self.close(p);
+        Ok(config)
+    }
+
+    /// `wandb`: Weights & Biases logs to its servers, which kormlm cannot reach; enabling it is
+    /// refused at once rather than training for hours without the curves the user asked for.
+    fn wandb(&mut self, root: &mut Section<'_>) -> Result<(), ConfigError> {
+        let Some(mut p) = self.child(root, "wandb")? else {
+            return Ok(());
+        };
+        for key in ["group", "team", "project"] {
+            p.get(key);
+        }
+        if self.boolean(&mut p, "enabled")? == Some(true) {
+            return Err(self.err(
+                "wandb.enabled",
+                "Weights & Biases needs a network connection (and its Python client), which kormlm does not \
+                 use; set it to false and enable `tensorboard` or `csv_monitor` instead (they write files into \
+                 output_path/job_name that TensorBoard or any CSV reader shows)",
+            ));
+        }
+        self.close(p);
+        Ok(())
+    }
+
+    fn string(&self, s: &mut Section<'_>, key: &'static str) -> Result<Option<String>, ConfigError> {
+        match s.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(other) => Err(self.err(&s.path(key), format!("expected a string, got {}", kind_of(other)))),
+        }
     }
 
     /// `bf16` (or its older name `bfloat16`): `{"enabled": …}`.
@@ -932,7 +1031,6 @@ mod tests {
             parsed.warnings,
             vec![
                 format!("ds.json: unknown key `trian` ignored (known here: {known_root})"),
-                "ds.json: key `wandb` is accepted but has no effect in kormlm".to_string(),
                 "ds.json: unknown key `fp16.typo` ignored (known here: auto_cast, consecutive_hysteresis, enabled, \
                  hysteresis, initial_scale_power, loss_scale, loss_scale_window, min_loss_scale)"
                     .to_string(),
@@ -951,6 +1049,102 @@ mod tests {
         );
         assert_eq!(parsed.config.zero.stage, 2);
         assert!(parsed.config.zero.offload_optimizer);
+    }
+
+    #[test]
+    fn monitors_take_deepspeeds_defaults_and_name_the_key_of_a_wrong_type() {
+        let parsed = DsConfig::parse(r#"{"train_batch_size": 8}"#, "ds.json").unwrap();
+        assert_eq!(parsed.config.tensorboard, MonitorConfig::default());
+        assert!(!parsed.config.csv_monitor.enabled);
+        assert_eq!(parsed.config.csv_monitor.dir(), Path::new("DeepSpeedJobName"));
+        let parsed = DsConfig::parse(
+            r#"{"train_batch_size": 8, "tensorboard": {"enabled": true, "output_path": "out/", "job_name": "run1"},
+                "csv_monitor": {"enabled": true, "output_path": "/tmp/csv"}, "wandb": {"enabled": false, "project": "p"}}"#,
+            "ds.json",
+        )
+        .unwrap();
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        assert_eq!(
+            parsed.config.tensorboard,
+            MonitorConfig {
+                enabled: true,
+                output_path: "out/".into(),
+                job_name: "run1".into()
+            }
+        );
+        assert_eq!(parsed.config.tensorboard.dir(), Path::new("out/run1"));
+        assert_eq!(parsed.config.csv_monitor.dir(), Path::new("/tmp/csv/DeepSpeedJobName"));
+        for (config, message) in [
+            (
+                r#"{"tensorboard": {"enabled": "yes"}}"#,
+                "ds.json: key `tensorboard.enabled`: expected true or false, got a string",
+            ),
+            (
+                r#"{"csv_monitor": {"enabled": true, "output_path": 3}}"#,
+                "ds.json: key `csv_monitor.output_path`: expected a string, got a number",
+            ),
+            (
+                r#"{"tensorboard": {"job_name": ["a"]}}"#,
+                "ds.json: key `tensorboard.job_name`: expected a string, got an array",
+            ),
+            (
+                r#"{"csv_monitor": true}"#,
+                "ds.json: key `csv_monitor`: expected a JSON object, got a boolean",
+            ),
+            (
+                r#"{"tensorboard": {"enabled": true, "job_name": ""}}"#,
+                "ds.json: key `tensorboard.job_name`: expected a directory name, got \"\"",
+            ),
+        ] {
+            assert_eq!(DsConfig::parse(config, "ds.json").unwrap_err().to_string(), message);
+        }
+        let typo = DsConfig::parse(r#"{"tensorboard": {"enabled": false, "outputpath": "x"}}"#, "ds.json").unwrap();
+        assert_eq!(
+            typo.warnings,
+            ["ds.json: unknown key `tensorboard.outputpath` ignored (known here: enabled, job_name, output_path)"]
+        );
+    }
+
+    #[test]
+    fn an_enabled_wandb_is_refused_with_what_to_use_instead() {
+        let err = DsConfig::parse(r#"{"wandb": {"enabled": true, "project": "p"}}"#, "ds.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ds.json: key `wandb.enabled`: Weights & Biases needs a network connection"),
+            "{err}"
+        );
+        assert!(err.contains("`tensorboard` or `csv_monitor`"), "{err}");
+    }
+
+    #[test]
+    fn relative_monitor_paths_are_anchored_and_absolute_ones_kept() {
+        let mut config = DsConfig::parse(
+            r#"{"tensorboard": {"enabled": true, "output_path": "tb"}, "csv_monitor": {"output_path": "/csv"}}"#,
+            "ds.json",
+        )
+        .unwrap()
+        .config;
+        config.anchor_monitor_paths(Path::new("/work/dir"));
+        assert_eq!(config.tensorboard.dir(), Path::new("/work/dir/tb/DeepSpeedJobName"));
+        assert_eq!(config.csv_monitor.dir(), Path::new("/csv/DeepSpeedJobName"));
+        let mut empty = MonitorConfig::default();
+        empty.anchor(Path::new("/cwd"));
+        assert_eq!(empty.dir(), Path::new("/cwd/DeepSpeedJobName"));
+    }
+
+    #[test]
+    fn a_resolved_config_of_an_older_coordinator_has_the_monitors_off() {
+        let resolved = DsConfig::parse(r#"{"train_batch_size": 2}"#, "ds.json")
+            .unwrap()
+            .config
+            .resolve(1, "ds.json")
+            .unwrap();
+        let mut json: Value = serde_json::from_str(&resolved.to_json()).unwrap();
+        let config = json["config"].as_object_mut().unwrap();
+        config.remove("tensorboard");
+        config.remove("csv_monitor");
+        assert_eq!(ResolvedConfig::from_json(&json.to_string()).unwrap(), resolved);
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! checked against DeepSpeed's batch rule and the flags are decoded. The coordinator resolves a
 //! spec when it starts (`coordinator --config …`), on `--dry-run`, on `SubmitJob` and on a resume
 //! with another world size; `worker train` resolves its own one-rank spec the same way.
+//!
+//! The monitors' relative `output_path`s (`tensorboard`, `csv_monitor`) are made absolute here,
+//! against the working directory of the resolving process — the coordinator for a job, the
+//! process itself for `worker train` — as DeepSpeed resolves them against its launcher's: the
+//! workers receive the absolute path, so ranks started in other directories or on other hosts
+//! agree on it.
 
 use crate::augment_args::AugmentArgs;
 use crate::ds_config::{ConfigError, DsConfig, ResolvedConfig};
@@ -21,6 +27,8 @@ pub enum PlanError {
     NoRanks,
     #[error("{0}")]
     Flags(String),
+    #[error("cannot resolve the relative monitor output_path: the working directory is unreadable: {0}")]
+    WorkingDirectory(String),
 }
 
 /// A job spec checked and decoded for one world size.
@@ -54,7 +62,11 @@ impl JobPlan {
         }
         let source = config_source(spec);
         let parsed = DsConfig::parse(&spec.ds_config_json, source)?;
-        let config = parsed.config.resolve(world_size, source)?;
+        let mut config = parsed.config.resolve(world_size, source)?;
+        if config.config.tensorboard.enabled || config.config.csv_monitor.enabled {
+            let cwd = std::env::current_dir().map_err(|e| PlanError::WorkingDirectory(e.to_string()))?;
+            config.config.anchor_monitor_paths(&cwd);
+        }
         let train = TrainArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
         let task = match TaskKind::try_from(spec.task) {
             Ok(TaskKind::Augment) => TaskKind::Augment,
@@ -110,6 +122,33 @@ mod tests {
         let err = JobPlan::resolve(&bad, 1).unwrap_err().to_string();
         assert!(err.contains("--max_seq_len"), "{err}");
         assert_eq!(JobPlan::resolve(&spec(AUGMENT_ONLY_CONFIG), 0), Err(PlanError::NoRanks));
+    }
+
+    #[test]
+    fn relative_monitor_paths_are_resolved_against_the_working_directory_once() {
+        let plan = JobPlan::resolve(
+            &spec(
+                r#"{"train_batch_size": 4, "tensorboard": {"enabled": true, "output_path": "runs/tb"},
+                    "csv_monitor": {"enabled": true}}"#,
+            ),
+            2,
+        )
+        .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let tensorboard = &plan.config.config.tensorboard;
+        assert_eq!(tensorboard.dir(), cwd.join("runs/tb/DeepSpeedJobName"));
+        assert_eq!(plan.config.config.csv_monitor.dir(), cwd.join("DeepSpeedJobName"));
+        // What the workers receive is absolute already: resolving it again changes nothing.
+        let sent = crate::ds_config::ResolvedConfig::from_json(&plan.config.to_json()).unwrap();
+        assert_eq!(sent.config.tensorboard.dir(), tensorboard.dir());
+        let absolute = JobPlan::resolve(
+            &spec(
+                r#"{"train_batch_size": 4, "tensorboard": {"enabled": true, "output_path": "/abs", "job_name": "j"}}"#,
+            ),
+            1,
+        )
+        .unwrap();
+        assert_eq!(absolute.config.config.tensorboard.dir(), std::path::Path::new("/abs/j"));
     }
 
     #[test]

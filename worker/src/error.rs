@@ -141,6 +141,7 @@ fn plan_kind(e: &PlanError) -> FailureKind {
     match e {
         PlanError::Config(e) => config_kind(e),
         PlanError::NoRanks | PlanError::Flags(_) => FailureKind::BadInput,
+        PlanError::WorkingDirectory(_) => FailureKind::Io,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod early_stopping;
 pub mod error;
 pub mod mfu;
+pub mod monitors;
 pub mod ownership;
 pub mod plan;
 pub mod plot;

@@ -14,6 +14,7 @@ use super::checkpoint::{self, LogWindow, RngResume, RngStateFile, TrainerState};
 use super::early_stopping::EarlyStopping;
 use super::error::TrainError;
 use super::mfu;
+use super::monitors::{Monitors, StepScalars};
 use super::ownership::{self, Claim, RunIdentity};
 use super::plan::{epoch_order, group_by_length, StepShape};
 use super::report::{ProgressEvent, TrainSummary};
@@ -215,6 +216,8 @@ struct Run<'a> {
     run_id: String,
     attempt: u32,
     files: RunFiles,
+    /// TensorBoard / CSV monitors of the DeepSpeed config (rank 0).
+    monitors: Monitors,
     trainer: Trainer,
     masker: Masker,
     train_set: TokenizedSet,
@@ -318,6 +321,12 @@ impl<'a> Run<'a> {
             "peak_gflops": peak_flops / 1e9,
         }))?;
 
+        // A run that continues an earlier attempt has TensorBoard drop what that attempt wrote
+        // after the checkpoint (or all it wrote, restarted without one).
+        let continues = resume.is_some() || attempt > 1;
+        let first_x = (start_step + 1) * u64::from(batch.train_batch_size);
+        let monitors = Monitors::open(&job.config.config, leader, continues.then_some(first_x))?;
+
         let early = resumed_state.map_or_else(EarlyStopping::default, |s| s.early_stopping.clone());
         let (start_epoch, resume_step) = resumed_state.map_or((0, 0), |s| (s.epoch, s.next_step as usize));
         let epoch_loss = resumed_state.map_or_else(LossSum::default, |s| LossSum {
@@ -363,6 +372,7 @@ impl<'a> Run<'a> {
             run_id,
             attempt,
             files,
+            monitors,
             trainer,
             masker,
             train_set,
@@ -474,12 +484,23 @@ impl<'a> Run<'a> {
         progress.skipped_steps = self.trainer.skipped_steps;
         progress.loss_scale = self.trainer.scaler.as_ref().map_or(0.0, |s| s.cur_scale);
         let global_step = progress.global_step;
+        self.monitors.step(
+            self.samples_at(global_step),
+            StepScalars {
+                lr: self.trainer.schedule.lr(self.trainer.steps),
+                loss_scale: self.trainer.scaler.as_ref().map(|s| s.cur_scale),
+                train_loss: sums[0] / samples.masked as f64,
+            },
+        )?;
         let last_step = global_step >= self.total_steps;
         let end_of_epoch = step + 1 == self.steps_per_epoch;
         let log_now =
             (args.logging_steps > 0 && global_step.is_multiple_of(args.logging_steps)) || end_of_epoch || last_step;
-        if log_now && self.window.loss.masked > 0.0 {
-            self.log_train(epoch, &report)?;
+        if log_now {
+            self.monitors.flush()?;
+            if self.window.loss.masked > 0.0 {
+                self.log_train(epoch, &report)?;
+            }
         }
         if let Some(bar) = &self.bar {
             bar.set_position(global_step);
@@ -556,6 +577,11 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The monitors' x after `global_step` optimizer steps: DeepSpeed's global samples.
+    fn samples_at(&self, global_step: u64) -> u64 {
+        global_step * u64::from(self.job.config.batch.train_batch_size)
+    }
+
     /// Every rank must leave at the same step, so a stop request is agreed on.
     fn agree_on_stop(&mut self) -> Result<bool, TrainError> {
         let mut stop = [f64::from(u8::from((self.should_stop)()))];
@@ -591,6 +617,9 @@ impl<'a> Run<'a> {
             let saved = self.files.save_best(&self.trainer.loaded);
             self.agree_saved(&self.files.best_dir(), saved)?;
         }
+        self.monitors
+            .eval(self.samples_at(self.progress.global_step), val_loss, sums.accuracy())?;
+        self.monitors.flush()?;
         self.progress.val_loss = Some(val_loss);
         self.progress.val_accuracy = Some(sums.accuracy());
         self.progress.set_early_stopping(&self.early);
@@ -679,6 +708,7 @@ impl<'a> Run<'a> {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        self.monitors.flush()?;
         self.files.save_final(&self.trainer.loaded)?;
         let early = &self.early;
         let summary = TrainSummary {
