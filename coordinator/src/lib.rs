@@ -10,6 +10,7 @@ pub mod job_service;
 pub mod launch_plan;
 pub mod launcher;
 pub mod own_processes;
+pub mod remote;
 pub mod run;
 pub mod run_dir;
 pub mod server;
