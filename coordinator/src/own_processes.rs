@@ -114,8 +114,10 @@ impl OwnProcesses {
     }
 }
 
-/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`;
-/// returns once all are reaped, or `grace` + 5 s have passed.
+/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`
+/// (remote workers through their launcher, see [`OwnProcess::stop`]); returns once all are
+/// reaped, or `grace` + 5 s have passed (plus up to 20 s a step while a remote host does not
+/// answer).
 pub async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
     stop_all(processes, Signal::SIGTERM).await;
     let all_reaped = || processes.iter().all(|p| p.is_reaped());
