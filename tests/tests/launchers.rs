@@ -187,6 +187,7 @@ fn over_ssh_both_hosts_train_to_success_and_the_token_goes_on_stdin() {
             .find(|i| i.argv.iter().any(|a| a == host))
             .unwrap_or_else(|| panic!("no ssh to {host}: {started:#?}"));
         assert_eq!(ssh.program, "ssh");
+        eprintln!("recorded: ssh {}", ssh.argv.join(" "));
         assert_eq!(
             ssh.argv[..7],
             ["-o", "BatchMode=yes", "-p", "2222", "-o", "ConnectTimeout=5", host],
@@ -281,6 +282,9 @@ fn over_pdsh_a_lost_remote_rank_is_restarted_and_kill_force_reaches_a_frozen_one
         .into_iter()
         .filter(|i| i.script().starts_with("kill "))
         .collect();
+    for k in &kills {
+        eprintln!("recorded: pdsh {}", k.argv.join(" "));
+    }
     let sigkill = format!("kill -KILL -- -{frozen} ");
     assert!(
         kills
