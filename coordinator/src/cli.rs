@@ -70,10 +70,22 @@ pub struct ServeArgs {
     /// Use all but these hosts/GPUs (same syntax as --include).
     #[arg(long, short = 'e')]
     pub exclude: Option<String>,
-    /// MPI-style hostfile (`HOST slots=N` per line); workers for this host are started here, the
-    /// commands for the other hosts are printed.
+    /// MPI-style hostfile (`HOST slots=N` per line); workers for this host are started here,
+    /// those for the other hosts through --launcher.
     #[arg(long)]
     pub hostfile: Option<PathBuf>,
+    /// How workers on the other hosts of --hostfile are started: ssh, pdsh (PDSH_RCMD_TYPE=ssh),
+    /// slurm (not supported yet) or none (log the commands to run there). Default: pdsh when it
+    /// is installed, else ssh.
+    #[arg(long, value_enum)]
+    pub launcher: Option<crate::remote::LauncherKind>,
+    /// The ssh port of the other hosts (ssh `-p`; pdsh through PDSH_SSH_ARGS_APPEND).
+    #[arg(long = "ssh_port", visible_alias = "ssh-port")]
+    pub ssh_port: Option<u16>,
+    /// Extra arguments for the launcher, split as a shell would (ssh: before the host; pdsh:
+    /// after `-w HOST`), e.g. "-o ConnectTimeout=10".
+    #[arg(long = "launcher_args", visible_alias = "launcher-args", allow_hyphen_values = true)]
+    pub launcher_args: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
     /// Exit when the job has ended: status 0 if it succeeded, 1 otherwise (130/143 when a

@@ -12,6 +12,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod metrics_server;
 pub mod own_processes;
+pub mod remote;
 pub mod run;
 pub mod run_dir;
 pub mod server;

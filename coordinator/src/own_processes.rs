@@ -1,6 +1,9 @@
 //! The worker processes this coordinator started, the only ones it ever signals: each is
-//! signalled only while it is not reaped, so its pid and process group are still its own.
+//! signalled only while it is not reaped, so its pid and process group are still its own. A
+//! worker on another host is the launcher process (ssh/pdsh) started here; it is signalled on
+//! its host through that launcher while the launcher's connection is up (see [`crate::remote`]).
 
+use crate::remote::RemoteProcess;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
@@ -16,6 +19,8 @@ pub struct OwnProcess {
     rank: u32,
     pid: i32,
     reaped: Mutex<bool>,
+    /// For a worker on another host: `pid` is its launcher's, this is the worker.
+    remote: Option<RemoteProcess>,
 }
 
 impl OwnProcess {
@@ -24,7 +29,20 @@ impl OwnProcess {
             rank,
             pid,
             reaped: Mutex::new(false),
+            remote: None,
         }
+    }
+
+    /// A worker on another host, whose launcher process (ssh/pdsh) is `pid`.
+    pub fn remote(rank: u32, pid: i32, remote: RemoteProcess) -> Self {
+        Self {
+            remote: Some(remote),
+            ..Self::new(rank, pid)
+        }
+    }
+
+    pub fn remote_process(&self) -> Option<&RemoteProcess> {
+        self.remote.as_ref()
     }
 
     fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
@@ -44,6 +62,27 @@ impl OwnProcess {
         }
         let pid = Pid::from_raw(self.pid);
         killpg(pid, signal).or_else(|_| kill(pid, signal)).is_ok()
+    }
+
+    /// Sends `signal` to the worker: a local one as [`OwnProcess::signal`] does; a remote one,
+    /// while its launcher runs, on its host through the launcher (SIGKILL then also ends the
+    /// launcher, in case the host no longer answers). Until the remote shell has named the
+    /// worker's pid, the launcher itself is signalled, which ends the connection before the
+    /// worker starts. False when nothing was sent.
+    pub async fn stop(&self, signal: Signal) -> bool {
+        let Some(remote) = &self.remote else {
+            return self.signal(signal);
+        };
+        match remote.pid() {
+            Some(pid) if !self.is_reaped() => {
+                let sent = remote.signal(pid, signal).await;
+                if signal == Signal::SIGKILL {
+                    self.signal(signal);
+                }
+                sent
+            }
+            _ => self.signal(signal),
+        }
     }
 }
 
@@ -75,22 +114,24 @@ impl OwnProcesses {
     }
 }
 
-/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`;
-/// returns once all are reaped, or `grace` + 5 s have passed.
+/// SIGTERM to every process of `processes`, then SIGKILL to those not reaped within `grace`
+/// (remote workers through their launcher, see [`OwnProcess::stop`]); returns once all are
+/// reaped, or `grace` + 5 s have passed (plus up to 20 s a step while a remote host does not
+/// answer).
 pub async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
-    for p in processes {
-        p.signal(Signal::SIGTERM);
-    }
+    stop_all(processes, Signal::SIGTERM).await;
     let all_reaped = || processes.iter().all(|p| p.is_reaped());
     let deadline = tokio::time::Instant::now() + grace;
     while !all_reaped() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for p in processes {
-        if p.signal(Signal::SIGKILL) {
+    let left: Vec<Arc<OwnProcess>> = processes.iter().filter(|p| !p.is_reaped()).cloned().collect();
+    for (p, sent) in stop_all(&left, Signal::SIGKILL).await {
+        if sent {
             tracing::warn!(
                 rank = p.rank,
                 pid = p.pid,
+                host = p.remote.as_ref().map(|r| r.host.as_str()),
                 "worker did not stop after SIGTERM; sent SIGKILL"
             );
         }
@@ -99,6 +140,20 @@ pub async fn take_down(processes: &[Arc<OwnProcess>], grace: Duration) {
     while !all_reaped() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`OwnProcess::stop`] with `signal` for every process at once (a remote one waits on its
+/// connection); which were sent.
+async fn stop_all(processes: &[Arc<OwnProcess>], signal: Signal) -> Vec<(Arc<OwnProcess>, bool)> {
+    let mut set = tokio::task::JoinSet::new();
+    for p in processes {
+        let p = p.clone();
+        set.spawn(async move {
+            let sent = p.stop(signal).await;
+            (p, sent)
+        });
+    }
+    set.join_all().await
 }
 
 /// Waits for `child` to exit without reaping it, then reaps it under its lock. Returns its exit

@@ -7,8 +7,9 @@ use crate::cli::{DeviceArg, ServeArgs, TaskArg};
 use crate::dry_run;
 use crate::error::{CoordinatorError, Result};
 use crate::launch_plan::{self, Placement};
-use crate::launcher::{default_worker_binary, LocalWorkers, Slot};
+use crate::launcher::{default_worker_binary, Launch, LocalWorkers, Slot};
 use crate::metrics_server;
+use crate::remote::{self, RemoteLaunch, RemoteStart};
 use crate::server;
 use crate::signals::{Received, Signals};
 use crate::state::job::JobState;
@@ -433,6 +434,12 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         );
     }
     let worker_binary = args.worker_bin.clone().unwrap_or_else(default_worker_binary);
+    let remote_start = remote::choose(
+        args.launcher,
+        args.ssh_port,
+        args.launcher_args.as_deref(),
+        args.hostfile.is_some(),
+    )?;
     let placements = placements(&args, &worker_binary)?;
     let job = job_spec(&args, &placements, &worker_binary)?;
     if args.dry_run {
@@ -498,6 +505,20 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
         let _ = stop_rx.await;
     }));
 
+    let launch = Launch {
+        worker_binary: worker_binary.clone(),
+        local_url,
+        remote: match remote_start {
+            RemoteStart::Print => None,
+            RemoteStart::Shell(shell) => Some(RemoteLaunch {
+                shell,
+                url: remote_url.clone(),
+                token_file: std::path::absolute(args.state_dir.join(secret::TOKEN_FILE))
+                    .map_err(|e| flag("--state-dir", e.to_string()))?,
+                cwd: std::env::current_dir().map_err(|e| flag("--hostfile", format!("the working directory: {e}")))?,
+            }),
+        },
+    };
     let mut changes = coordinator.subscribe();
     // Local workers per job, for the attempt they were started for.
     let mut launched: HashMap<String, (u32, LocalWorkers)> = HashMap::new();
@@ -509,37 +530,35 @@ pub async fn serve(args: ServeArgs) -> Result<i32> {
             if let Some((_, old)) = launched.remove(&id) {
                 old.terminate(Duration::from_secs(10)).await;
             }
-            let (local, remote): (Vec<_>, Vec<_>) = placements.iter().partition(|p| launch_plan::is_local(&p.host));
-            for p in &remote {
-                let visible = launch_plan::host_visible_devices(&placements, &p.host);
-                let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url, &visible);
-                tracing::warn!(
-                    host = %p.host,
-                    "start on {}: {command} (with KORMLM_TOKEN{} in its environment)",
-                    p.host,
-                    if tls_on { " and KORMLM_TLS_CA" } else { "" }
-                );
-            }
-            let slots: Vec<Slot> = local
+            let printed = launch.remote.is_none();
+            let slots: Vec<Slot> = placements
                 .iter()
+                .filter(|p| {
+                    let here = launch_plan::is_local(&p.host);
+                    if !here && printed {
+                        let visible = launch_plan::host_visible_devices(&placements, &p.host);
+                        let command = launch_plan::remote_worker_command(p.rank, p.local_rank, &remote_url, &visible);
+                        tracing::warn!(
+                            host = %p.host,
+                            "start on {}: {command} (with KORMLM_TOKEN{} in its environment)",
+                            p.host,
+                            if tls_on { " and KORMLM_TLS_CA" } else { "" }
+                        );
+                    }
+                    here || !printed
+                })
                 .map(|p| Slot {
                     rank: p.rank,
                     local_rank: p.local_rank,
                     cuda_visible_devices: Some(launch_plan::host_visible_devices(&placements, &p.host))
                         .filter(|ids| !ids.is_empty())
                         .map(|ids| launch_plan::device_list(&ids)),
+                    host: (!launch_plan::is_local(&p.host)).then(|| p.host.clone()),
+                    host_slots: placements.iter().filter(|q| q.host == p.host).count(),
                 })
                 .collect();
             let log_dir = args.state_dir.join("logs").join(&id).join(format!("attempt-{attempt}"));
-            let workers = LocalWorkers::spawn(
-                coordinator.clone(),
-                &id,
-                attempt,
-                &worker_binary,
-                &local_url,
-                &slots,
-                &log_dir,
-            )?;
+            let workers = LocalWorkers::spawn(coordinator.clone(), &id, attempt, &launch, &slots, &log_dir)?;
             launched.insert(id, (attempt, workers));
         }
         if args.exit_when_done {

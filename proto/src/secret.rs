@@ -146,6 +146,19 @@ pub fn read_token_file(path: &Path, private: bool) -> Result<String, SecretError
     Ok(token.to_string())
 }
 
+/// The token on the first line of `input` (a pipe from the launcher); `source` names it in errors.
+pub fn read_token_line(mut input: impl std::io::BufRead, source: &str) -> Result<String, SecretError> {
+    let mut line = String::new();
+    input
+        .read_line(&mut line)
+        .map_err(|e| path_error(Path::new(source), format!("cannot read the token: {e}")))?;
+    let token = line.trim();
+    if token.is_empty() {
+        return Err(path_error(Path::new(source), "no token on the first line"));
+    }
+    Ok(token.to_string())
+}
+
 /// Where a client's token came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientToken {
@@ -196,6 +209,15 @@ pub fn client_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_line_is_read_from_a_pipe() {
+        assert_eq!(read_token_line(&b"abc123\nrest"[..], "stdin").unwrap(), "abc123");
+        let empty = read_token_line(&b""[..], "--token-stdin (stdin)")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(empty, "--token-stdin (stdin): no token on the first line");
+    }
 
     #[test]
     fn generated_tokens_are_long_and_differ() {

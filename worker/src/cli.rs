@@ -39,6 +39,10 @@ pub struct DaemonArgs {
     /// Deprecated (visible in `ps`): the coordinator's token. Use KORMLM_TOKEN or --token-file.
     #[arg(long)]
     pub token: Option<String>,
+    /// Read the coordinator's token from the first line of stdin (how `coordinator --launcher
+    /// ssh` hands it over); it takes precedence over KORMLM_TOKEN and --token-file.
+    #[arg(long = "token-stdin")]
+    pub token_stdin: bool,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     /// Exit when the coordinator stays unreachable this many seconds.

@@ -92,12 +92,18 @@ impl DaemonOptions {
         let (Some(rank), Some(coordinator)) = (args.rank, args.coordinator) else {
             return Err(DaemonError::Usage);
         };
-        let token = secret::client_token(args.token.as_deref(), args.token_file.as_deref(), None)?;
+        let token = match args.token_stdin {
+            true => Some(secret::read_token_line(
+                std::io::stdin().lock(),
+                "--token-stdin (stdin)",
+            )?),
+            false => secret::client_token(args.token.as_deref(), args.token_file.as_deref(), None)?.map(|t| t.token),
+        };
         Ok(Self {
             rank,
             local_rank: args.local_rank,
             coordinator,
-            token: token.map(|t| t.token),
+            token,
             tls: args.tls,
             reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
             ring_bind: args.ring_bind,
@@ -417,6 +423,7 @@ mod tests {
             coordinator: coordinator.map(str::to_string),
             token: None,
             token_file: None,
+            token_stdin: false,
             tls: Default::default(),
             reconnect_timeout_s: 60,
             ring_bind: None,
