@@ -72,6 +72,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_higher_is_better_metric_improves_upwards() {
+        let mut e = EarlyStopping::default();
+        assert!(e.observe_higher(0, 0.4, 1).improved);
+        let o = e.observe_higher(1, 0.3, 1);
+        assert_eq!((o.improved, o.stopped), (false, true));
+        assert_eq!((e.best, e.best_epoch), (Some(0.4), Some(0)));
+    }
+
+    #[test]
     fn the_first_evaluation_improves() {
         let mut e = EarlyStopping::default();
         let o = e.observe(0, 3.0, 2);
