@@ -167,6 +167,7 @@ pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<C
             message: "no labelled rows".into(),
         });
     }
+    claim_output_dir(&job.output_dir, args.overwrite_output_dir)?;
     let loaded = LoadedClassifier::load(
         &args.model_name_or_path,
         args.revision.as_deref(),
@@ -195,7 +196,6 @@ pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<C
     let mut trainer = Trainer::new(loaded, &job.plan.config, args, total_steps, &SingleRank)
         .map_err(crate::train::TrainError::from)?;
 
-    claim_output_dir(&job.output_dir, args.overwrite_output_dir)?;
     let params = json!({
         "task": "classify",
         "args": args,
