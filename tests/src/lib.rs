@@ -19,7 +19,9 @@ pub use data::{
     config, nsmc_documents, nsmc_documents_where, shared_data, text, workspace_root, zero2_config, Fixture,
 };
 pub use flags::{busy_training_flags, tiny_training, worker_augment_flags};
-pub use oracle::{assert_report_accuracy, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model};
+pub use oracle::{
+    assert_report_accuracy, classify_oracle, oracle, oracle_python, oracle_vocabulary, tiny_dropout_model, tiny_model,
+};
 pub use procs::{
     bin_dir, binary, limit_file_size, parent_pid, pid_alive, read_token, wait_for, worker_state, CoordinatorProc, Proc,
 };

@@ -18,8 +18,17 @@ pub fn oracle_python() -> PathBuf {
 
 /// Runs `tests/python/oracle.py ARGS` with the oracle interpreter; returns stdout.
 pub fn oracle(args: &[&str]) -> String {
+    python_script("oracle.py", args)
+}
+
+/// Runs `tests/python/classify_oracle.py ARGS` (the sequence-classification oracle); returns stdout.
+pub fn classify_oracle(args: &[&str]) -> String {
+    python_script("classify_oracle.py", args)
+}
+
+fn python_script(script: &str, args: &[&str]) -> String {
     let out = run(Command::new(oracle_python())
-        .arg(workspace_root().join("tests/python/oracle.py"))
+        .arg(workspace_root().join("tests/python").join(script))
         .args(args));
     assert!(
         out.status.success(),

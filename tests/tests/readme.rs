@@ -22,7 +22,9 @@ fn section<'a>(text: &'a str, heading: &str) -> &'a str {
 /// The long flags a `--help` lists (the first name of each option line).
 fn flags_of(binary_name: &str, subcommand: Option<&str>) -> Vec<String> {
     let mut command = Command::new(binary(binary_name));
-    command.args(subcommand).arg("--help");
+    command
+        .args(subcommand.into_iter().flat_map(|s| s.split(' ')))
+        .arg("--help");
     let out = run(&mut command);
     assert!(out.status.success(), "{binary_name} {subcommand:?} --help");
     let text = String::from_utf8(out.stdout).unwrap();
@@ -78,6 +80,9 @@ fn every_flag_of_every_command_is_in_the_configuration_reference() {
         ("worker", Some("tokenizer-train")),
         ("worker", Some("init-model")),
         ("worker", Some("info")),
+        ("worker", Some("classify train")),
+        ("worker", Some("classify eval")),
+        ("worker", Some("classify predict")),
     ];
     let mut missing = Vec::new();
     let mut checked = 0;

@@ -1,6 +1,7 @@
 //! The `worker` command line: every flag, default and help text of the daemon and the standalone
 //! commands. Only definitions live here; `main.rs` parses and dispatches, the library runs.
 
+use crate::classify::data::{Columns, Dataset};
 use clap::{Args, Parser, Subcommand};
 use kormlm_proto::augment_args::{AugmentArgs, ComputeDtype};
 use kormlm_proto::tls::ClientTlsArgs;
@@ -75,6 +76,8 @@ pub enum Command {
     Train(Box<TrainCommand>),
     /// Show libtorch, CUDA and NCCL as this worker sees them.
     Info(InfoCommand),
+    /// Sequence classification (ElectraForSequenceClassification): train, eval, predict.
+    Classify(Box<ClassifyCommand>),
 }
 
 /// `worker tokenize`.
@@ -210,6 +213,124 @@ pub struct TrainCommand {
     pub resume_from: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
+}
+
+/// `worker classify`.
+#[derive(Debug, Args)]
+pub struct ClassifyCommand {
+    #[command(subcommand)]
+    pub action: ClassifyAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifyAction {
+    /// Fine-tune a classifier from an MLM, discriminator or classifier checkpoint (world size 1),
+    /// with early stopping on the dev macro-F1.
+    Train(Box<ClassifyTrainCommand>),
+    /// Accuracy, macro-F1 and per-label F1 of a classifier on a labelled file.
+    Eval(ClassifyEvalCommand),
+    /// Label every text of a file: one JSON line per input with the label(s) and probabilities.
+    Predict(ClassifyPredictCommand),
+}
+
+/// Where a labelled file's text and labels are.
+#[derive(Debug, Clone, Args)]
+pub struct LabelColumns {
+    /// Columns of a known corpus: nsmc (`document`, `label`), khs-hate / khs-bias (`comments`,
+    /// `hate` / `bias`), unsmile (`문장`, every other column a label: multi-label).
+    #[arg(long, value_enum)]
+    pub dataset: Option<Dataset>,
+    /// The text column of a CSV/TSV file (default: the dataset's, else `comments`).
+    #[arg(long = "text_column")]
+    pub text_column: Option<String>,
+    /// The label column, or comma-separated 0/1 columns of a multi-label task.
+    #[arg(long = "label_column", value_delimiter = ',')]
+    pub label_column: Vec<String>,
+    /// Each label column is a 0/1 flag (sigmoid + BCE), even when only one is given.
+    #[arg(long = "multi_label")]
+    pub multi_label: bool,
+}
+
+impl LabelColumns {
+    pub fn columns(&self) -> Columns {
+        Columns::resolve(
+            self.dataset,
+            self.text_column.clone(),
+            self.label_column.clone(),
+            self.multi_label,
+        )
+    }
+}
+
+/// `worker classify train`.
+#[derive(Debug, Args)]
+pub struct ClassifyTrainCommand {
+    /// DeepSpeed config (batch sizes, optimizer, scheduler, precision).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Labelled training file (CSV/TSV with a header, NSMC ratings*.txt, UnSmile TSV).
+    #[arg(long = "train_file")]
+    pub train_file: PathBuf,
+    /// Labelled dev file for evaluation and early stopping, in the same columns.
+    #[arg(long = "dev_file")]
+    pub dev_file: PathBuf,
+    #[command(flatten)]
+    pub columns: LabelColumns,
+    /// Single-label names in id order (default: the training file's values, sorted).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// `worker classify eval`.
+#[derive(Debug, Args)]
+pub struct ClassifyEvalCommand {
+    /// Classifier directory (from `worker classify train`, or any Hugging Face ELECTRA classifier).
+    #[arg(long)]
+    pub model: String,
+    /// Labelled file to evaluate on.
+    #[arg(long)]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub columns: LabelColumns,
+    #[arg(long = "batch_size", default_value_t = 32)]
+    pub batch_size: usize,
+    /// Truncate texts to this many tokens, [CLS] and [SEP] included.
+    #[arg(long = "max_seq_len", default_value_t = TrainArgs::default().max_seq_len as usize)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worker classify predict`.
+#[derive(Debug, Args)]
+pub struct ClassifyPredictCommand {
+    #[arg(long)]
+    pub model: String,
+    /// File of texts (CSV/TSV with a header, NSMC ratings*.txt, UnSmile TSV).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where the predictions go: one JSON line per input row.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub columns: LabelColumns,
+    #[arg(long = "batch_size", default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long = "max_seq_len", default_value_t = TrainArgs::default().max_seq_len as usize)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print a JSON summary (count, output, labels).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `worker info`.

@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod autocast;
 pub mod batch;
+pub mod classify;
 pub mod cli;
 pub mod client;
 pub mod comm;

@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod augment_report;
+pub mod classify;
 pub mod fill_mask;
 pub mod info;
 pub mod init_model;

@@ -19,6 +19,26 @@ pub struct ElectraModel {
 }
 
 impl ElectraModel {
+    /// Creates the encoder's variables under `vs` (the `electra` prefix), in the order
+    /// `ElectraForMaskedLM::new` creates them.
+    pub fn new(vs: &nn::Path, c: &ElectraConfig) -> Self {
+        let embeddings_project = (c.embedding_size != c.hidden_size).then(|| {
+            linear(
+                vs / "embeddings_project",
+                c.embedding_size,
+                c.hidden_size,
+                c.initializer_range,
+            )
+        });
+        let encoder = ElectraEncoder::new(vs / "encoder", c);
+        let embeddings = ElectraEmbeddings::new(vs / "embeddings", c);
+        Self {
+            embeddings,
+            embeddings_project,
+            encoder,
+        }
+    }
+
     /// Final hidden states `[B, L, hidden]`. `attention_mask` is `[B, L]` with 1 for real tokens.
     pub fn forward(
         &self,

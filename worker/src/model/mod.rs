@@ -11,12 +11,14 @@ pub mod encoder;
 pub mod hub;
 mod init;
 pub mod masked_lm;
+pub mod sequence_classification;
 pub mod torch_pickle;
 pub mod weights;
 
 pub use activation::HiddenAct;
 pub use config::ElectraConfig;
 pub use electra::ElectraForMaskedLM;
+pub use sequence_classification::{ElectraForSequenceClassification, LoadedClassifier};
 pub use weights::LoadReport;
 
 use crate::tokenizer::{MlmTokenizer, TokenizerError};
@@ -124,48 +126,66 @@ impl LoadedModel {
     /// either the previous complete model or the new one. On failure (a full disk) the temporary
     /// directory is removed and the error names the file and the OS error.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "model".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        if let Err(e) = self.write_files(&tmp) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
-        kormlm_proto::durable::sync_dir(parent).map_err(|e| ModelError::io(parent, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    }
-
-    /// The model's files, written into a new directory `dir` and flushed to disk.
-    fn write_files(&self, dir: &Path) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let config = serde_json::to_string_pretty(&self.model.config().to_hf_json()).expect("config serialises");
-        let config_path = dir.join("config.json");
-        kormlm_proto::durable::write(&config_path, config + "\n").map_err(|e| ModelError::io(&config_path, e.error))?;
-        let mut tensors: Vec<(String, Tensor)> = self
+        let tensors: Vec<(String, Tensor)> = self
             .vs
             .variables()
             .into_iter()
             .filter(|(name, _)| name != "generator_lm_head.weight")
             .collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        weights::write_safetensors(&tensors, &dir.join(weights::SAFETENSORS))?;
-        self.tokenizer.save(dir)?;
-        sync_dir_and_files(dir).map_err(|e| ModelError::io(dir, e))
+        save_model_dir(dir, &self.model.config().to_hf_json(), tensors, &self.tokenizer)
     }
+}
+
+/// Saves a model in Hugging Face layout (`config.json`, `model.safetensors` with `tensors`,
+/// tokenizer files) into a temporary directory that is flushed to disk and renamed over `dir`
+/// at the end: `dir` holds either the previous complete model or the new one. On failure (a
+/// full disk) the temporary directory is removed and the error names the file and the OS error.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: Vec<(String, Tensor)>,
+    tokenizer: &MlmTokenizer,
+) -> Result<(), ModelError> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = write_files(&tmp, config, tensors, tokenizer) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+    kormlm_proto::durable::sync_dir(parent).map_err(|e| ModelError::io(parent, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// The model's files, written into a new directory `dir` and flushed to disk.
+fn write_files(
+    dir: &Path,
+    config: &serde_json::Value,
+    mut tensors: Vec<(String, Tensor)>,
+    tokenizer: &MlmTokenizer,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let config = serde_json::to_string_pretty(config).expect("config serialises");
+    let config_path = dir.join("config.json");
+    kormlm_proto::durable::write(&config_path, config + "\n").map_err(|e| ModelError::io(&config_path, e.error))?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    weights::write_safetensors(&tensors, &dir.join(weights::SAFETENSORS))?;
+    tokenizer.save(dir)?;
+    sync_dir_and_files(dir).map_err(|e| ModelError::io(dir, e))
 }
 
 /// Flushes a freshly written model directory to disk before it is renamed into place, so a

@@ -99,8 +99,9 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-/// Weights whose absence is tolerated: the MLM head, which a discriminator checkpoint lacks.
-fn may_be_initialized(name: &str) -> bool {
+/// Weights of `ElectraForMaskedLM` whose absence is tolerated: the MLM head, which a
+/// discriminator checkpoint lacks.
+pub fn mlm_head(name: &str) -> bool {
     name.starts_with("generator_predictions.") || name == "generator_lm_head.bias"
 }
 
@@ -112,11 +113,23 @@ fn is_ignored_buffer(name: &str) -> bool {
 /// Copies checkpoint tensors into the variables of `vs` (names as in transformers; a
 /// checkpoint saved without the `electra.` prefix is accepted too).
 pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, source: &str) -> Result<LoadReport, ModelError> {
+    load_into_with(vs, tensors, source, mlm_head)
+}
+
+/// [`load_into`] for any ELECTRA model: `may_be_initialized` names the variables (a task head)
+/// that stay as initialised when the checkpoint lacks them; any other missing one is an error.
+pub fn load_into_with(
+    vs: &VarStore,
+    tensors: Vec<(String, Tensor)>,
+    source: &str,
+    may_be_initialized: fn(&str) -> bool,
+) -> Result<LoadReport, ModelError> {
     let mut by_name: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         by_name.insert(name, tensor);
     }
     let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let has_lm_head = variables.contains_key("generator_lm_head.bias");
     let mut used: HashSet<String> = HashSet::new();
     let mut report = LoadReport::default();
     let mut missing = Vec::new();
@@ -157,8 +170,10 @@ pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, source: &str) ->
             keys: missing,
         });
     }
-    // The output projection is tied to the word embeddings, so a stored copy is used through them.
-    used.insert("generator_lm_head.weight".to_string());
+    if has_lm_head {
+        // The output projection is tied to the word embeddings, so a stored copy is used through them.
+        used.insert("generator_lm_head.weight".to_string());
+    }
     let mut unused: Vec<String> = by_name
         .keys()
         .filter(|k| !used.contains(*k) && !is_ignored_buffer(k))
@@ -166,7 +181,8 @@ pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, source: &str) ->
         .collect();
     unused.sort();
     report.unused = unused;
-    if let (Some(lm), Some(emb)) = (
+    if let (true, Some(lm), Some(emb)) = (
+        has_lm_head,
         by_name.get("generator_lm_head.weight"),
         by_name
             .get("electra.embeddings.word_embeddings.weight")

@@ -34,8 +34,24 @@ pub struct Observation {
 impl EarlyStopping {
     /// Records epoch `epoch`'s dev loss with a patience of `max_stop_number` evaluations.
     pub fn observe(&mut self, epoch: u32, val_loss: f64, max_stop_number: u32) -> Observation {
+        self.observe_with(epoch, val_loss, max_stop_number, |new, best| new < best)
+    }
+
+    /// The same rule for a dev metric where higher is better (a classifier's macro-F1): `best`
+    /// and `history` then hold that metric.
+    pub fn observe_higher(&mut self, epoch: u32, metric: f64, max_stop_number: u32) -> Observation {
+        self.observe_with(epoch, metric, max_stop_number, |new, best| new > best)
+    }
+
+    fn observe_with(
+        &mut self,
+        epoch: u32,
+        val_loss: f64,
+        max_stop_number: u32,
+        better: fn(f64, f64) -> bool,
+    ) -> Observation {
         self.history.push(val_loss);
-        let improved = self.best.is_none_or(|b| val_loss < b);
+        let improved = self.best.is_none_or(|b| better(val_loss, b));
         if improved {
             self.best = Some(val_loss);
             self.best_epoch = Some(epoch);
@@ -54,6 +70,15 @@ impl EarlyStopping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_higher_is_better_metric_improves_upwards() {
+        let mut e = EarlyStopping::default();
+        assert!(e.observe_higher(0, 0.4, 1).improved);
+        let o = e.observe_higher(1, 0.3, 1);
+        assert_eq!((o.improved, o.stopped), (false, true));
+        assert_eq!((e.best, e.best_epoch), (Some(0.4), Some(0)));
+    }
 
     #[test]
     fn the_first_evaluation_improves() {

@@ -5,7 +5,7 @@
 use crate::autocast::PrecisionError;
 use crate::batch::MaskedBatch;
 use crate::comm::{Collective, CommError};
-use crate::model::LoadedModel;
+use crate::model::{LoadedClassifier, LoadedModel};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::flat::FlatParams;
 use crate::optim::loss_scale::{DynamicLossScaler, LossScaleError};
@@ -13,6 +13,7 @@ use crate::optim::partition::{Exchange, Partition};
 use crate::optim::schedule::Schedule;
 use kormlm_proto::ds_config::{OptimizerKind, ResolvedConfig, Toggle};
 use kormlm_proto::train_args::TrainArgs;
+use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 pub use crate::autocast::Precision;
@@ -61,8 +62,26 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-pub struct Trainer {
-    pub loaded: LoadedModel,
+/// A model the trainer can optimise: its variables.
+pub trait TrainableModel {
+    fn var_store(&self) -> &VarStore;
+}
+
+impl TrainableModel for LoadedModel {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+}
+
+impl TrainableModel for LoadedClassifier {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+}
+
+/// The optimisation state of one rank over a model `M` (the masked-LM unless said otherwise).
+pub struct Trainer<M = LoadedModel> {
+    pub loaded: M,
     pub flat: FlatParams,
     /// This rank's range of `flat`, which `optimizer` steps.
     pub partition: Partition,
@@ -115,19 +134,19 @@ pub fn schedule(config: &ResolvedConfig, args: &TrainArgs, base_lr: f64, total_s
     }
 }
 
-impl Trainer {
+impl<M: TrainableModel> Trainer<M> {
     /// The trainer of rank `group.rank()` of `group`; the config's ZeRO stage decides whether
     /// the optimizer state is sharded over the ranks.
     pub fn new(
-        loaded: LoadedModel,
+        loaded: M,
         config: &ResolvedConfig,
         args: &TrainArgs,
         total_steps: u64,
         group: &dyn Collective,
     ) -> Result<Self, PrecisionError> {
-        let device = loaded.vs.device();
+        let device = loaded.var_store().device();
         let (rank, world) = (group.rank(), group.world_size());
-        let flat = FlatParams::new(&loaded.vs, Partition::alignment(world));
+        let flat = FlatParams::new(loaded.var_store(), Partition::alignment(world));
         let partition = Partition::new(flat.padded_numel(), rank, world, config.config.zero.stage);
         let (params, base_lr) = optimizer_settings(config, args);
         let mask = args.decay_exclude_bias_layernorm.then(|| flat.decay_mask());
@@ -148,20 +167,14 @@ impl Trainer {
         })
     }
 
-    /// Forward and backward of one micro-batch; the loss is the masked-token cross-entropy sum
-    /// divided by `divisor` (the masked-token count of the whole global batch), so gradients
-    /// accumulated over micro-batches and ranks are those of the global mean. Returns the sum.
-    pub fn backward(&mut self, batch: &MaskedBatch, divisor: f64) -> f64 {
-        if batch.masked == 0 {
-            return 0.0;
-        }
-        let model = &self.loaded.model;
-        let loss_sum = crate::autocast::with(self.precision, self.device, || {
-            let logits = model.logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, true);
-            logits
-                .to_kind(Kind::Float)
-                .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
-        });
+    /// Forward and backward of one micro-batch: `loss_sum` computes the batch's summed loss
+    /// (f32) from the model, under the training precision's autocast; its gradient is taken
+    /// divided by `divisor` (the count the global batch's mean divides by, so gradients
+    /// accumulated over micro-batches and ranks are those of the global mean) and times the fp16
+    /// loss scale. Returns the sum.
+    pub fn backward_loss(&mut self, divisor: f64, loss_sum: impl FnOnce(&M) -> Tensor) -> f64 {
+        let model = &self.loaded;
+        let loss_sum = crate::autocast::with(self.precision, self.device, || loss_sum(model));
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.cur_scale);
         (&loss_sum * (scale / divisor)).backward();
         loss_sum.double_value(&[])
@@ -246,6 +259,26 @@ impl Trainer {
             lr,
             grad_norm: norm,
             skipped: false,
+        })
+    }
+}
+
+impl Trainer<LoadedModel> {
+    /// Forward and backward of one masked-LM micro-batch; the loss is the masked-token
+    /// cross-entropy sum divided by `divisor` (the masked-token count of the whole global
+    /// batch), so gradients accumulated over micro-batches and ranks are those of the global
+    /// mean. Returns the sum.
+    pub fn backward(&mut self, batch: &MaskedBatch, divisor: f64) -> f64 {
+        if batch.masked == 0 {
+            return 0.0;
+        }
+        self.backward_loss(divisor, |loaded| {
+            let logits = loaded
+                .model
+                .logits_at(&batch.input_ids, &batch.attention_mask, &batch.positions, true);
+            logits
+                .to_kind(Kind::Float)
+                .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
         })
     }
 }

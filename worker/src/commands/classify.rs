@@ -1,0 +1,157 @@
+//! `worker classify train|eval|predict`: fine-tunes a sequence classifier in this process,
+//! evaluates one on a labelled file (metrics on stdout, `--json` for JSON) or writes its
+//! predictions, one JSON line per input row (`label` or `labels`, and `probabilities`).
+
+use crate::classify::data::{self, Targets};
+use crate::classify::infer::{self, Prediction};
+use crate::classify::train::{self, ClassifyTrainJob, TrainData};
+use crate::classify::ClassifyError;
+use crate::cli::{ClassifyAction, ClassifyCommand, ClassifyEvalCommand, ClassifyPredictCommand, ClassifyTrainCommand};
+use crate::device::parse_device;
+use crate::model::sequence_classification::Labels;
+use crate::model::LoadedClassifier;
+use serde_json::{json, Value};
+
+pub fn run(command: &ClassifyCommand) -> Result<(), ClassifyError> {
+    match &command.action {
+        ClassifyAction::Train(c) => run_train(c),
+        ClassifyAction::Eval(c) => run_eval(c),
+        ClassifyAction::Predict(c) => run_predict(c),
+    }
+}
+
+fn run_train(command: &ClassifyTrainCommand) -> Result<(), ClassifyError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let device = parse_device(&command.device)?;
+    crate::device::check(device)?;
+    let data = TrainData {
+        train_file: command.train_file.clone(),
+        dev_file: command.dev_file.clone(),
+        columns: command.columns.columns(),
+        labels: command.labels.clone(),
+    };
+    let job = ClassifyTrainJob::new(&command.config, device, &command.train, data, now)?;
+    let summary = train::train(&job, &|| false)?;
+    println!(
+        "{}",
+        serde_json::to_string(&summary).map_err(|e| ClassifyError::output(&job.output_dir, e))?
+    );
+    eprintln!(
+        "classifier training finished: {} epoch(s), {} step(s), best dev macro-F1 {}{}; output in {}",
+        summary.epochs_run,
+        summary.global_steps,
+        summary.best_val_macro_f1.map_or("-".into(), |v| format!("{v:.4}")),
+        if summary.early_stopped { " (EARLY STOPPED)" } else { "" },
+        job.output_dir.display()
+    );
+    Ok(())
+}
+
+/// A classifier loaded with its label space from `config.json`.
+fn load(model: &str, device: &str) -> Result<(LoadedClassifier, tch::Device), ClassifyError> {
+    let device = parse_device(device)?;
+    crate::device::check(device)?;
+    Ok((LoadedClassifier::load(model, None, None, device, 0)?, device))
+}
+
+fn tokenize(loaded: &LoadedClassifier, texts: &[String], max_len: usize) -> Result<Vec<Vec<u32>>, ClassifyError> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    Ok(loaded.tokenizer.encode_batch(&refs, Some(max_len))?)
+}
+
+fn run_eval(command: &ClassifyEvalCommand) -> Result<(), ClassifyError> {
+    let (loaded, device) = load(&command.model, &command.device)?;
+    let labels = loaded.model.labels().clone();
+    let set = data::read_labelled(&command.input, &command.columns.columns(), &labels)?;
+    let ids = tokenize(&loaded, &set.texts, command.max_seq_len)?;
+    let pad = loaded.tokenizer.special().pad;
+    let evaluation = infer::evaluate(&loaded.model, &ids, &set.targets, command.batch_size, pad, device)?;
+    let m = &evaluation.metrics;
+    let per_label: serde_json::Map<String, Value> = labels
+        .names
+        .iter()
+        .zip(&m.per_label_f1)
+        .map(|(n, f)| (n.clone(), json!(f)))
+        .collect();
+    if command.json {
+        println!(
+            "{}",
+            json!({
+                "type": "eval",
+                "input": set.path,
+                "examples": m.examples,
+                "loss": evaluation.loss,
+                "accuracy": m.accuracy,
+                "macro_f1": m.macro_f1,
+                "per_label_f1": per_label,
+                "labels": labels.names,
+                "problem_type": labels.problem_type.as_str(),
+            })
+        );
+    } else {
+        println!(
+            "{}: {} examples, accuracy {:.4}, macro-F1 {:.4}, loss {:.4}",
+            set.path.display(),
+            m.examples,
+            m.accuracy,
+            m.macro_f1,
+            evaluation.loss
+        );
+        for (name, f1) in labels.names.iter().zip(&m.per_label_f1) {
+            println!("  F1 {name}: {f1:.4}");
+        }
+    }
+    Ok(())
+}
+
+/// One prediction line.
+fn prediction_line(text: &str, labels: &Labels, probabilities: &[f32], prediction: &Prediction) -> Value {
+    let probs: serde_json::Map<String, Value> = labels
+        .names
+        .iter()
+        .zip(probabilities)
+        .map(|(n, p)| (n.clone(), json!(p)))
+        .collect();
+    match prediction {
+        Prediction::Single(id) => json!({"text": text, "label": labels.names[*id], "probabilities": probs}),
+        Prediction::Multi(flags) => {
+            let chosen: Vec<&String> = labels
+                .names
+                .iter()
+                .zip(flags)
+                .filter(|(_, f)| **f)
+                .map(|(n, _)| n)
+                .collect();
+            json!({"text": text, "labels": chosen, "probabilities": probs})
+        }
+    }
+}
+
+fn run_predict(command: &ClassifyPredictCommand) -> Result<(), ClassifyError> {
+    let (loaded, device) = load(&command.model, &command.device)?;
+    let labels = loaded.model.labels().clone();
+    let texts = data::read_texts(&command.input, &command.columns.columns())?;
+    let ids = tokenize(&loaded, &texts, command.max_seq_len)?;
+    let pad = loaded.tokenizer.special().pad;
+    let scored = infer::score(&loaded.model, &ids, None::<&Targets>, command.batch_size, pad, device)?;
+    let mut out = String::new();
+    for (text, probabilities) in texts.iter().zip(&scored.probabilities) {
+        let prediction = infer::predict(labels.problem_type, probabilities);
+        out.push_str(&prediction_line(text, &labels, probabilities, &prediction).to_string());
+        out.push('\n');
+    }
+    kormlm_proto::durable::write(&command.output, out).map_err(|e| ClassifyError::output(&command.output, e.error))?;
+    if command.json {
+        println!(
+            "{}",
+            json!({"predictions": texts.len(), "output": command.output, "labels": labels.names,
+                   "problem_type": labels.problem_type.as_str()})
+        );
+    } else {
+        eprintln!("wrote {} predictions to {}", texts.len(), command.output.display());
+    }
+    Ok(())
+}
