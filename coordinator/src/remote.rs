@@ -1,12 +1,15 @@
 //! Workers on the other hosts of a `--hostfile`, started by this coordinator through a remote
-//! shell, as `deepspeed --launcher` does: `ssh` (`-o BatchMode=yes`: never a password prompt) or
-//! `pdsh` (`-S -f 1024 -w HOST`, `PDSH_RCMD_TYPE=ssh`). One launcher process per remote rank: it
-//! lives as long as the remote worker, so its exit is the worker's exit.
+//! shell, as `deepspeed --launcher` does: `ssh` (`-o BatchMode=yes`: never a password prompt),
+//! `pdsh` (`-S -f 1024 -w HOST`, `PDSH_RCMD_TYPE=ssh`) or, inside a Slurm allocation, `srun`
+//! (one single-task step on the host, `--overlap` so it shares the allocation's resources). One
+//! launcher process per remote rank: it lives as long as the remote worker, so its exit is the
+//! worker's exit.
 //!
 //! The token never travels on a command line or in an environment assignment on one: over ssh
-//! it is written to the session's stdin (`worker --token-stdin`); pdsh forwards no stdin, so its
-//! workers read the coordinator's 0600 `STATE_DIR/token` (`--token-file`), which must lie on a
-//! file system the hosts share, like the outputs.
+//! and srun it is written to the session's stdin (`worker --token-stdin`; srun forwards stdin to
+//! its task); pdsh forwards no stdin, so its workers read the coordinator's 0600
+//! `STATE_DIR/token` (`--token-file`), which must lie on a file system the hosts share, like the
+//! outputs.
 //!
 //! The remote shell prints `kormlm-remote-pid PID` before it `exec`s the worker, so the worker
 //! keeps that pid; under sshd it leads its own session and process group, which `kill --force`
@@ -27,7 +30,8 @@ pub enum LauncherKind {
     /// One `pdsh -S -f 1024 -w HOST …` per remote rank (PDSH_RCMD_TYPE=ssh); the token from
     /// STATE_DIR/token on a shared file system.
     Pdsh,
-    /// Not supported yet: use scripts/slurm/kormlm.sbatch.
+    /// One `srun --nodes=1 --ntasks=1 --nodelist=HOST --overlap sh -c …` step per remote rank,
+    /// inside the allocation (SLURM_JOB_ID set); the token on its stdin.
     Slurm,
     /// Start nothing on other hosts: log the command to run there.
     None,
@@ -62,6 +66,7 @@ fn flag(name: &str, message: impl Into<String>) -> CoordinatorError {
 pub enum Via {
     Ssh,
     Pdsh,
+    Srun,
 }
 
 impl Via {
@@ -69,6 +74,7 @@ impl Via {
         match self {
             Via::Ssh => "ssh",
             Via::Pdsh => "pdsh",
+            Via::Srun => "srun",
         }
     }
 }
@@ -130,11 +136,21 @@ pub fn choose(
         LauncherKind::Ssh => Via::Ssh,
         LauncherKind::Pdsh => Via::Pdsh,
         LauncherKind::Slurm => {
-            return Err(flag(
-                "--launcher",
-                "slurm is not supported yet: inside an allocation run scripts/slurm/kormlm.sbatch (srun starts \
-                 one worker per task), or use --launcher ssh|pdsh with a hostfile of the allocation's nodes",
-            ))
+            if ssh_port.is_some() {
+                return Err(flag(
+                    "--ssh_port",
+                    "has no effect with --launcher slurm (srun starts the workers)",
+                ));
+            }
+            if std::env::var_os("SLURM_JOB_ID").is_none() {
+                return Err(flag(
+                    "--launcher",
+                    "slurm starts the workers with srun inside an allocation, and SLURM_JOB_ID is not set: run \
+                     the coordinator under salloc or sbatch (or use scripts/slurm/kormlm.sbatch), or use \
+                     --launcher ssh|pdsh",
+                ));
+            }
+            Via::Srun
         }
         LauncherKind::None => {
             if let Some((_, name)) = given[1..].iter().find(|(set, _)| *set) {
@@ -200,6 +216,13 @@ impl RemoteShell {
                     .args(&self.extra)
                     .arg(script);
             }
+            Via::Srun => {
+                command
+                    .args(["--nodes=1", "--ntasks=1", "--overlap", "--quiet"])
+                    .arg(format!("--nodelist={host}"))
+                    .args(&self.extra)
+                    .args(["sh", "-c", script]);
+            }
         }
         command
             .env_remove(kormlm_proto::secret::TOKEN_ENV)
@@ -209,7 +232,7 @@ impl RemoteShell {
 
     /// Whether the token reaches the worker on the session's stdin (else through a file).
     pub fn forwards_stdin(&self) -> bool {
-        self.via == Via::Ssh
+        matches!(self.via, Via::Ssh | Via::Srun)
     }
 }
 
@@ -396,6 +419,27 @@ mod tests {
             env.contains(&("KORMLM_TOKEN".into(), None)),
             "the token is not passed on: {env:?}"
         );
+        let srun = RemoteShell {
+            via: Via::Srun,
+            ssh_port: None,
+            extra: vec!["--partition=gpu".into()],
+        };
+        assert_eq!(
+            argv(&srun.command("node-b", "hostname")),
+            [
+                "srun",
+                "--nodes=1",
+                "--ntasks=1",
+                "--overlap",
+                "--quiet",
+                "--nodelist=node-b",
+                "--partition=gpu",
+                "sh",
+                "-c",
+                "hostname"
+            ]
+        );
+        assert!(srun.forwards_stdin() && ssh.forwards_stdin() && !pdsh.forwards_stdin());
     }
 
     #[test]
@@ -420,10 +464,10 @@ mod tests {
         for (kind, port, args, hostfile, expected) in [
             (
                 Some(LauncherKind::Slurm),
-                None,
+                Some(22),
                 None,
                 true,
-                "slurm is not supported yet",
+                "has no effect with --launcher slurm",
             ),
             (Some(LauncherKind::Ssh), None, None, false, "give --hostfile too"),
             (None, Some(22), None, false, "--ssh_port"),

@@ -1,4 +1,4 @@
-//! Multi-node launchers (`coordinator --hostfile … --launcher ssh|pdsh`), with stub `ssh` and
+//! Multi-node launchers (`coordinator --hostfile … --launcher ssh|pdsh|slurm`), with stub `ssh`, `srun` and
 //! `pdsh` executables (tests/stubs/) first on PATH: they record what they are given (argv and
 //! environment, never stdin) and run the remote command here as sshd would (a new session), so
 //! the two "hosts" of the hostfile, `node-a` and `node-b`, are CPU workers on this machine. The
@@ -293,4 +293,89 @@ fn over_pdsh_a_lost_remote_rank_is_restarted_and_kill_force_reaches_a_frozen_one
         "no pdsh -w node-b {sigkill:?}…: {kills:#?}"
     );
     assert_token_never_recorded(&record, &c.token);
+}
+
+#[test]
+fn over_srun_inside_an_allocation_both_hosts_train_to_success_and_the_token_goes_on_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = job_args(
+        d,
+        "dev.tsv",
+        1,
+        &[
+            "--launcher",
+            "slurm",
+            "--launcher_args",
+            "--partition=debug",
+            "--exit-when-done",
+        ],
+    );
+    // Outside an allocation srun has nothing to start steps in: refused before anything starts.
+    let outside = run(std::process::Command::new(binary("coordinator"))
+        .args(&args)
+        .arg("--dry-run")
+        .env_remove("SLURM_JOB_ID"));
+    let stderr = String::from_utf8_lossy(&outside.stderr);
+    assert!(!outside.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--launcher") && stderr.contains("SLURM_JOB_ID is not set"),
+        "{stderr}"
+    );
+
+    let state = d.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut env = stub_env(&d.join("record"));
+    env.push(("SLURM_JOB_ID".into(), "4242".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = CoordinatorProc::start_with_env(&state, &refs, &env);
+    let exit = c.proc.wait_exit(Duration::from_secs(240));
+    assert!(exit.success(), "the job did not succeed ({exit}):\n{}", c.log());
+    assert!(d.join("out/final/model.safetensors").is_file(), "{}", c.log());
+
+    let started: Vec<Invocation> = invocations(&d.join("record"))
+        .into_iter()
+        .filter(|i| !i.script().starts_with("kill "))
+        .collect();
+    assert_eq!(started.len(), 2, "one srun step per remote rank: {started:#?}");
+    for (rank, host) in HOSTS.iter().enumerate() {
+        let nodelist = format!("--nodelist={host}");
+        let srun = started
+            .iter()
+            .find(|i| i.argv.contains(&nodelist))
+            .unwrap_or_else(|| panic!("no srun step on {host}: {started:#?}"));
+        assert_eq!(srun.program, "srun");
+        eprintln!("recorded: srun {}", srun.argv.join(" "));
+        assert_eq!(
+            srun.argv[..8],
+            [
+                "--nodes=1",
+                "--ntasks=1",
+                "--overlap",
+                "--quiet",
+                nodelist.as_str(),
+                "--partition=debug",
+                "sh",
+                "-c"
+            ],
+            "{srun:#?}"
+        );
+        let script = srun.script();
+        for word in [
+            format!("--rank {rank} --local_rank 0 --coordinator {}", c.url),
+            "--token-stdin".to_string(),
+            "echo kormlm-remote-pid $$".to_string(),
+        ] {
+            assert!(script.contains(&word), "{word:?} is not in {script:?}");
+        }
+        assert_eq!(srun.env_var("KORMLM_TOKEN"), None, "{srun:#?}");
+    }
+    assert_token_never_recorded(&d.join("record"), &read_token(&c.state_dir));
+    let log = c.log();
+    for (rank, host) in HOSTS.iter().enumerate() {
+        let exits = remote_exits(&log, rank as u32);
+        assert_eq!(exits.len(), 1, "{log}");
+        assert!(exits[0].contains(&format!("host={host} ")), "{}", exits[0]);
+    }
 }
