@@ -125,13 +125,13 @@ pub async fn form_group(
 /// stop after the current step.
 pub fn run_training(
     job: &TrainJob,
-    mut group: Box<dyn Collective + Send>,
+    group: &mut dyn Collective,
     progress: tokio::sync::watch::Sender<Option<ProgressEvent>>,
     stop: Arc<AtomicBool>,
 ) -> Result<TrainSummary, TrainError> {
     train::train(
         job,
-        group.as_mut(),
+        group,
         &mut |event| {
             progress.send_replace(Some(event.clone()));
         },

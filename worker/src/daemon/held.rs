@@ -4,7 +4,7 @@
 //! when it is stale or the process leaves, go through here.
 
 use crate::client::CoordinatorClient;
-use crate::comm::GroupAbort;
+use crate::comm::{Collective, GroupAbort};
 use crate::error::WorkerError;
 use crate::job::{self, RingBind};
 use crate::train::ProgressEvent;
@@ -180,21 +180,25 @@ impl HeldWork {
     }
 }
 
-/// Runs `run` on a new thread named `name`; its outcome (a panic as an error) goes to `done`.
+/// Runs `run` on a new thread named `name`; its outcome (a panic as an error) goes to `done`,
+/// and only then is `group` dropped: a failing rank hands its report to the daemon first, and
+/// dropping the group aborts it on a detached thread (never the collective destroy), so nothing
+/// between the failure and the report waits for a peer.
 fn spawn_work_thread(
     name: &str,
-    run: impl FnOnce() -> Result<WorkOutcome, WorkerError> + Send + 'static,
+    run: impl FnOnce() -> (Finished, Option<Box<dyn Collective + Send>>) + Send + 'static,
     done: oneshot::Sender<Finished>,
 ) -> Result<(), WorkerError> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                .unwrap_or_else(|payload| Err(WorkerError::from_panic(payload.as_ref())));
+            let (outcome, group) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|payload| (Err(WorkerError::from_panic(payload.as_ref())), None));
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, kind = %e.kind(), "work failed");
             }
             let _ = done.send(outcome);
+            drop(group);
         })
         .map(drop)
         .map_err(WorkerError::Thread)
@@ -216,15 +220,18 @@ async fn start_work(
         Work::Train(job) => {
             let group = job::form_group(client, assignment, job.device, ring_bind, abort).await?;
             let run = move || {
-                job::run_training(&job, group, progress, stop)
-                    .map(WorkOutcome::Train)
-                    .map_err(WorkerError::from)
+                let mut group = group;
+                let trained = job::run_training(&job, group.as_mut(), progress, stop);
+                (trained.map(WorkOutcome::Train).map_err(WorkerError::from), Some(group))
             };
             spawn_work_thread("train", run, done_tx)?;
         }
         Work::Augment(job) => {
             let ranks = (assignment.rank as usize, assignment.world_size as usize);
-            let run = move || job::run_augmentation(&job, ranks, progress, stop).map(WorkOutcome::Augment);
+            let run = move || {
+                let augmented = job::run_augmentation(&job, ranks, progress, stop);
+                (augmented.map(WorkOutcome::Augment), None)
+            };
             spawn_work_thread("augment", run, done_tx)?;
         }
     }
