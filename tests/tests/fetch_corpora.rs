@@ -3,7 +3,7 @@
 
 use kormlm_e2e::*;
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -75,22 +75,33 @@ struct Mirror {
 }
 
 impl Mirror {
+    /// Serves `root` on a port the server picks itself and names on its first line (a port
+    /// found free beforehand could be taken by a parallel test's server in between).
     fn serve(root: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut command = Command::new("python3");
         command
-            .args([
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                &port.to_string(),
-                "--directory",
-            ])
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0", "--directory"])
             .arg(root)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut server = Proc::spawn("python3 -m http.server", &mut command);
+        let stdout = server.child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("python3 -m http.server names its port within 20 s");
+        // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+        let port: u16 = line
+            .split_whitespace()
+            .skip_while(|w| *w != "port")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in the server's first line: {line:?}"));
         wait_for("the mirror to listen", Duration::from_secs(20), || {
             assert!(server.is_running(), "python3 -m http.server exited early");
             TcpStream::connect(("127.0.0.1", port)).ok()
