@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn job_args(dir: &Path, out: &Path, workers: u32, epochs: u32) -> Vec<String> {
     job_args_on(dir, out, workers, epochs, "dev.tsv")
@@ -111,19 +111,44 @@ fn first_step_of_last_attempt(out: &Path) -> u64 {
 /// Kills job-1 (of `epochs` epochs) after its first evaluation, early in an epoch so the stop
 /// lands mid-epoch (asserted); returns the status it was KILLED with.
 fn kill_mid_epoch(c: &CoordinatorProc, epochs: u32) -> Value {
-    wait_for(
-        "the first evaluation and a few steps into an epoch",
-        Duration::from_secs(120),
-        || {
-            let s = c.status(Some("job-1"));
-            let evaluated = s["val_loss_history"].as_array().is_some_and(|h| !h.is_empty());
-            let step = s["global_step"].as_u64().unwrap_or(0);
-            let per_epoch = steps_per_epoch(&s, epochs).max(1);
-            // Early in the epoch: the kill takes a few steps to land, well before its end.
-            let early = (2..=per_epoch / 3).contains(&(step % per_epoch));
-            (evaluated && step >= 32 && early).then_some(())
-        },
-    );
+    // The wait lasts while the job makes progress (a loaded machine only slows it down); a job
+    // that stalls, or ends before the window, fails the test at once with what was seen.
+    const STALLED: Duration = Duration::from_secs(60);
+    const AT_MOST: Duration = Duration::from_secs(600);
+    let started = Instant::now();
+    let (mut last_step, mut last_change) = (0, Instant::now());
+    let mut seen = Vec::new();
+    loop {
+        let s = c.status(Some("job-1"));
+        let evaluated = s["val_loss_history"].as_array().is_some_and(|h| !h.is_empty());
+        let step = s["global_step"].as_u64().unwrap_or(0);
+        let per_epoch = steps_per_epoch(&s, epochs).max(1);
+        if seen.len() == 40 {
+            seen.remove(0);
+        }
+        seen.push(format!("{} step {step} evaluated {evaluated}", s["state"]));
+        // Early in the epoch: the kill takes a few steps to land, well before its end.
+        let early = (2..=per_epoch / 3).contains(&(step % per_epoch));
+        if evaluated && step >= 32 && early {
+            break;
+        }
+        assert!(
+            s["state"] == "RUNNING" || s["state"] == "PENDING",
+            "job-1 ended before a kill could land early in an epoch after its first evaluation: {s}\nlast statuses: {seen:?}\n{}",
+            c.log()
+        );
+        if step != last_step {
+            (last_step, last_change) = (step, Instant::now());
+        }
+        assert!(
+            last_change.elapsed() < STALLED && started.elapsed() < AT_MOST,
+            "no kill window after {:?} (no progress for {:?}): {s}\nlast statuses: {seen:?}\n{}",
+            started.elapsed(),
+            last_change.elapsed(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = client(c, &["kill", "--job", "job-1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = wait_state(c, "KILLED", Duration::from_secs(60));
