@@ -75,8 +75,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub hostfile: Option<PathBuf>,
     /// How workers on the other hosts of --hostfile are started: ssh, pdsh (PDSH_RCMD_TYPE=ssh),
-    /// slurm (not supported yet) or none (log the commands to run there). Default: pdsh when it
-    /// is installed, else ssh.
+    /// slurm (one srun step per rank inside the allocation) or none (log the commands to run
+    /// there). Default: pdsh when it is installed, else ssh.
     #[arg(long, value_enum)]
     pub launcher: Option<crate::remote::LauncherKind>,
     /// The ssh port of the other hosts (ssh `-p`; pdsh through PDSH_SSH_ARGS_APPEND).

@@ -151,8 +151,9 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `listen` (see [`listen_address`]). Beyond loopback without a token it warns that
-    /// anyone who reaches the port reads the jobs' names, losses, hosts and pids.
+    /// Binds `listen` (see [`listen_address`]). Beyond loopback it warns: without a token that
+    /// anyone who reaches the port reads the jobs' names, losses, hosts and pids; with one that
+    /// the bearer token crosses the network in clear text (this port has no TLS).
     pub async fn bind(listen: &str, token: Option<String>) -> Result<Self> {
         let addr = listen_address(listen);
         let listener = TcpListener::bind(&addr)
@@ -166,6 +167,12 @@ impl MetricsServer {
                 listen = %local,
                 "/metrics is served beyond loopback without a token: whoever reaches this port reads the jobs' \
                  ids, losses, hosts and pids (read-only); require a bearer token with --metrics-token-file FILE"
+            );
+        } else if !is_loopback(&local) {
+            tracing::warn!(
+                listen = %local,
+                "/metrics is served beyond loopback over plain HTTP: the bearer token of --metrics-token-file \
+                 crosses the network in clear text; keep the port on a trusted network or behind a TLS proxy"
             );
         }
         Ok(Self {

@@ -371,7 +371,7 @@ fn metrics_follow_a_job_through_a_restart_and_match_its_status() {
 }
 
 #[test]
-fn without_a_token_metrics_are_open_and_beyond_loopback_the_coordinator_warns() {
+fn beyond_loopback_the_coordinator_warns_of_open_metrics_or_a_clear_text_token() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -387,4 +387,29 @@ fn without_a_token_metrics_are_open_and_beyond_loopback_the_coordinator_warns() 
         log.contains("beyond loopback without a token").then_some(log)
     });
     assert!(log.contains("--metrics-token-file"), "{log}");
+
+    // With a token, beyond loopback: the bearer crosses in clear text, and the log says so.
+    let state = dir.path().join("state-token");
+    std::fs::create_dir_all(&state).unwrap();
+    let token_file = dir.path().join("metrics-token");
+    std::fs::write(&token_file, "metrics-secret-2\n").unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let c = CoordinatorProc::start(
+        &state,
+        &[
+            "--metrics-listen",
+            "0.0.0.0:0",
+            "--metrics-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let addr = metrics_addr(&state).replace("0.0.0.0", "127.0.0.1");
+    let open = scrape(&addr, Some("metrics-secret-2"));
+    assert_eq!(open.value("kormlm_jobs", &[("state", "RUNNING")]), 0.0);
+    let log = wait_for("the clear-text warning", Duration::from_secs(10), || {
+        let log = c.log();
+        log.contains("crosses the network in clear text").then_some(log)
+    });
+    assert!(!log.contains("without a token"), "{log}");
+    assert!(!log.contains("metrics-secret-2"), "the token is never logged: {log}");
 }
