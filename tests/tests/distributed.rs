@@ -171,13 +171,12 @@ fn a_killed_worker_fails_the_job_naming_its_rank_and_nothing_hangs() {
         ],
         &[("KORMLM_COLLECTIVE_TIMEOUT_S", "10")],
     );
-    let status = wait_for("training progress in status", Duration::from_secs(120), || {
+    let progress = wait_for("training progress in status", Duration::from_secs(120), || {
         let s = c.status(None);
         (s["global_step"].as_u64().unwrap_or(0) >= 3).then_some(s)
     });
-    assert!(status["samples_per_s"].as_f64().unwrap() > 0.0, "{status}");
-    assert!(status["train_loss"].as_f64().is_some());
-    let pids: Vec<u32> = status["workers"]
+    assert!(progress["samples_per_s"].as_f64().unwrap() > 0.0, "{progress}");
+    let pids: Vec<u32> = progress["workers"]
         .as_array()
         .unwrap()
         .iter()
@@ -192,4 +191,20 @@ fn a_killed_worker_fails_the_job_naming_its_rank_and_nothing_hangs() {
     wait_for("rank 0 to exit", Duration::from_secs(30), || {
         (!pid_alive(pids[0])).then_some(())
     });
+    // The status showed rank 0's figures of that step, as its training log recorded them.
+    let step = progress["global_step"].as_u64().unwrap();
+    let record = logged_records(&out, "train")
+        .into_iter()
+        .find(|r| r["step"] == step)
+        .unwrap_or_else(|| panic!("no train record of step {step}"));
+    for key in ["samples_per_s", "train_loss"] {
+        let (shown, logged) = (
+            progress[key].as_f64().unwrap(),
+            record[key.trim_start_matches("train_")].as_f64().unwrap(),
+        );
+        assert!(
+            (shown - logged).abs() <= 1e-9 * logged.abs(),
+            "{key}: status {shown}, log {logged}: {record}"
+        );
+    }
 }
