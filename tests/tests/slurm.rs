@@ -325,7 +325,13 @@ fn the_batch_script_runs_a_two_rank_job_with_a_token_on_all_interfaces() {
     // The run's outputs.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert!(summary.is_object(), "{summary}");
+    assert_eq!(summary["global_steps"], 4, "{summary}");
+    assert_eq!(summary["stopped_by_request"], false, "{summary}");
+    assert_eq!(
+        summary["val_loss_history"].as_array().map(Vec::len),
+        summary["epochs_run"].as_u64().map(|n| n as usize),
+        "one evaluation per epoch: {summary}"
+    );
     assert!(out.join("best/model.safetensors").is_file());
     assert!(out.join("best/config.json").is_file());
 
