@@ -61,19 +61,24 @@ async fn connect(args: &ClientArgs) -> Result<Client> {
 /// What a failed call tells the user: the status, its causes (a TLS or connection failure
 /// shows only there) and, for a failure to reach the coordinator, a hint about TLS and URLs.
 fn call_failed(args: &ClientArgs) -> impl Fn(tonic::Status) -> CoordinatorError + '_ {
-    move |status| {
-        let mut message = format!("{:?}: {}", status.code(), status.message());
-        if let Some(cause) = std::error::Error::source(&status) {
-            message += &format!(": {}", tls::error_chain(cause));
-        }
-        if matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-        ) {
-            message += &format!(" ({})", tls::connect_hint(&args.addr));
-        }
-        CoordinatorError::Rpc(message)
+    move |status| CoordinatorError::Rpc(failed_call_message(&status, &args.addr))
+}
+
+fn failed_call_message(status: &tonic::Status, addr: &str) -> String {
+    let mut message = format!("{:?}: {}", status.code(), status.message());
+    if let Some(cause) = std::error::Error::source(status) {
+        message += &format!(": {}", tls::error_chain(cause));
     }
+    // A plaintext client reading a TLS server's bytes as HTTP/2 frames fails with Internal
+    // ("h2 protocol error: … frame with invalid size") rather than Unavailable.
+    let transport = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) || (status.code() == tonic::Code::Internal && status.message().contains("h2 protocol error"));
+    if transport {
+        message += &format!(" ({})", tls::connect_hint(addr));
+    }
+    message
 }
 
 fn print_status(status: &JobStatus, json: bool) {
@@ -233,4 +238,30 @@ pub async fn resume(args: ResumeArgs) -> Result<i32> {
         .unwrap_or_default();
     print_status(&status, args.client.json);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_get_the_tls_hint_and_refusals_do_not() {
+        let plain = "http://127.0.0.1:50051";
+        for status in [
+            tonic::Status::unavailable("tcp connect error"),
+            tonic::Status::internal(
+                "h2 protocol error: http2 error: connection error detected: frame with invalid size",
+            ),
+        ] {
+            let message = failed_call_message(&status, plain);
+            assert!(message.contains("use an https:// URL"), "{message}");
+        }
+        for status in [
+            tonic::Status::internal("the state store failed"),
+            tonic::Status::unauthenticated("missing token"),
+        ] {
+            let message = failed_call_message(&status, plain);
+            assert!(!message.contains("https://"), "{message}");
+        }
+    }
 }
