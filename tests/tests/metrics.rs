@@ -214,10 +214,11 @@ fn assert_job_matches(scrape: &Scrape, status: &Value) {
     }
 }
 
-/// Two CPU workers train the tiny model for one epoch of Korean HateSpeech `dev.tsv` (29 steps),
-/// a checkpoint every 4 steps, one automatic restart allowed.
+/// Two CPU workers train the tiny model for 300 steps of Korean HateSpeech `train.tsv` (long
+/// enough that a rank killed after the scrapes during the job dies mid-run on a loaded machine),
+/// a checkpoint every 10 steps, one automatic restart allowed.
 fn train_flags(dir: &Path, token_file: &Path) -> Vec<String> {
-    let data = shared_data().join("korean-hate-speech/labeled/dev.tsv");
+    let data = shared_data().join("korean-hate-speech/labeled/train.tsv");
     let mut args: Vec<String> = [
         "--config",
         zero2_config(dir).to_str().unwrap(),
@@ -240,7 +241,8 @@ fn train_flags(dir: &Path, token_file: &Path) -> Vec<String> {
     let run = kormlm_proto::train_args::TrainArgs {
         num_train_epochs: 1,
         logging_steps: 1,
-        checkpoint_steps: 4,
+        checkpoint_steps: 10,
+        max_steps: 300,
         seed: 11,
         ..tiny_training(&data, &dir.join("out"))
     };
@@ -322,7 +324,14 @@ fn metrics_follow_a_job_through_a_restart_and_match_its_status() {
     kill(Pid::from_raw(rank1 as i32), Signal::SIGKILL).unwrap();
     let restarted = wait_for("the restart in the metrics", Duration::from_secs(60), || {
         let s = scrape(&addr, token);
-        (s.value("kormlm_job_automatic_restarts_total", &[("job", "job-1")]) == 1.0).then_some(s)
+        let restarts = s.value("kormlm_job_automatic_restarts_total", &[("job", "job-1")]);
+        assert!(
+            restarts == 1.0 || s.get("kormlm_job_state", &[("job", "job-1"), ("state", "SUCCEEDED")]) != Some(1.0),
+            "job-1 ended before rank 1 (pid {rank1}) was killed: {}\n{}",
+            s.families,
+            c.log()
+        );
+        (restarts == 1.0).then_some(s)
     });
     assert!(
         restarted.value("kormlm_job_failures_total", &[("job", "job-1"), ("kind", "PEER_LOST")]) >= 1.0,
