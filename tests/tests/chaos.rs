@@ -674,14 +674,7 @@ fn chaos() {
                 wall.as_secs_f64(),
                 scenario.budget.as_secs()
             ),
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                format!("FAILED: {}", text.lines().next().unwrap_or(""))
-            }
+            Err(panic) => format!("FAILED: {}", panic_text(panic.as_ref()).lines().next().unwrap_or("")),
         };
         eprintln!(
             "chaos: {:<34} seed {base} | {} | at {} | {} | {:.1} s | {verdict}",
@@ -691,6 +684,10 @@ fn chaos() {
             ctx.outcome.join(" → "),
             wall.as_secs_f64(),
         );
+        if let Err(panic) = &result {
+            // The whole message (a coordinator's log, say) once the table line is out.
+            eprintln!("chaos: {} failed:\n{}", scenario.name, panic_text(panic.as_ref()));
+        }
         // A failed scenario's processes must not disturb the next one.
         for line in ctx.survivors(&[]) {
             if let Some(pid) = line
@@ -721,4 +718,13 @@ fn chaos() {
         started.elapsed().as_secs_f64()
     );
     assert!(failed.is_empty(), "chaos scenarios failed: {failed:?}");
+}
+
+/// A caught panic's message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }

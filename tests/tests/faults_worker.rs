@@ -324,6 +324,33 @@ fn a_second_stop_signal_exits_at_once() {
     assert!(sent.elapsed() < Duration::from_secs(3), "took {:?}", sent.elapsed());
 }
 
+#[test]
+fn a_hangup_leaves_the_worker_and_its_work_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
+    let args = train_args(dir.path(), &out, "dev.tsv", &["--world_size", "1"], &[]);
+    let c = start(&state, &args);
+    let mut rank0 = c.worker(0);
+    wait_for("rank 0 to register", Duration::from_secs(60), || {
+        (worker_state(&c.status(Some("job-1")), 0).as_deref() == Some("ALIVE")).then_some(())
+    });
+    rank0.signal(Signal::SIGHUP);
+    let code = rank0.wait_exit(Duration::from_secs(120)).code();
+    assert_eq!(code, Some(0), "a hang-up must not end the worker\n{}", c.worker_log(0));
+    assert!(c.worker_log(0).contains("SIGHUP ignored"), "{}", c.worker_log(0));
+    let status = wait_for("job-1 to succeed", Duration::from_secs(30), || {
+        let s = c.status(Some("job-1"));
+        assert_ne!(s["state"], "FAILED", "{s}\n{}", c.log());
+        (s["state"] == "SUCCEEDED").then_some(s)
+    });
+    // It trained to its end (here: early stopping), not to a stop the hang-up asked for.
+    assert_eq!(status["message"], "all workers finished", "{status}");
+    assert!(
+        status["early_stopped"] == true || status["global_step"] == status["total_steps"],
+        "{status}"
+    );
+}
+
 /// Registers as rank `rank` and joins the rendezvous announcing `ring_address`, as a worker
 /// would; returns once every rank has joined. Never heart-beats.
 fn join_rendezvous(c: &CoordinatorProc, rank: u32, ring_address: String) {

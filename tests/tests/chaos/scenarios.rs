@@ -127,7 +127,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario!(
         "coordinator-sigkill-during-kill",
         "kill, SIGKILL coordinator at once; restart, resume",
-        false,
+        true,
         coordinator_sigkill_during_kill
     ),
     scenario!(
@@ -416,10 +416,14 @@ fn coordinator_sigkill_during_kill(ctx: &mut Ctx) {
     let mut c = ctx.coordinator(&args);
     let at = strike_step(ctx);
     let step = ctx.wait_step(&c, at);
-    ctx.rank_pid(&c, 1);
-    // The kill goes over gRPC and the SIGKILL follows its acknowledgement at once (well within
-    // the step and checkpoint the workers still need), so the stop is under way when the
-    // coordinator dies, however fast the workers are.
+    let ranks = [ctx.rank_pid(&c, 0), ctx.rank_pid(&c, 1)];
+    // The workers are held (SIGSTOP) from before the kill until the coordinator is dead: a tiny
+    // model's stop step and checkpoint take tens of milliseconds, less than a SIGKILL sent after
+    // the acknowledgement may take to land, so without the hold the stop could be complete
+    // (the job KILLED) before the coordinator dies.
+    for pid in ranks {
+        signal(pid, Signal::SIGSTOP);
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let acknowledged = runtime.block_on(async {
         let mut client = kormlm_e2e::grpc::job_client(&c).await;
@@ -432,6 +436,12 @@ fn coordinator_sigkill_during_kill(ctx: &mut Ctx) {
         c.proc.signal(Signal::SIGKILL);
         reply.unwrap_or_else(|e| panic!("kill: {e}")).into_inner()
     });
+    // Once the coordinator is gone, each stopped worker's process group is orphaned and the
+    // kernel sends it SIGHUP and SIGCONT; the workers must ignore the hang-up and go on.
+    c.proc.wait_exit(Duration::from_secs(30));
+    for pid in ranks {
+        signal(pid, Signal::SIGCONT);
+    }
     let state = acknowledged.status.as_ref().map(|s| s.state);
     assert_eq!(
         state,
@@ -442,6 +452,11 @@ fn coordinator_sigkill_during_kill(ctx: &mut Ctx) {
     ctx.note("kill acknowledged, coordinator SIGKILLed at once");
     let restarted = ctx.restart(&mut c);
     let killed = ctx.wait_state(&restarted, "KILLED");
+    assert!(
+        !killed["latest_checkpoint"].is_null(),
+        "no stop checkpoint after the restart: {killed}\n{}",
+        restarted.log()
+    );
     assert_stopped_at_checkpoint(&killed);
     ctx.resume(&restarted);
     let done = ctx.succeeded(restarted);

@@ -1,6 +1,9 @@
 //! SIGTERM and SIGINT while the daemon runs: the first one asks it to stop its work at the next
 //! step every rank agrees on (preemption, a time limit, an eviction, Ctrl-C); a second one ends
-//! the process at once.
+//! the process at once. SIGHUP is ignored (logged): a worker outlives its coordinator by design,
+//! and the kernel hangs up a worker that is stopped (SIGSTOP) when the coordinator that started
+//! it dies (its process group becomes orphaned), as a closed terminal or ssh session hangs up
+//! workers started from it.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -36,16 +39,24 @@ pub struct Signals {
 
 impl Signals {
     /// Installs the handlers; from now on SIGTERM and SIGINT no longer end the process by
-    /// themselves. Must run inside the runtime.
+    /// themselves, and SIGHUP does not end it at all. Must run inside the runtime.
     pub fn install() -> std::io::Result<Self> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
         let (tx, first) = watch::channel(None);
         tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
                     Some(()) = term.recv() => StopSignal::Term,
                     Some(()) = int.recv() => StopSignal::Int,
+                    Some(()) = hangup.recv() => {
+                        tracing::warn!(
+                            "SIGHUP ignored: the worker keeps its work and reconnects to its coordinator; stop it with \
+                             SIGTERM or SIGINT"
+                        );
+                        continue;
+                    }
                     else => return,
                 };
                 if tx.borrow().is_some() {
