@@ -162,9 +162,10 @@ fn tensorboard_and_csv_monitors_match_the_training_log_across_a_kill_and_resume(
     let csv_root = d.join("csv");
     let config = write_config(d, &csv_root);
     let out = d.join("run");
-    // About 8 steps an epoch: short, and still long enough to be caught past a checkpoint.
+    // About 37 steps an epoch: short, and still long enough to be caught past a checkpoint on a
+    // fast machine (8 steps an epoch once ended before the first look).
     let data = d.join("sentences.txt");
-    std::fs::write(&data, nsmc_documents(130).join("\n") + "\n").unwrap();
+    std::fs::write(&data, nsmc_documents(600).join("\n") + "\n").unwrap();
     let mut flags = vec![
         "--config".to_string(),
         text(&config),
