@@ -69,13 +69,7 @@ fn failed_call_message(status: &tonic::Status, addr: &str) -> String {
     if let Some(cause) = std::error::Error::source(status) {
         message += &format!(": {}", tls::error_chain(cause));
     }
-    // A plaintext client reading a TLS server's bytes as HTTP/2 frames fails with Internal
-    // ("h2 protocol error: … frame with invalid size") rather than Unavailable.
-    let transport = matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) || (status.code() == tonic::Code::Internal && status.message().contains("h2 protocol error"));
-    if transport {
+    if tls::is_connection_failure(status) {
         message += &format!(" ({})", tls::connect_hint(addr));
     }
     message

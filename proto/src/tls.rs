@@ -109,6 +109,16 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether a failed call failed to reach the coordinator (the connection, not the coordinator's
+/// answer): Unavailable, Unknown ("transport error"), Cancelled, and the Internal "h2 protocol
+/// error" of a plaintext client reading a TLS server's bytes as HTTP/2 frames.
+pub fn is_connection_failure(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) || (status.code() == tonic::Code::Internal && status.message().contains("h2 protocol error"))
+}
+
 /// A hint for a failed connection, from the URL's scheme (a plaintext client to a TLS
 /// coordinator, or the reverse, fails in ways that do not name TLS).
 pub fn connect_hint(url: &str) -> &'static str {
@@ -124,6 +134,26 @@ pub fn connect_hint(url: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_failures_are_told_from_the_coordinators_answers() {
+        for status in [
+            tonic::Status::unavailable("tcp connect error"),
+            tonic::Status::unknown("transport error"),
+            tonic::Status::internal(
+                "h2 protocol error: http2 error: connection error detected: frame with invalid size",
+            ),
+        ] {
+            assert!(is_connection_failure(&status), "{status:?}");
+        }
+        for status in [
+            tonic::Status::internal("the state store failed"),
+            tonic::Status::unauthenticated("missing token"),
+            tonic::Status::failed_precondition("rank 1 is not registered"),
+        ] {
+            assert!(!is_connection_failure(&status), "{status:?}");
+        }
+    }
 
     #[test]
     fn tls_is_never_silently_off_or_unverified() {

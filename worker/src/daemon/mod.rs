@@ -280,10 +280,16 @@ impl Daemon {
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(status) => {
+                    // Not retried, but a plaintext worker talking to a TLS coordinator (an h2
+                    // protocol error) is told about the URL's scheme.
+                    let message = match tls::is_connection_failure(&status) {
+                        true => format!("{}; {hint}", status.message()),
+                        false => status.message().to_string(),
+                    };
                     return Err(DaemonError::Refused {
                         rank: self.options.rank,
-                        message: status.message().to_string(),
-                    })
+                        message,
+                    });
                 }
             }
         }
