@@ -162,18 +162,19 @@ impl MetricsServer {
         let local = listener
             .local_addr()
             .map_err(|e| flag("--metrics-listen", format!("{addr}: {e}")))?;
-        if !is_loopback(&local) && token.is_none() {
-            tracing::warn!(
-                listen = %local,
-                "/metrics is served beyond loopback without a token: whoever reaches this port reads the jobs' \
-                 ids, losses, hosts and pids (read-only); require a bearer token with --metrics-token-file FILE"
-            );
-        } else if !is_loopback(&local) {
-            tracing::warn!(
-                listen = %local,
-                "/metrics is served beyond loopback over plain HTTP: the bearer token of --metrics-token-file \
-                 crosses the network in clear text; keep the port on a trusted network or behind a TLS proxy"
-            );
+        if !is_loopback(&local) {
+            match &token {
+                None => tracing::warn!(
+                    listen = %local,
+                    "/metrics is served beyond loopback without a token: whoever reaches this port reads the jobs' \
+                     ids, losses, hosts and pids (read-only); require a bearer token with --metrics-token-file FILE"
+                ),
+                Some(_) => tracing::warn!(
+                    listen = %local,
+                    "/metrics is served beyond loopback over plain HTTP: the bearer token of --metrics-token-file \
+                     crosses the network in clear text; keep the port on a trusted network or behind a TLS proxy"
+                ),
+            }
         }
         Ok(Self {
             listener,

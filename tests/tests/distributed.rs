@@ -197,14 +197,11 @@ fn a_killed_worker_fails_the_job_naming_its_rank_and_nothing_hangs() {
         .into_iter()
         .find(|r| r["step"] == step)
         .unwrap_or_else(|| panic!("no train record of step {step}"));
-    for key in ["samples_per_s", "train_loss"] {
-        let (shown, logged) = (
-            progress[key].as_f64().unwrap(),
-            record[key.trim_start_matches("train_")].as_f64().unwrap(),
-        );
+    for (in_status, in_log) in [("samples_per_s", "samples_per_s"), ("train_loss", "loss")] {
+        let (shown, logged) = (progress[in_status].as_f64().unwrap(), record[in_log].as_f64().unwrap());
         assert!(
             (shown - logged).abs() <= 1e-9 * logged.abs(),
-            "{key}: status {shown}, log {logged}: {record}"
+            "{in_status}: status {shown}, log {logged}: {record}"
         );
     }
 }

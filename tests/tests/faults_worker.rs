@@ -258,10 +258,7 @@ fn a_stop_signal_during_start_up_stops_right_after_the_first_step() {
         &["--num_train_epochs", "3"],
     );
     let c = start(&state, &args);
-    let mut rank0 = c.worker(0);
-    wait_for("rank 0 to register", Duration::from_secs(60), || {
-        (worker_state(&c.status(Some("job-1")), 0).as_deref() == Some("ALIVE")).then_some(())
-    });
+    let mut rank0 = rank0_alive(&c);
     // Rank 0 waits in the rendezvous for rank 1; the signal must not leave rank 1 alone there.
     rank0.signal(Signal::SIGINT);
     std::thread::sleep(Duration::from_secs(1));
@@ -305,10 +302,7 @@ fn a_second_stop_signal_exits_at_once() {
     let (state, out) = (dir.path().join("state"), dir.path().join("out"));
     let args = train_args(dir.path(), &out, "dev.tsv", &["--world_size", "2"], &[]);
     let c = start(&state, &args);
-    let mut rank0 = c.worker(0);
-    wait_for("rank 0 to register", Duration::from_secs(60), || {
-        (worker_state(&c.status(Some("job-1")), 0).as_deref() == Some("ALIVE")).then_some(())
-    });
+    let mut rank0 = rank0_alive(&c);
     rank0.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
@@ -330,10 +324,7 @@ fn a_hangup_leaves_the_worker_and_its_work_running() {
     let (state, out) = (dir.path().join("state"), dir.path().join("out"));
     let args = train_args(dir.path(), &out, "dev.tsv", &["--world_size", "1"], &[]);
     let c = start(&state, &args);
-    let mut rank0 = c.worker(0);
-    wait_for("rank 0 to register", Duration::from_secs(60), || {
-        (worker_state(&c.status(Some("job-1")), 0).as_deref() == Some("ALIVE")).then_some(())
-    });
+    let mut rank0 = rank0_alive(&c);
     rank0.signal(Signal::SIGHUP);
     let code = rank0.wait_exit(Duration::from_secs(120)).code();
     assert_eq!(code, Some(0), "a hang-up must not end the worker\n{}", c.worker_log(0));
@@ -349,6 +340,15 @@ fn a_hangup_leaves_the_worker_and_its_work_running() {
         status["early_stopped"] == true || status["global_step"] == status["total_steps"],
         "{status}"
     );
+}
+
+/// Rank 0 of `c`'s job-1, started and registered (ALIVE in the status).
+fn rank0_alive(c: &CoordinatorProc) -> Proc {
+    let rank0 = c.worker(0);
+    wait_for("rank 0 to register", Duration::from_secs(60), || {
+        (worker_state(&c.status(Some("job-1")), 0).as_deref() == Some("ALIVE")).then_some(())
+    });
+    rank0
 }
 
 /// Registers as rank `rank` and joins the rendezvous announcing `ring_address`, as a worker

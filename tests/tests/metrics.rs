@@ -257,8 +257,7 @@ fn metrics_follow_a_job_through_a_restart_and_match_its_status() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let token_file = dir.path().join("metrics-token");
-    std::fs::write(&token_file, "metrics-secret-1\n").unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    kormlm_proto::secret::write_private(&token_file, "metrics-secret-1\n").unwrap();
     let args = train_flags(dir.path(), &token_file);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let c = CoordinatorProc::start(&state, &refs);
@@ -401,8 +400,7 @@ fn beyond_loopback_the_coordinator_warns_of_open_metrics_or_a_clear_text_token()
     let state = dir.path().join("state-token");
     std::fs::create_dir_all(&state).unwrap();
     let token_file = dir.path().join("metrics-token");
-    std::fs::write(&token_file, "metrics-secret-2\n").unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    kormlm_proto::secret::write_private(&token_file, "metrics-secret-2\n").unwrap();
     let c = CoordinatorProc::start(
         &state,
         &[

@@ -452,11 +452,6 @@ fn coordinator_sigkill_during_kill(ctx: &mut Ctx) {
     ctx.note("kill acknowledged, coordinator SIGKILLed at once");
     let restarted = ctx.restart(&mut c);
     let killed = ctx.wait_state(&restarted, "KILLED");
-    assert!(
-        !killed["latest_checkpoint"].is_null(),
-        "no stop checkpoint after the restart: {killed}\n{}",
-        restarted.log()
-    );
     assert_stopped_at_checkpoint(&killed);
     ctx.resume(&restarted);
     let done = ctx.succeeded(restarted);
