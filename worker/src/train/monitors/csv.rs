@@ -94,8 +94,20 @@ pub fn python_float(value: f64) -> String {
     if value == 0.0 {
         return if value.is_sign_negative() { "-0.0" } else { "0.0" }.into();
     }
-    // Rust's `{:e}` gives the shortest round-trip digits too: `d[.ddd]e[-]x`.
-    let scientific = format!("{:e}", value.abs());
+    // Rust's `{:e}` gives the shortest round-trip digits too: `d[.ddd]e[-]x`; but on an exact
+    // tie between two shortest candidates (an f32 widened to f64, 8.1975250244140625) it rounds
+    // half up, where Python rounds half to even, as Rust's fixed-precision formatting does.
+    let shortest = format!("{:e}", value.abs());
+    let length = shortest
+        .split('e')
+        .next()
+        .map_or(1, |m| m.chars().filter(char::is_ascii_digit).count());
+    let nearest = format!("{:.*e}", length.saturating_sub(1), value.abs());
+    let scientific = if nearest.parse::<f64>() == Ok(value.abs()) {
+        nearest
+    } else {
+        shortest
+    };
     let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
     let exponent: i32 = exponent.parse().unwrap_or(0);
     let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
@@ -155,6 +167,8 @@ mod tests {
             (f64::INFINITY, "inf"),
             (f64::NEG_INFINITY, "-inf"),
             (7.234567890123456, "7.234567890123456"),
+            // An exact tie of two shortest candidates (an f32 loss widened to f64): half to even.
+            (f64::from(8.197_525_f32), "8.197525024414062"),
         ];
         for (value, python) in cases {
             assert_eq!(python_float(value), python, "{value:e}");
