@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::augment_eval_args::AugmentEvalArgs;
 use kormlm_proto::tls::ClientTlsArgs;
 use kormlm_proto::train_args::TrainArgs;
 use std::path::PathBuf;
@@ -152,19 +153,24 @@ pub struct ServeArgs {
     /// starting anything.
     #[arg(long = "dry-run", visible_alias = "dry_run")]
     pub dry_run: bool,
-    /// What the job does: train (fine-tune) or augment (--input rows, split across workers).
+    /// What the job does: train (fine-tune), augment (--input rows, split across workers), or
+    /// augment-eval (classifiers with and without augmented training data, seed × condition ×
+    /// fraction runs spread over the workers; --config is the classifiers' training config).
     #[arg(long, value_enum, default_value = "train")]
     pub task: TaskArg,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]
     pub augment: AugmentArgs,
+    #[command(flatten)]
+    pub augment_eval: AugmentEvalArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TaskArg {
     Train,
     Augment,
+    AugmentEval,
 }
 
 #[derive(Debug, Args)]

@@ -163,6 +163,12 @@ fn job_spec(
     if augment && (args.augment.input.is_none() || args.augment.output.is_none()) {
         return Err(flag("--task augment", "needs --input FILE and --output FILE"));
     }
+    if args.task == TaskArg::AugmentEval && args.config.is_none() {
+        return Err(flag(
+            "--task augment-eval",
+            "needs --config FILE: the DeepSpeed config of the classifiers' training",
+        ));
+    }
     // Augmentation uses no optimizer; a one-sample batch satisfies the batch rule.
     let augment_config = std::path::PathBuf::from("(augmentation)");
     let path = match (&args.config, augment) {
@@ -213,11 +219,20 @@ fn job_spec(
         _ => DeviceKind::Cpu,
     };
     let mut job_args = args.train.to_map();
-    if augment {
-        job_args.extend(args.augment.to_map());
-    }
+    let task = match args.task {
+        TaskArg::Train => TaskKind::Train,
+        TaskArg::Augment => {
+            job_args.extend(args.augment.to_map());
+            TaskKind::Augment
+        }
+        TaskArg::AugmentEval => {
+            job_args.extend(args.augment.to_map());
+            job_args.extend(args.augment_eval.to_map());
+            TaskKind::AugmentEval
+        }
+    };
     let spec = JobSpec {
-        task: if augment { TaskKind::Augment } else { TaskKind::Train } as i32,
+        task: task as i32,
         ds_config_json: text,
         ds_config_path: path.display().to_string(),
         world_size,

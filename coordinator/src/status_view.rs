@@ -55,7 +55,7 @@ pub fn to_json(status: &JobStatus) -> Value {
         "job_id": status.job_id,
         "run_id": status.run_id,
         "state": job_state(status),
-        "task": match task { TaskKind::Augment => "AUGMENT", _ => "TRAIN" },
+        "task": match task { TaskKind::Augment => "AUGMENT", TaskKind::AugmentEval => "AUGMENT_EVAL", _ => "TRAIN" },
         "message": status.message,
         "world_size": status.world_size,
         "train_batch_size": batch.train_batch_size,

@@ -10,6 +10,7 @@
 //! agree on it.
 
 use crate::augment_args::AugmentArgs;
+use crate::augment_eval_args::AugmentEvalArgs;
 use crate::ds_config::{ConfigError, DsConfig, ResolvedConfig};
 use crate::train_args::TrainArgs;
 use crate::v1::{JobSpec, TaskKind};
@@ -40,8 +41,10 @@ pub struct JobPlan {
     /// Unknown or ignored config keys, for the user.
     pub warnings: Vec<String>,
     pub train: TrainArgs,
-    /// The augmentation flags of an augmentation job.
+    /// The augmentation flags of an augmentation job or a downstream experiment.
     pub augment: Option<AugmentArgs>,
+    /// The downstream experiment's flags.
+    pub augment_eval: Option<AugmentEvalArgs>,
 }
 
 /// The name config messages give the spec's config (its path, when it came from a file).
@@ -55,25 +58,52 @@ pub fn config_source(spec: &JobSpec) -> &str {
 
 impl JobPlan {
     /// Parses the spec's config, applies DeepSpeed's batch rule for `world_size` ranks and decodes
-    /// the flags. An unspecified task is training.
+    /// the flags. An unspecified task is training. A downstream experiment's classifiers each
+    /// train on one worker, so its config is resolved for one rank whatever the world size.
     pub fn resolve(spec: &JobSpec, world_size: u32) -> Result<Self, PlanError> {
         if world_size == 0 {
             return Err(PlanError::NoRanks);
         }
+        let task = match TaskKind::try_from(spec.task) {
+            Ok(TaskKind::Augment) => TaskKind::Augment,
+            Ok(TaskKind::AugmentEval) => TaskKind::AugmentEval,
+            _ => TaskKind::Train,
+        };
+        let ranks_per_model = if task == TaskKind::AugmentEval { 1 } else { world_size };
         let source = config_source(spec);
         let parsed = DsConfig::parse(&spec.ds_config_json, source)?;
-        let mut config = parsed.config.resolve(world_size, source)?;
+        let mut config = parsed.config.resolve(ranks_per_model, source)?;
         if config.config.tensorboard.enabled || config.config.csv_monitor.enabled {
             let cwd = std::env::current_dir().map_err(|e| PlanError::WorkingDirectory(e.to_string()))?;
             config.config.anchor_monitor_paths(&cwd);
         }
         let train = TrainArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
-        let task = match TaskKind::try_from(spec.task) {
-            Ok(TaskKind::Augment) => TaskKind::Augment,
-            _ => TaskKind::Train,
-        };
         let augment = match task {
-            TaskKind::Augment => Some(AugmentArgs::from_map(&spec.args).map_err(PlanError::Flags)?),
+            TaskKind::Augment | TaskKind::AugmentEval => {
+                Some(AugmentArgs::from_map(&spec.args).map_err(PlanError::Flags)?)
+            }
+            _ => None,
+        };
+        let augment_eval = match task {
+            TaskKind::AugmentEval => {
+                let args = AugmentEvalArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
+                args.check().map_err(PlanError::Flags)?;
+                if train.output_dir.is_none() {
+                    return Err(PlanError::Flags(
+                        "--output_dir is required by augment-eval (its runs, predictions and report go there)".into(),
+                    ));
+                }
+                if let Some(augment) = &augment {
+                    if augment.input.is_some() || augment.output.is_some() {
+                        return Err(PlanError::Flags(
+                            "--input/--output are augmentation-job flags; augment-eval augments --train_file and \
+                             writes under --output_dir"
+                                .into(),
+                        ));
+                    }
+                }
+                Some(args)
+            }
             _ => None,
         };
         Ok(Self {
@@ -82,6 +112,7 @@ impl JobPlan {
             warnings: parsed.warnings,
             train,
             augment,
+            augment_eval,
         })
     }
 }
@@ -159,5 +190,33 @@ mod tests {
         let plan = JobPlan::resolve(&s, 5).unwrap();
         assert_eq!(plan.augment.unwrap().input, Some("in.txt".into()));
         assert_eq!(plan.config.batch.train_batch_size, 5);
+    }
+
+    #[test]
+    fn an_experiment_resolves_its_config_for_one_rank_and_checks_its_flags() {
+        let mut s = spec(r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#);
+        s.task = TaskKind::AugmentEval as i32;
+        let err = JobPlan::resolve(&s, 3).unwrap_err().to_string();
+        assert!(err.contains("--train_file is required"), "{err}");
+        s.args.extend(
+            AugmentEvalArgs {
+                train_file: Some("train.tsv".into()),
+                test_file: Some("test.tsv".into()),
+                augment_model: Some("mlm".into()),
+                ..Default::default()
+            }
+            .to_map(),
+        );
+        let err = JobPlan::resolve(&s, 3).unwrap_err().to_string();
+        assert!(err.contains("--output_dir is required"), "{err}");
+        s.args.insert("output_dir".into(), "exp".into());
+        let plan = JobPlan::resolve(&s, 3).unwrap();
+        assert_eq!(plan.task, TaskKind::AugmentEval);
+        assert_eq!(plan.config.batch.train_batch_size, 8);
+        assert_eq!(plan.augment_eval.unwrap().augment_model.as_deref(), Some("mlm"));
+        assert_eq!(plan.augment.unwrap().num_augmentations, 1);
+        s.args.insert("augment.input".into(), "x.txt".into());
+        let err = JobPlan::resolve(&s, 3).unwrap_err().to_string();
+        assert!(err.contains("--input/--output"), "{err}");
     }
 }

@@ -4,7 +4,8 @@
 //!   `coordinator status|watch|list|kill|resume` commands and any generic gRPC client talk to;
 //!   `WorkerService` is what `worker` daemons talk to.
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
-//! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's.
+//! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's;
+//!   [`augment_eval_args`]: the downstream experiment's.
 //! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
 //! * [`auth`]: the token every client call carries; [`secret`]: the token on disk and in the
 //!   environment; [`tls`]: the client side of TLS.
@@ -12,6 +13,7 @@
 //! * [`durable`]: files written whole or not at all (temporary name, flush, rename).
 
 pub mod augment_args;
+pub mod augment_eval_args;
 pub mod augment_parts;
 pub mod auth;
 pub mod ds_config;

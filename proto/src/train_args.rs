@@ -122,10 +122,13 @@ impl TrainArgs {
     }
 
     /// Parses a `name -> value` map with the same rules as the command line; errors name the
-    /// flag and what it accepts. Augmentation entries (`augment.…`) are not training flags.
+    /// flag and what it accepts. Augmentation entries (`augment.…`) and the downstream
+    /// experiment's (`eval.…`) are not training flags.
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
         let argv = crate::flag_map::to_argv(map, |name| {
-            (!name.starts_with(crate::augment_args::KEY_PREFIX)).then_some(name)
+            (!name.starts_with(crate::augment_args::KEY_PREFIX)
+                && !name.starts_with(crate::augment_eval_args::KEY_PREFIX))
+            .then_some(name)
         });
         FromMap::try_parse_from(argv)
             .map(|parsed| parsed.args)

@@ -78,6 +78,30 @@ pub enum Command {
     Info(InfoCommand),
     /// Sequence classification (ElectraForSequenceClassification): train, eval, predict.
     Classify(Box<ClassifyCommand>),
+    /// Does augmentation help a classifier? Fine-tunes classifiers on the training set with and
+    /// without its masked-LM copies (--seeds seeds, --train_fractions), scores them on the test
+    /// set and reports the difference with a paired bootstrap interval, in this one process.
+    AugmentEval(Box<AugmentEvalCommand>),
+}
+
+/// `worker augment-eval`: the experiment's, the classifier's training and the augmentation's flags.
+#[derive(Debug, Args)]
+pub struct AugmentEvalCommand {
+    /// DeepSpeed config of the classifiers' training (batch sizes, optimizer, scheduler, precision).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub eval: kormlm_proto::augment_eval_args::AugmentEvalArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub augment: AugmentArgs,
 }
 
 /// `worker tokenize`.

@@ -5,6 +5,8 @@
 //! out-of-memory condition is its message.
 
 use crate::augment::AugmentError;
+use crate::augment_eval::AugmentEvalError;
+use crate::classify::ClassifyError;
 use crate::comm::CommError;
 use crate::corpus::CorpusError;
 use crate::dataset::DatasetError;
@@ -57,6 +59,8 @@ pub enum WorkerError {
     #[error(transparent)]
     Augment(#[from] AugmentError),
     #[error(transparent)]
+    AugmentEval(#[from] AugmentEvalError),
+    #[error(transparent)]
     FillMask(#[from] FillMaskError),
     #[error(transparent)]
     Job(#[from] JobError),
@@ -95,6 +99,7 @@ impl WorkerError {
             Self::Tokenizer(e) => tokenizer_kind(e),
             Self::Train(e) => train_kind(e),
             Self::Augment(e) => augment_kind(e),
+            Self::AugmentEval(e) => augment_eval_kind(e),
             Self::FillMask(e) => fill_mask_kind(e),
             Self::Job(e) => job_kind(e),
             Self::Input(e) => input_kind(e),
@@ -226,6 +231,33 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
         TrainError::OutputDirInUse { .. } => FailureKind::BadInput,
         TrainError::Precision(_) => FailureKind::BadInput,
+    }
+}
+
+fn classify_kind(e: &ClassifyError) -> FailureKind {
+    match e {
+        ClassifyError::Corpus(e) => corpus_kind(e),
+        ClassifyError::Model(e) => model_kind(e),
+        ClassifyError::Train(e) => train_kind(e),
+        ClassifyError::Config(_) | ClassifyError::Plan(_) | ClassifyError::Data { .. } | ClassifyError::Usage(_) => {
+            FailureKind::BadInput
+        }
+        ClassifyError::Device(e) => device_kind(e),
+        ClassifyError::Tokenizer(e) => tokenizer_kind(e),
+        ClassifyError::Output { .. } => FailureKind::Io,
+        ClassifyError::Torch(e) => torch_kind(&e.to_string()),
+    }
+}
+
+fn augment_eval_kind(e: &AugmentEvalError) -> FailureKind {
+    match e {
+        AugmentEvalError::Classify(e) => classify_kind(e),
+        AugmentEvalError::Augment(e) => augment_kind(e),
+        AugmentEvalError::Model(e) => model_kind(e),
+        AugmentEvalError::Tokenizer(e) => tokenizer_kind(e),
+        AugmentEvalError::Torch(e) => torch_kind(&e.to_string()),
+        AugmentEvalError::Plot(_) | AugmentEvalError::Output { .. } => FailureKind::Io,
+        AugmentEvalError::Usage(_) => FailureKind::BadInput,
     }
 }
 

@@ -191,6 +191,28 @@ pub fn run_augmentation(
     })
 }
 
+/// Rank `rank` of `world`'s items of a downstream experiment (items an earlier attempt finished
+/// are kept); the rank that finds every item done writes the report.
+pub fn run_augment_eval(
+    job: &crate::augment_eval::AugmentEvalJob,
+    ranks: (usize, usize),
+    progress: tokio::sync::watch::Sender<Option<ProgressEvent>>,
+    stop: Arc<AtomicBool>,
+) -> Result<crate::augment_eval::AugmentEvalOutcome, WorkerError> {
+    Ok(crate::augment_eval::run(
+        job,
+        ranks,
+        &|| stop.load(Ordering::SeqCst),
+        &mut |done, total| {
+            progress.send_replace(Some(ProgressEvent {
+                global_step: done as u64,
+                total_steps: total as u64,
+                ..Default::default()
+            }));
+        },
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! its assignment from the coordinator or as standalone commands.
 
 pub mod augment;
+pub mod augment_eval;
 pub mod autocast;
 pub mod batch;
 pub mod classify;

@@ -28,6 +28,7 @@ fn main() {
         Some(Command::Tokenize(command)) => commands::tokenize::run(&command).map_err(Into::into),
         Some(Command::FillMask(command)) => commands::fill_mask::run(&command).map_err(Into::into),
         Some(Command::Classify(command)) => commands::classify::run(&command).map_err(Into::into),
+        Some(Command::AugmentEval(command)) => commands::augment_eval::run(&command).map_err(Into::into),
         None => {
             let code = match daemon::run_blocking(cli.daemon) {
                 Ok(outcome) => {

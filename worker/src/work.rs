@@ -5,6 +5,7 @@
 
 use crate::augment::io::{OutputFormat, Table};
 use crate::augment::{AugmentOptions, AugmentSummary};
+use crate::augment_eval::{AugmentEvalJob, AugmentEvalOutcome};
 use crate::cli::{AugmentCommand, TrainCommand};
 use crate::device::parse_device;
 use crate::error::WorkerError;
@@ -25,6 +26,7 @@ use tch::Device;
 pub enum Work {
     Train(TrainJob),
     Augment(AugmentJob),
+    AugmentEval(AugmentEvalJob),
 }
 
 /// An augmentation: the model, its window and seed, the device and the input/output options.
@@ -46,6 +48,7 @@ pub struct AugmentJob {
 pub enum WorkOutcome {
     Train(TrainSummary),
     Augment(AugmentOutcome),
+    AugmentEval(AugmentEvalOutcome),
 }
 
 /// One rank's share of an augmentation job.
@@ -67,6 +70,7 @@ impl WorkOutcome {
         match self {
             Self::Train(summary) => summary.stopped_by_request,
             Self::Augment(outcome) => outcome.completed_chunks < outcome.chunks,
+            Self::AugmentEval(outcome) => outcome.completed < outcome.items,
         }
     }
 }
@@ -122,6 +126,22 @@ impl Work {
                     device,
                     args,
                 }))
+            }
+            Ok(TaskKind::AugmentEval) => {
+                let config = ResolvedConfig::from_json(&assignment.resolved_config_json)
+                    .map_err(|e| WorkerError::Assignment(PlanError::Config(e)))?;
+                let flags = |e: String| WorkerError::Assignment(PlanError::Flags(e));
+                let plan = JobPlan {
+                    task: TaskKind::AugmentEval,
+                    config,
+                    warnings: Vec::new(),
+                    train,
+                    augment: Some(AugmentArgs::from_map(&assignment.args).map_err(flags)?),
+                    augment_eval: Some(
+                        kormlm_proto::augment_eval_args::AugmentEvalArgs::from_map(&assignment.args).map_err(flags)?,
+                    ),
+                };
+                Ok(Self::AugmentEval(AugmentEvalJob::new(plan, device)?))
             }
             _ => Err(WorkerError::UnsupportedTask(assignment.task)),
         }
@@ -240,6 +260,7 @@ mod tests {
         match work {
             Work::Train(job) => job,
             Work::Augment(job) => panic!("augmentation {job:?}"),
+            Work::AugmentEval(job) => panic!("augment-eval {job:?}"),
         }
     }
 
@@ -295,6 +316,31 @@ mod tests {
         assert_eq!((job.model.as_str(), job.seed, job.max_seq_len), ("tiny", 1, 100));
         assert_eq!(job.args.input, Some(PathBuf::from("in.txt")));
         assert_eq!(job.device, Device::Cpu);
+    }
+
+    #[test]
+    fn an_experiment_assignment_carries_all_three_flag_sets() {
+        let args = [
+            ("model_name_or_path", "tiny"),
+            ("output_dir", "exp"),
+            ("augment.num_augmentations", "2"),
+            ("eval.train_file", "train.tsv"),
+            ("eval.test_file", "test.tsv"),
+            ("eval.augment_model", "mlm"),
+            ("eval.seeds", "2"),
+        ];
+        let Work::AugmentEval(job) = Work::from_assignment(&assignment(TaskKind::AugmentEval, &args)).unwrap() else {
+            panic!("not an experiment");
+        };
+        assert_eq!(job.output_dir(), Path::new("exp"));
+        assert_eq!(job.augment().num_augmentations, 2);
+        assert_eq!(job.eval().augment_model.as_deref(), Some("mlm"));
+        assert_eq!(job.items().len(), 4);
+        let Err(err) = Work::from_assignment(&assignment(TaskKind::AugmentEval, &args[..4])) else {
+            panic!("accepted without a test file");
+        };
+        assert_eq!(err.kind(), FailureKind::BadInput);
+        assert!(err.to_string().contains("--test_file"), "{err}");
     }
 
     #[test]

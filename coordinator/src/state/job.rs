@@ -14,6 +14,7 @@ use kormlm_proto::ds_config::Batch;
 use kormlm_proto::failure::FailureKind;
 use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::now_ms;
+use kormlm_proto::train_args::TrainArgs;
 use kormlm_proto::v1::{CheckpointRef, DeviceKind, EarlyStopState, JobSpec, Progress, TaskKind};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -396,6 +397,7 @@ impl Job {
     pub fn task(&self) -> TaskKind {
         match TaskKind::try_from(self.spec.task) {
             Ok(TaskKind::Augment) => TaskKind::Augment,
+            Ok(TaskKind::AugmentEval) => TaskKind::AugmentEval,
             _ => TaskKind::Train,
         }
     }
@@ -812,6 +814,14 @@ impl Job {
                     attempt: self.attempt(),
                     output,
                 })
+            }
+            JobState::Running if self.task() == TaskKind::AugmentEval => {
+                let output = TrainArgs::from_map(&self.spec.args)
+                    .ok()
+                    .and_then(|a| a.output_dir)
+                    .unwrap_or_default();
+                let message = format!("all workers finished; the report is in {output}/report.json");
+                Settled::Done(self.change(JobState::Succeeded, message))
             }
             JobState::Running => Settled::Done(self.change(JobState::Succeeded, "all workers finished".into())),
             _ => Settled::Done(Effects::default()),

@@ -319,7 +319,12 @@ pub fn setup(
         }
     };
     let table = io::read_table(&input, format, args.column.as_deref())?;
-    let options = AugmentOptions {
+    Ok((table, output_format, output, options(args, seed, max_seq_len)))
+}
+
+/// The algorithm's options from the shared flags, the seed and the model window.
+pub fn options(args: &kormlm_proto::augment_args::AugmentArgs, seed: u64, max_seq_len: usize) -> AugmentOptions {
+    AugmentOptions {
         mlm_prob: args.mlm_prob,
         k: args.k,
         threshold: args.threshold,
@@ -329,8 +334,7 @@ pub fn setup(
         max_seq_len: max_seq_len.max(3),
         require_change_retries: if args.require_change { 3 } else { 0 },
         precision: args.dtype.into(),
-    };
-    Ok((table, output_format, output, options))
+    }
 }
 
 /// Totals for the summary line.

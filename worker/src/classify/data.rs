@@ -92,9 +92,41 @@ pub struct LabelledSet {
     pub targets: Targets,
 }
 
+impl Targets {
+    /// The targets of `rows`, in that order.
+    pub fn select(&self, rows: &[usize]) -> Targets {
+        match self {
+            Targets::Single(ids) => Targets::Single(rows.iter().map(|&r| ids[r]).collect()),
+            Targets::Multi(flags) => Targets::Multi(rows.iter().map(|&r| flags[r].clone()).collect()),
+        }
+    }
+}
+
 impl LabelledSet {
     pub fn len(&self) -> usize {
         self.texts.len()
+    }
+
+    /// The rows `rows` of this set, in that order.
+    pub fn select(&self, rows: &[usize]) -> LabelledSet {
+        LabelledSet {
+            path: self.path.clone(),
+            texts: rows.iter().map(|&r| self.texts[r].clone()).collect(),
+            targets: self.targets.select(rows),
+        }
+    }
+
+    /// This set followed by `texts`, each labelled like the row of this set `sources` names.
+    pub fn with_copies(&self, texts: Vec<String>, sources: &[usize]) -> LabelledSet {
+        let mut rows: Vec<usize> = (0..self.len()).collect();
+        rows.extend_from_slice(sources);
+        let mut all = self.texts.clone();
+        all.extend(texts);
+        LabelledSet {
+            path: self.path.clone(),
+            texts: all,
+            targets: self.targets.select(&rows),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

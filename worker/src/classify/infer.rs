@@ -162,3 +162,33 @@ pub fn evaluate(
         probabilities: scored.probabilities,
     })
 }
+
+/// One text's prediction as a JSON record: `text`, `label` (single-label) or `labels`
+/// (multi-label) by name, and the `probabilities` of every label.
+pub fn prediction_record(
+    text: &str,
+    labels: &crate::model::sequence_classification::Labels,
+    probabilities: &[f32],
+    prediction: &Prediction,
+) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let probs: serde_json::Map<String, Value> = labels
+        .names
+        .iter()
+        .zip(probabilities)
+        .map(|(n, p)| (n.clone(), json!(p)))
+        .collect();
+    match prediction {
+        Prediction::Single(id) => json!({"text": text, "label": labels.names[*id], "probabilities": probs}),
+        Prediction::Multi(flags) => {
+            let chosen: Vec<&String> = labels
+                .names
+                .iter()
+                .zip(flags)
+                .filter(|(_, f)| **f)
+                .map(|(n, _)| n)
+                .collect();
+            json!({"text": text, "labels": chosen, "probabilities": probs})
+        }
+    }
+}

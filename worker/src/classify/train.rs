@@ -52,20 +52,7 @@ impl ClassifyTrainJob {
         data: TrainData,
         now_unix_s: u64,
     ) -> Result<Self, ClassifyError> {
-        let defaults = TrainArgs::default();
-        for (flag, changed) in [
-            ("--data_path", args.data_path != defaults.data_path),
-            ("--checkpoint_steps", args.checkpoint_steps != defaults.checkpoint_steps),
-            ("--keep_checkpoints", args.keep_checkpoints != defaults.keep_checkpoints),
-            ("--group_by_length", args.group_by_length != defaults.group_by_length),
-        ] {
-            if changed {
-                return Err(ClassifyError::Usage(format!(
-                    "{flag} is a masked-LM training flag that `worker classify train` does not use; the data come \
-                     from --train_file/--dev_file and no optimizer checkpoints are written"
-                )));
-            }
-        }
+        check_flags(args)?;
         let path = config.display().to_string();
         let text = std::fs::read_to_string(config).map_err(|e| kormlm_proto::ds_config::ConfigError::Read {
             path: path.clone(),
@@ -93,6 +80,25 @@ impl ClassifyTrainJob {
     }
 }
 
+/// Refuses the masked-LM training flags classification training does not use.
+pub fn check_flags(args: &TrainArgs) -> Result<(), ClassifyError> {
+    let defaults = TrainArgs::default();
+    for (flag, changed) in [
+        ("--data_path", args.data_path != defaults.data_path),
+        ("--checkpoint_steps", args.checkpoint_steps != defaults.checkpoint_steps),
+        ("--keep_checkpoints", args.keep_checkpoints != defaults.keep_checkpoints),
+        ("--group_by_length", args.group_by_length != defaults.group_by_length),
+    ] {
+        if changed {
+            return Err(ClassifyError::Usage(format!(
+                "{flag} is a masked-LM training flag that classifier training does not use; the data come from the \
+                 labelled files and no optimizer checkpoints are written"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a classification training run did (also the log's `summary` record and stdout JSON).
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassifySummary {
@@ -108,6 +114,8 @@ pub struct ClassifySummary {
     pub final_model: String,
     pub newly_initialized: Vec<String>,
     pub unused: Vec<String>,
+    /// `should_stop` ended the run before its last step.
+    pub stopped_by_request: bool,
 }
 
 fn tokenize(loaded: &LoadedClassifier, set: &LabelledSet, max_len: usize) -> Result<Vec<Vec<u32>>, ClassifyError> {
@@ -149,23 +157,33 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<(), ClassifyError> {
     Ok(())
 }
 
-/// Trains; `should_stop` ends the run after the current step (with the final model saved).
+/// Trains on the job's files; `should_stop` ends the run after the current step (with the final
+/// model saved).
 pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<ClassifySummary, ClassifyError> {
-    let args = &job.plan.train;
     let data = &job.data;
     let labels: Labels = data::label_space(&data.train_file, &data.columns, data.labels.as_deref())?;
     let train_set = data::read_labelled(&data.train_file, &data.columns, &labels)?;
     let dev_set = data::read_labelled(&data.dev_file, &data.columns, &labels)?;
-    if train_set.is_empty() || dev_set.is_empty() {
-        let empty = if train_set.is_empty() {
-            &data.train_file
-        } else {
-            &data.dev_file
-        };
-        return Err(ClassifyError::Data {
-            path: empty.display().to_string(),
-            message: "no labelled rows".into(),
-        });
+    train_sets(job, &labels, &train_set, &dev_set, should_stop)
+}
+
+/// Trains on labelled sets already read (`job.data` names their files in `params.json`).
+pub fn train_sets(
+    job: &ClassifyTrainJob,
+    labels: &Labels,
+    train_set: &LabelledSet,
+    dev_set: &LabelledSet,
+    should_stop: &dyn Fn() -> bool,
+) -> Result<ClassifySummary, ClassifyError> {
+    let args = &job.plan.train;
+    let data = &job.data;
+    for set in [train_set, dev_set] {
+        if set.is_empty() {
+            return Err(ClassifyError::Data {
+                path: set.path.display().to_string(),
+                message: "no labelled rows".into(),
+            });
+        }
     }
     claim_output_dir(&job.output_dir, args.overwrite_output_dir)?;
     let loaded = LoadedClassifier::load(
@@ -176,8 +194,8 @@ pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<C
         args.seed,
     )?;
     let max_len = args.max_seq_len as usize;
-    let train_ids = tokenize(&loaded, &train_set, max_len)?;
-    let dev_ids = tokenize(&loaded, &dev_set, max_len)?;
+    let train_ids = tokenize(&loaded, train_set, max_len)?;
+    let dev_ids = tokenize(&loaded, dev_set, max_len)?;
     let pad = loaded.tokenizer.special().pad;
     let report = loaded.report.clone();
 
@@ -265,15 +283,11 @@ pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<C
                 stopped_by_request = true;
             }
             if trainer.steps >= total_steps || stopped_by_request {
-                evaluate_and_record(
-                    &trainer, &dev_ids, &dev_set, job, epoch, &mut early, &mut files, started,
-                )?;
+                evaluate_and_record(&trainer, &dev_ids, dev_set, job, epoch, &mut early, &mut files, started)?;
                 break 'epochs;
             }
         }
-        if evaluate_and_record(
-            &trainer, &dev_ids, &dev_set, job, epoch, &mut early, &mut files, started,
-        )? {
+        if evaluate_and_record(&trainer, &dev_ids, dev_set, job, epoch, &mut early, &mut files, started)? {
             break;
         }
     }
@@ -292,10 +306,10 @@ pub fn train(job: &ClassifyTrainJob, should_stop: &dyn Fn() -> bool) -> Result<C
         final_model: final_dir.display().to_string(),
         newly_initialized: report.newly_initialized,
         unused: report.unused,
+        stopped_by_request,
     };
     let mut record = serde_json::to_value(&summary).map_err(|e| ClassifyError::output(&job.output_dir, e))?;
     record["type"] = json!("summary");
-    record["stopped_by_request"] = json!(stopped_by_request);
     record["elapsed_s"] = json!(started.elapsed().as_secs_f64());
     files.record(&record)?;
     let summary_path = job.output_dir.join("summary.json");

@@ -3,12 +3,11 @@
 //! predictions, one JSON line per input row (`label` or `labels`, and `probabilities`).
 
 use crate::classify::data::{self, Targets};
-use crate::classify::infer::{self, Prediction};
+use crate::classify::infer;
 use crate::classify::train::{self, ClassifyTrainJob, TrainData};
 use crate::classify::ClassifyError;
 use crate::cli::{ClassifyAction, ClassifyCommand, ClassifyEvalCommand, ClassifyPredictCommand, ClassifyTrainCommand};
 use crate::device::parse_device;
-use crate::model::sequence_classification::Labels;
 use crate::model::LoadedClassifier;
 use serde_json::{json, Value};
 
@@ -107,29 +106,6 @@ fn run_eval(command: &ClassifyEvalCommand) -> Result<(), ClassifyError> {
     Ok(())
 }
 
-/// One prediction line.
-fn prediction_line(text: &str, labels: &Labels, probabilities: &[f32], prediction: &Prediction) -> Value {
-    let probs: serde_json::Map<String, Value> = labels
-        .names
-        .iter()
-        .zip(probabilities)
-        .map(|(n, p)| (n.clone(), json!(p)))
-        .collect();
-    match prediction {
-        Prediction::Single(id) => json!({"text": text, "label": labels.names[*id], "probabilities": probs}),
-        Prediction::Multi(flags) => {
-            let chosen: Vec<&String> = labels
-                .names
-                .iter()
-                .zip(flags)
-                .filter(|(_, f)| **f)
-                .map(|(n, _)| n)
-                .collect();
-            json!({"text": text, "labels": chosen, "probabilities": probs})
-        }
-    }
-}
-
 fn run_predict(command: &ClassifyPredictCommand) -> Result<(), ClassifyError> {
     let (loaded, device) = load(&command.model, &command.device)?;
     let labels = loaded.model.labels().clone();
@@ -140,7 +116,7 @@ fn run_predict(command: &ClassifyPredictCommand) -> Result<(), ClassifyError> {
     let mut out = String::new();
     for (text, probabilities) in texts.iter().zip(&scored.probabilities) {
         let prediction = infer::predict(labels.problem_type, probabilities);
-        out.push_str(&prediction_line(text, &labels, probabilities, &prediction).to_string());
+        out.push_str(&infer::prediction_record(text, &labels, probabilities, &prediction).to_string());
         out.push('\n');
     }
     kormlm_proto::durable::write(&command.output, out).map_err(|e| ClassifyError::output(&command.output, e.error))?;

@@ -2,6 +2,7 @@
 //! parsed flags, does the work in this process and prints what the command prints.
 
 pub mod augment;
+pub mod augment_eval;
 pub mod augment_report;
 pub mod classify;
 pub mod fill_mask;

@@ -234,6 +234,14 @@ async fn start_work(
             };
             spawn_work_thread("augment", run, done_tx)?;
         }
+        Work::AugmentEval(job) => {
+            let ranks = (assignment.rank as usize, assignment.world_size as usize);
+            let run = move || {
+                let evaluated = job::run_augment_eval(&job, ranks, progress, stop);
+                (evaluated.map(WorkOutcome::AugmentEval), None)
+            };
+            spawn_work_thread("augment-eval", run, done_tx)?;
+        }
     }
     Ok(done)
 }

@@ -89,6 +89,10 @@ fn stop_detail(outcome: &WorkOutcome, event: Option<&ProgressEvent>, rank: u32) 
             "{} of {} chunk(s) of rank {rank} written; the others are augmented on resume",
             outcome.completed_chunks, outcome.chunks
         ),
+        WorkOutcome::AugmentEval(outcome) => format!(
+            "{} of {} work item(s) of rank {rank} done; the others run on resume",
+            outcome.completed, outcome.items
+        ),
     }
 }
 

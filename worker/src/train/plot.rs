@@ -13,7 +13,7 @@ const WIDTH: u32 = 900;
 const HEIGHT: u32 = 540;
 pub const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
 pub const DEV_COLOR: RGBColor = RGBColor(214, 39, 40);
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -71,7 +71,7 @@ pub fn epoch_losses(log: &Path) -> Result<Vec<EpochLoss>, PlotError> {
     Ok(by_epoch.into_values().collect())
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static FONT_ONCE: Once = Once::new();
     FONT_ONCE.call_once(|| {
         // The font is compiled in, so this fails only if the file in the repository is broken.
@@ -84,13 +84,21 @@ fn register_font() {
     });
 }
 
-/// Draws `points` into the PNG `path`, durably: under a hidden temporary name, flushed, renamed
-/// (a failed drawing or write leaves the previous plot and no temporary file).
+/// Draws `points` into the PNG `path` (durably, as `write_png`).
 pub fn render_loss_curve(points: &[EpochLoss], path: &Path) -> Result<(), PlotError> {
-    let shown = path.display().to_string();
     if points.is_empty() {
-        return Err(PlotError::Empty { path: shown });
+        return Err(PlotError::Empty {
+            path: path.display().to_string(),
+        });
     }
+    write_png(path, |tmp| draw(points, tmp))
+}
+
+/// Writes the PNG `path` that `draw` draws into the file it is given, durably: under a hidden
+/// temporary name, flushed, renamed (a failed drawing or write leaves the previous plot and no
+/// temporary file).
+pub(crate) fn write_png(path: &Path, draw: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), PlotError> {
+    let shown = path.display().to_string();
     register_font();
     // The image encoder picks the format from the extension, so the temporary name keeps it.
     let tmp = {
@@ -100,7 +108,7 @@ pub fn render_loss_curve(points: &[EpochLoss], path: &Path) -> Result<(), PlotEr
             hidden.file_name().unwrap_or_default().to_string_lossy()
         ))
     };
-    let written = draw(points, &tmp)
+    let written = draw(&tmp)
         .map_err(|message| PlotError::Draw {
             path: shown.clone(),
             message,
