@@ -13,6 +13,8 @@ ElectraForSequenceClassification computes what kormlm's classifier must reproduc
     classify_oracle.py sklearn-metrics PREDICTIONS.jsonl GOLD.json
         accuracy and macro-F1 (per-label F1 for multi-label) with scikit-learn from the
         predictions file of `worker classify predict` and the gold labels
+    classify_oracle.py sklearn-metrics-many GOLD.json PREDICTIONS.jsonl...
+        the same for several predictions files against one gold file, as a JSON list
 """
 import argparse
 import json
@@ -107,15 +109,13 @@ def cmd_train_step(args):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
 
 
-def cmd_sklearn_metrics(args):
-    """GOLD.json: {"labels": [names in id order], "problem_type": ..., "gold": [name or [names]]}."""
+def sklearn_metrics(predictions_path, gold):
+    """gold: {"labels": [names in id order], "problem_type": ..., "gold": [name or [names]]}."""
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.preprocessing import MultiLabelBinarizer
 
-    with open(args.gold, encoding="utf-8") as f:
-        gold = json.load(f)
     names = gold["labels"]
-    predictions = [json.loads(line) for line in read_lines(args.predictions)]
+    predictions = [json.loads(line) for line in read_lines(predictions_path)]
     if len(predictions) != len(gold["gold"]):
         raise SystemExit(f"{len(predictions)} predictions for {len(gold['gold'])} gold rows")
     if gold["problem_type"] == "multi_label_classification":
@@ -133,12 +133,26 @@ def cmd_sklearn_metrics(args):
     else:
         per_label = f1_score(y_true, y_pred, average=None, labels=labels, zero_division=0).tolist()
         macro = f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)
-    print(json.dumps({
+    return {
         "examples": len(predictions),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(macro),
         "per_label_f1": dict(zip(names, per_label)),
-    }))
+    }
+
+
+def read_gold(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cmd_sklearn_metrics(args):
+    print(json.dumps(sklearn_metrics(args.predictions, read_gold(args.gold))))
+
+
+def cmd_sklearn_metrics_many(args):
+    gold = read_gold(args.gold)
+    print(json.dumps([sklearn_metrics(p, gold) for p in args.predictions]))
 
 
 def main():
@@ -165,12 +179,16 @@ def main():
     p = sub.add_parser("sklearn-metrics")
     p.add_argument("predictions")
     p.add_argument("gold")
+    p = sub.add_parser("sklearn-metrics-many")
+    p.add_argument("gold")
+    p.add_argument("predictions", nargs="+")
     args = parser.parse_args()
     {
         "loading-info": cmd_loading_info,
         "logits": cmd_logits,
         "train-step": cmd_train_step,
         "sklearn-metrics": cmd_sklearn_metrics,
+        "sklearn-metrics-many": cmd_sklearn_metrics_many,
     }[args.cmd](args)
 
 

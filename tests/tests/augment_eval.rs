@@ -67,7 +67,7 @@ impl Experiment {
             output_dir: Some(text(output)),
             max_seq_len: 32,
             // Enough steps per run that the job can be caught between its first and last run.
-            num_train_epochs: 12,
+            num_train_epochs: 8,
             max_stop_number: 100,
             logging_steps: 4,
             eval_batch_size: 16,
@@ -177,6 +177,17 @@ fn check_output(output: &Path, experiment: &Experiment) -> Value {
         json!({"labels": report["labels"], "problem_type": "single_label_classification", "gold": gold}).to_string(),
     )
     .unwrap();
+    let mut args = vec!["sklearn-metrics-many".to_string(), text(&gold_path)];
+    args.extend(runs.iter().map(|r| {
+        text(
+            &output
+                .join("items")
+                .join(r["id"].as_str().unwrap())
+                .join("test_predictions.jsonl"),
+        )
+    }));
+    let sklearn: Vec<Value> =
+        serde_json::from_str(classify_oracle(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
     let mut by_id = BTreeMap::new();
     for run in runs {
         let id = run["id"].as_str().unwrap();
@@ -192,9 +203,7 @@ fn check_output(output: &Path, experiment: &Experiment) -> Value {
         for (record, (text, gold)) in records.iter().zip(test_texts.iter().zip(&gold)) {
             assert_eq!((&record["text"], &record["gold"]), (&json!(text), gold), "{id}");
         }
-        let sklearn: Value =
-            serde_json::from_str(classify_oracle(&["sklearn-metrics", &text(&predictions), &text(&gold_path)]).trim())
-                .unwrap();
+        let sklearn = &sklearn[by_id.len()];
         close(&run["test"]["macro_f1"], sklearn["macro_f1"].as_f64().unwrap(), id);
         close(&run["test"]["accuracy"], sklearn["accuracy"].as_f64().unwrap(), id);
         let fraction = run["fraction"].as_f64().unwrap();
