@@ -129,17 +129,29 @@ pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
     if !status.message.is_empty() {
         out.push_str(&format!("message     {}\n", status.message));
     }
-    out.push_str(&format!(
-        "progress    epoch {}  step {}/{}  train_loss {}  val_loss {}  {:.1} samples/s  {:.0} tokens/s  MFU {:.1}%\n",
-        progress.epoch,
-        progress.global_step,
-        progress.total_steps,
-        opt(progress.train_loss),
-        opt(progress.val_loss),
-        progress.samples_per_s,
-        progress.tokens_per_s,
-        progress.mfu * 100.0
-    ));
+    let units = match TaskKind::try_from(status.task) {
+        Ok(TaskKind::Augment) => Some("chunks"),
+        Ok(TaskKind::AugmentEval) => Some("classifier runs"),
+        _ => None,
+    };
+    match units {
+        // Augmentation and the experiment report rank 0's share, not training steps.
+        Some(units) => out.push_str(&format!(
+            "progress    rank 0: {} of {} {units} done\n",
+            progress.global_step, progress.total_steps
+        )),
+        None => out.push_str(&format!(
+            "progress    epoch {}  step {}/{}  train_loss {}  val_loss {}  {:.1} samples/s  {:.0} tokens/s  MFU {:.1}%\n",
+            progress.epoch,
+            progress.global_step,
+            progress.total_steps,
+            opt(progress.train_loss),
+            opt(progress.val_loss),
+            progress.samples_per_s,
+            progress.tokens_per_s,
+            progress.mfu * 100.0
+        )),
+    }
     out.push_str(&format!(
         "early stop  best_val_loss {}  stop_count {}/{}{}\n",
         opt(early.best_val_loss),
@@ -273,5 +285,22 @@ mod tests {
             ..status
         };
         assert_eq!(to_json(&failed)["workers"][0]["failure_kind"], "BAD_INPUT");
+    }
+
+    #[test]
+    fn an_experiments_progress_counts_classifier_runs() {
+        let status = JobStatus {
+            task: TaskKind::AugmentEval as i32,
+            progress: Some(kormlm_proto::v1::Progress {
+                global_step: 3,
+                total_steps: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(to_json(&status)["task"], "AUGMENT_EVAL");
+        let table = to_table(&status, 0);
+        assert!(table.contains("rank 0: 3 of 5 classifier runs done"), "{table}");
+        assert!(!table.contains("samples/s"), "{table}");
     }
 }

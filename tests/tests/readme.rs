@@ -83,6 +83,7 @@ fn every_flag_of_every_command_is_in_the_configuration_reference() {
         ("worker", Some("classify train")),
         ("worker", Some("classify eval")),
         ("worker", Some("classify predict")),
+        ("worker", Some("augment-eval")),
     ];
     let mut missing = Vec::new();
     let mut checked = 0;

@@ -106,10 +106,16 @@ impl AugmentEvalJob {
     }
 
     /// What identifies the experiment: results of another one in the output directory are not
-    /// reused.
+    /// reused, this one's always are (also under `--overwrite_output_dir`, so a restarted job
+    /// never clears its own runs).
     fn identity(&self) -> serde_json::Value {
+        // Whether to replace another experiment is not part of what this one is.
+        let train = kormlm_proto::train_args::TrainArgs {
+            overwrite_output_dir: false,
+            ..self.plan.train.clone()
+        };
         json!({
-            "train": self.plan.train,
+            "train": train,
             "augment": self.augment(),
             "eval": self.eval(),
             "config": self.plan.config.to_json(),
