@@ -281,7 +281,14 @@ fn metrics_follow_a_job_through_a_restart_and_match_its_status() {
     // fresh heartbeat, and the job is RUNNING.
     let (before, during, after) = wait_for("a scrape between two steps", Duration::from_secs(120), || {
         let before = c.status(Some("job-1"));
-        if before["global_step"].as_u64().unwrap_or(0) < 2 {
+        // Each rank's optimizer state arrives with its own first heartbeat after its first step.
+        let sized = before["workers"].as_array().is_some_and(|workers| {
+            workers.len() == 2
+                && workers
+                    .iter()
+                    .all(|w| w["optimizer_state_bytes"].as_u64().unwrap_or(0) > 0)
+        });
+        if before["global_step"].as_u64().unwrap_or(0) < 2 || !sized {
             return None;
         }
         let during = scrape(&addr, token);
