@@ -325,6 +325,51 @@ mod tests {
     }
 
     #[test]
+    fn multi_label_predictions_are_read_back_by_name() {
+        use crate::classify::data::LabelledSet;
+        use crate::model::sequence_classification::Labels;
+        let dir = tempfile::tempdir().unwrap();
+        let item = Item {
+            index: 0,
+            fraction: 1.0,
+            seed: 1,
+            condition: Condition::Original,
+        };
+        let set = |rows: usize| LabelledSet {
+            path: "t.tsv".into(),
+            texts: vec!["x".into(); rows],
+            targets: Targets::Multi(vec![vec![true, false, true]; rows]),
+        };
+        let splits = Splits {
+            labels: Labels {
+                names: vec!["a".into(), "b".into(), "c".into()],
+                problem_type: ProblemType::MultiLabel,
+            },
+            train: set(1),
+            dev: set(1),
+            test: set(2),
+            dev_split_off: false,
+        };
+        let item_path = item_dir(dir.path(), &item);
+        std::fs::create_dir_all(&item_path).unwrap();
+        let file = item_path.join(PREDICTIONS_FILE);
+        std::fs::write(&file, "{\"labels\": [\"a\", \"c\"]}\n{\"labels\": []}\n").unwrap();
+        assert_eq!(
+            read_predictions(dir.path(), &item, &splits).unwrap(),
+            [
+                Prediction::Multi(vec![true, false, true]),
+                Prediction::Multi(vec![false; 3])
+            ]
+        );
+        std::fs::write(&file, "{\"labels\": [\"d\"]}\n{\"labels\": []}\n").unwrap();
+        let err = read_predictions(dir.path(), &item, &splits).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("\"d\""), "{err}");
+        std::fs::write(&file, "{\"labels\": []}\n").unwrap();
+        let err = read_predictions(dir.path(), &item, &splits).unwrap_err().to_string();
+        assert!(err.contains("1 predictions for 2 test rows"), "{err}");
+    }
+
+    #[test]
     fn the_paired_bootstrap_brackets_a_clear_gain_and_a_tie() {
         // Gold 0/1; the augmented run gets 18 of 20 right, the original 10 of 20.
         let gold = Targets::Single((0..20).map(|i| i % 2).collect());
