@@ -1,7 +1,8 @@
 //! Files that are either complete or absent: written under a hidden temporary name in the same
 //! directory (`.NAME.tmp-PID`, never taken for a part, a checkpoint or the file itself), flushed
 //! to disk, renamed into place, and the directory flushed, so a crash or a full disk never
-//! leaves a half-written file under the real name. On failure the temporary file is removed and
+//! leaves a half-written file under the real name (and `remove_if_present` removes an output,
+//! file or tree, whatever it is). On failure the temporary file is removed and
 //! the error names the file and the OS error.
 
 use std::fs::File;
@@ -84,9 +85,35 @@ pub fn write(path: &Path, bytes: impl AsRef<[u8]>) -> Result<(), WriteError> {
     write_with(path, |out| out.write_all(bytes.as_ref()))
 }
 
+/// Removes the file or directory tree at `path` (a symbolic link itself, not what it points to);
+/// an absent path is not an error.
+pub fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_trees_and_absent_paths_are_removed_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::fs::write(tree.join("a/b/f"), "x").unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        for path in [&tree, &file, &dir.path().join("absent")] {
+            remove_if_present(path).unwrap();
+            assert!(!path.exists(), "{}", path.display());
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn a_file_is_replaced_whole_and_no_temporary_file_stays() {

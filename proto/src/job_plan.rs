@@ -117,6 +117,32 @@ impl JobPlan {
     }
 }
 
+impl JobPlan {
+    /// A standalone command's plan (`worker train`, `worker classify train`, `worker
+    /// augment-eval`): the config file at `config` with `args` for `task`, resolved for one rank
+    /// by the same function as a job's.
+    pub fn resolve_file(
+        config: &std::path::Path,
+        task: TaskKind,
+        args: std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, PlanError> {
+        let path = config.display().to_string();
+        let text = std::fs::read_to_string(config).map_err(|e| ConfigError::Read {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let spec = JobSpec {
+            task: task as i32,
+            ds_config_json: text,
+            ds_config_path: path,
+            world_size: 1,
+            args: args.into_iter().collect(),
+            ..Default::default()
+        };
+        Self::resolve(&spec, 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +244,19 @@ mod tests {
         s.args.insert("augment.input".into(), "x.txt".into());
         let err = JobPlan::resolve(&s, 3).unwrap_err().to_string();
         assert!(err.contains("--input/--output"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_resolves_for_one_rank_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.json");
+        std::fs::write(&path, r#"{"train_micro_batch_size_per_gpu": 4}"#).unwrap();
+        let plan = JobPlan::resolve_file(&path, TaskKind::Train, Default::default()).unwrap();
+        assert_eq!(plan.config.batch.train_batch_size, 4);
+        let missing = dir.path().join("none.json");
+        let err = JobPlan::resolve_file(&missing, TaskKind::Train, Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
     }
 }

@@ -12,10 +12,10 @@ use crate::error::WorkerError;
 use crate::model::LoadedModel;
 use crate::train::{TrainJob, TrainSummary};
 use kormlm_proto::augment_args::AugmentArgs;
-use kormlm_proto::ds_config::{ConfigError, ResolvedConfig};
+use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::job_plan::{JobPlan, PlanError};
 use kormlm_proto::train_args::TrainArgs;
-use kormlm_proto::v1::{Assignment, DeviceKind, JobSpec, TaskKind};
+use kormlm_proto::v1::{Assignment, DeviceKind, TaskKind};
 use serde::Serialize;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -151,22 +151,7 @@ impl Work {
 /// `worker train`: the config file resolved for one rank by the same function as a job's, the
 /// output directory `--output_dir`, else `MODEL_DIR/YYMMDD_HHMMSS` (UTC, at `now_unix_s`).
 pub fn train_job_from_command(command: &TrainCommand, now_unix_s: u64) -> Result<TrainJob, WorkerError> {
-    let path = command.config.display().to_string();
-    let text = std::fs::read_to_string(&command.config).map_err(|e| {
-        PlanError::Config(ConfigError::Read {
-            path: path.clone(),
-            message: e.to_string(),
-        })
-    })?;
-    let spec = JobSpec {
-        task: TaskKind::Train as i32,
-        ds_config_json: text,
-        ds_config_path: path,
-        world_size: 1,
-        args: command.train.to_map().into_iter().collect(),
-        ..Default::default()
-    };
-    let plan = JobPlan::resolve(&spec, 1)?;
+    let plan = JobPlan::resolve_file(&command.config, TaskKind::Train, command.train.to_map())?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

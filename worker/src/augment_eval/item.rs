@@ -82,11 +82,8 @@ pub fn read_result(output_dir: &Path, item: &Item) -> Result<Option<ItemResult>,
     Ok(Some(result))
 }
 
-fn remove_dir_if_present(dir: &Path) -> Result<(), AugmentEvalError> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AugmentEvalError::output(dir, e)),
-        _ => Ok(()),
-    }
+fn remove_if_present(path: &Path) -> Result<(), AugmentEvalError> {
+    kormlm_proto::durable::remove_if_present(path).map_err(|e| AugmentEvalError::output(path, e))
 }
 
 /// The masked LM's copies of `base`'s rows, labelled as their rows; copies without an edit are
@@ -159,7 +156,7 @@ pub fn run_item(
     should_stop: &dyn Fn() -> bool,
 ) -> Result<Option<ItemResult>, AugmentEvalError> {
     let dir = item_dir(&job.output_dir(), item);
-    remove_dir_if_present(&dir)?;
+    remove_if_present(&dir)?;
     std::fs::create_dir_all(&dir).map_err(|e| AugmentEvalError::output(&dir, e))?;
     tracing::info!(item = %item.id(), "work item started");
 
@@ -232,7 +229,7 @@ pub fn run_item(
     drop(best);
     if !eval.keep_models {
         for model in [&summary.best_model, &summary.final_model] {
-            remove_dir_if_present(Path::new(model))?;
+            remove_if_present(Path::new(model))?;
         }
     }
     let m = &evaluation.metrics;

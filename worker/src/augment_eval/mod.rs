@@ -185,16 +185,7 @@ fn claim_output_dir(job: &AugmentEvalJob, rank: usize) -> Result<(), AugmentEval
             }
             for name in ["items", report::REPORT_JSON, report::REPORT_MD, report::REPORT_PNG] {
                 let old = dir.join(name);
-                let removed = if old.is_dir() {
-                    std::fs::remove_dir_all(&old)
-                } else {
-                    std::fs::remove_file(&old)
-                };
-                if let Err(e) = removed {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        return Err(AugmentEvalError::output(&old, e));
-                    }
-                }
+                kormlm_proto::durable::remove_if_present(&old).map_err(|e| AugmentEvalError::output(&old, e))?;
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

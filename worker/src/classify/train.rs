@@ -17,7 +17,7 @@ use crate::train::run_files::{RunFiles, LOG_FILE};
 use crate::train::trainer::Trainer;
 use kormlm_proto::job_plan::JobPlan;
 use kormlm_proto::train_args::TrainArgs;
-use kormlm_proto::v1::{JobSpec, TaskKind};
+use kormlm_proto::v1::TaskKind;
 use serde::Serialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -53,20 +53,7 @@ impl ClassifyTrainJob {
         now_unix_s: u64,
     ) -> Result<Self, ClassifyError> {
         check_flags(args)?;
-        let path = config.display().to_string();
-        let text = std::fs::read_to_string(config).map_err(|e| kormlm_proto::ds_config::ConfigError::Read {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let spec = JobSpec {
-            task: TaskKind::Train as i32,
-            ds_config_json: text,
-            ds_config_path: path,
-            world_size: 1,
-            args: args.to_map().into_iter().collect(),
-            ..Default::default()
-        };
-        let plan = JobPlan::resolve(&spec, 1)?;
+        let plan = JobPlan::resolve_file(config, TaskKind::Train, args.to_map())?;
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -139,20 +126,7 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<(), ClassifyError> {
     }
     for name in [LOG_FILE, "params.json", "summary.json", "best", "final"] {
         let path = dir.join(name);
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        if let Err(e) = removed.or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        }) {
-            return Err(ClassifyError::output(&path, e));
-        }
+        kormlm_proto::durable::remove_if_present(&path).map_err(|e| ClassifyError::output(&path, e))?;
     }
     Ok(())
 }

@@ -6,32 +6,16 @@ use crate::augment_eval::{self, report, AugmentEvalJob};
 use crate::cli::AugmentEvalCommand;
 use crate::device::parse_device;
 use crate::error::WorkerError;
-use kormlm_proto::ds_config::ConfigError;
-use kormlm_proto::job_plan::{JobPlan, PlanError};
-use kormlm_proto::v1::{JobSpec, TaskKind};
+use kormlm_proto::job_plan::JobPlan;
+use kormlm_proto::v1::TaskKind;
 
 pub fn run(command: &AugmentEvalCommand) -> Result<(), WorkerError> {
     let device = parse_device(&command.device)?;
     crate::device::check(device)?;
-    let path = command.config.display().to_string();
-    let text = std::fs::read_to_string(&command.config).map_err(|e| {
-        PlanError::Config(ConfigError::Read {
-            path: path.clone(),
-            message: e.to_string(),
-        })
-    })?;
     let mut args = command.train.to_map();
     args.extend(command.augment.to_map());
     args.extend(command.eval.to_map());
-    let spec = JobSpec {
-        task: TaskKind::AugmentEval as i32,
-        ds_config_json: text,
-        ds_config_path: path,
-        world_size: 1,
-        args: args.into_iter().collect(),
-        ..Default::default()
-    };
-    let plan = JobPlan::resolve(&spec, 1)?;
+    let plan = JobPlan::resolve_file(&command.config, TaskKind::AugmentEval, args)?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

@@ -112,13 +112,7 @@ fn remove_run_outputs(dir: &Path) -> Result<(), TrainError> {
         }
     }
     for path in doomed {
-        let removed = match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path),
-            Ok(_) => std::fs::remove_file(&path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
-        removed.map_err(|e| TrainError::output(&path, e))?;
+        kormlm_proto::durable::remove_if_present(&path).map_err(|e| TrainError::output(&path, e))?;
     }
     Ok(())
 }
