@@ -1,6 +1,7 @@
-//! The README's benchmark commands run, on tiny settings: each finishes and prints its ratio.
-//! (The figures themselves come from full runs; these only keep the commands working, and check
-//! that each printed ratio is the one of the figures printed beside it.)
+//! The README's benchmark commands run, on tiny settings and the small benchmark model
+//! (`KORMLM_BENCH_SIZE=small`): each finishes and prints its ratio. (The figures themselves come
+//! from full runs at the base size; these only keep the commands working, and check that each
+//! printed ratio is the one of the figures printed beside it.)
 
 use kormlm_e2e::*;
 use std::process::Command;
@@ -40,6 +41,7 @@ fn assert_ratio(ratio: f64, numerator: f64, denominator: f64, output: &str) {
 fn bench(script: &str, args: &[&str]) -> String {
     let out = run(Command::new(oracle_python())
         .current_dir(workspace_root())
+        .env("KORMLM_BENCH_SIZE", "small")
         .arg(format!("scripts/bench/{script}"))
         .args(args)
         .args(["--threads", "2"]));
@@ -49,10 +51,14 @@ fn bench(script: &str, args: &[&str]) -> String {
         "{script}: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        stdout.lines().any(|line| line.starts_with("model: small size")),
+        "{script}: {stdout}"
+    );
     stdout
 }
 
-// One test: the scripts share the cached base-sized model, which they create on first use.
+// One test: the scripts share the cached benchmark model, which they create on first use.
 #[test]
 fn the_benchmark_commands_run_and_print_their_ratios() {
     let out = bench("fill_mask.py", &["--n", "16"]);
