@@ -153,9 +153,11 @@ pub struct ServeArgs {
     /// starting anything.
     #[arg(long = "dry-run", visible_alias = "dry_run")]
     pub dry_run: bool,
-    /// What the job does: train (fine-tune), augment (--input rows, split across workers), or
-    /// augment-eval (classifiers with and without augmented training data, seed × condition ×
-    /// fraction runs spread over the workers; --config is the classifiers' training config).
+    /// What the job does: train (fine-tune the masked LM), classify (fine-tune a sequence
+    /// classifier on --train_file/--dev_file, like train over the ranks), augment (--input rows,
+    /// split across workers), or augment-eval (classifiers with and without augmented training
+    /// data, seed × condition × fraction runs spread over the workers; --config is the
+    /// classifiers' training config). classify and augment-eval share the labelled-data flags.
     #[arg(long, value_enum, default_value = "train")]
     pub task: TaskArg,
     #[command(flatten)]
@@ -169,6 +171,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TaskArg {
     Train,
+    Classify,
     Augment,
     AugmentEval,
 }

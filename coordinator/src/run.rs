@@ -152,6 +152,43 @@ fn placements(args: &ServeArgs, worker_binary: &std::path::Path) -> Result<Vec<P
     })
 }
 
+/// `--task classify` takes the labelled-data flags it shares with augment-eval; the
+/// experiment's own flags would be ignored, so they are refused.
+fn check_classify_flags(args: &ServeArgs) -> Result<()> {
+    if args.config.is_none() {
+        return Err(flag(
+            "--task classify",
+            "needs --config FILE: the DeepSpeed config of the classifier's training",
+        ));
+    }
+    let experiment = kormlm_proto::augment_eval_args::AugmentEvalArgs {
+        data: args.augment_eval.data.clone(),
+        ..Default::default()
+    };
+    if args.augment_eval != experiment {
+        let changed = args.augment_eval.to_argv();
+        let own = experiment.to_argv();
+        let foreign: Vec<&String> = changed
+            .iter()
+            .filter(|a| a.starts_with("--") && !own.contains(a))
+            .collect();
+        return Err(flag(
+            "--task classify",
+            format!(
+                "{} {}; a classifier job takes --train_file, --dev_file, --dataset, --text_column, \
+                 --label_column, --multi_label and --labels",
+                foreign.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                if foreign.len() == 1 {
+                    "is an augment-eval flag"
+                } else {
+                    "are augment-eval flags"
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the job spec from the flags and the config file and resolves it (so a bad config
 /// stops the coordinator before it listens).
 fn job_spec(
@@ -168,6 +205,9 @@ fn job_spec(
             "--task augment-eval",
             "needs --config FILE: the DeepSpeed config of the classifiers' training",
         ));
+    }
+    if args.task == TaskArg::Classify {
+        check_classify_flags(args)?;
     }
     // Augmentation uses no optimizer; a one-sample batch satisfies the batch rule.
     let augment_config = std::path::PathBuf::from("(augmentation)");
@@ -221,6 +261,10 @@ fn job_spec(
     let mut job_args = args.train.to_map();
     let task = match args.task {
         TaskArg::Train => TaskKind::Train,
+        TaskArg::Classify => {
+            job_args.extend(args.augment_eval.data.to_map());
+            TaskKind::Classify
+        }
         TaskArg::Augment => {
             job_args.extend(args.augment.to_map());
             TaskKind::Augment

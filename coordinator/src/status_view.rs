@@ -51,11 +51,16 @@ pub fn to_json(status: &JobStatus) -> Value {
     let batch = status.batch.unwrap_or_default();
     let task = TaskKind::try_from(status.task).unwrap_or(TaskKind::Unspecified);
     let workers: Vec<Value> = status.workers.iter().map(worker_json).collect();
-    json!({
+    let mut view = json!({
         "job_id": status.job_id,
         "run_id": status.run_id,
         "state": job_state(status),
-        "task": match task { TaskKind::Augment => "AUGMENT", TaskKind::AugmentEval => "AUGMENT_EVAL", _ => "TRAIN" },
+        "task": match task {
+            TaskKind::Augment => "AUGMENT",
+            TaskKind::AugmentEval => "AUGMENT_EVAL",
+            TaskKind::Classify => "CLASSIFY",
+            _ => "TRAIN",
+        },
         "message": status.message,
         "world_size": status.world_size,
         "train_batch_size": batch.train_batch_size,
@@ -74,11 +79,10 @@ pub fn to_json(status: &JobStatus) -> Value {
         "mfu": progress.mfu,
         "loss_scale": progress.loss_scale,
         "skipped_steps": progress.skipped_steps,
-        "best_val_loss": early.best_val_loss,
+        "early_stopping_metric": early_stopping_metric(task),
         "stop_count": early.stop_count,
         "max_stop_number": early.max_stop_number,
         "early_stopped": early.early_stopped,
-        "val_loss_history": early.val_loss_history,
         "latest_checkpoint": checkpoint(&status.latest_checkpoint),
         "best_checkpoint": checkpoint(&status.best_checkpoint),
         "checkpoints": status.checkpoints.iter().map(|c| checkpoint(&Some(c.clone()))).collect::<Vec<_>>(),
@@ -91,7 +95,21 @@ pub fn to_json(status: &JobStatus) -> Value {
         "ended_unix_ms": status.ended_unix_ms,
         "output_dir": status.output_dir,
         "workers": workers,
-    })
+    });
+    // The best value and the history of the metric early stopping watches, named after it.
+    let metric = early_stopping_metric(task);
+    view[format!("best_{metric}")] = json!(early.best_val_loss);
+    view[format!("{metric}_history")] = json!(early.val_loss_history);
+    view
+}
+
+/// What early stopping watches: a classifier job's dev macro-F1, else the dev loss (the
+/// `EarlyStopState` fields named after the loss carry it).
+fn early_stopping_metric(task: TaskKind) -> &'static str {
+    match task {
+        TaskKind::Classify => "val_macro_f1",
+        _ => "val_loss",
+    }
 }
 
 fn worker_json(w: &WorkerInfo) -> Value {
@@ -153,7 +171,8 @@ pub fn to_table(status: &JobStatus, now_ms: i64) -> String {
         )),
     }
     out.push_str(&format!(
-        "early stop  best_val_loss {}  stop_count {}/{}{}\n",
+        "early stop  best_{} {}  stop_count {}/{}{}\n",
+        early_stopping_metric(TaskKind::try_from(status.task).unwrap_or(TaskKind::Unspecified)),
         opt(early.best_val_loss),
         early.stop_count,
         early.max_stop_number,
@@ -302,5 +321,34 @@ mod tests {
         let table = to_table(&status, 0);
         assert!(table.contains("rank 0: 3 of 5 classifier runs done"), "{table}");
         assert!(!table.contains("samples/s"), "{table}");
+    }
+
+    #[test]
+    fn a_classifier_jobs_early_stopping_is_shown_as_the_macro_f1_it_watches() {
+        let status = JobStatus {
+            task: TaskKind::Classify as i32,
+            early_stop: Some(kormlm_proto::v1::EarlyStopState {
+                best_val_loss: Some(0.75),
+                val_loss_history: vec![0.5, 0.75],
+                max_stop_number: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = to_json(&status);
+        assert_eq!(v["task"], "CLASSIFY");
+        assert_eq!(v["early_stopping_metric"], "val_macro_f1");
+        assert_eq!(
+            (&v["best_val_macro_f1"], &v["val_macro_f1_history"]),
+            (&json!(0.75), &json!([0.5, 0.75]))
+        );
+        assert!(v.get("best_val_loss").is_none(), "{v}");
+        assert!(to_table(&status, 0).contains("best_val_macro_f1 0.7500"));
+        let training = JobStatus {
+            task: TaskKind::Train as i32,
+            ..status
+        };
+        assert_eq!(to_json(&training)["best_val_loss"], json!(0.75));
+        assert_eq!(to_json(&training)["early_stopping_metric"], "val_loss");
     }
 }

@@ -3,6 +3,7 @@
 //! fractions. The classifier's own training flags are the training flags (`TrainArgs`), the
 //! augmentation's are `AugmentArgs`. In a job spec these travel as `eval.<name>` keys.
 
+use crate::classify_args::ClassifyArgs;
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,12 +14,10 @@ pub const KEY_PREFIX: &str = "eval.";
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
 #[command(rename_all = "snake_case", next_help_heading = "Augment-eval")]
 pub struct AugmentEvalArgs {
-    /// Labelled training file (CSV/TSV with a header, NSMC ratings*.txt, UnSmile TSV).
-    #[arg(long)]
-    pub train_file: Option<PathBuf>,
-    /// Labelled dev file for early stopping (default: --dev_split of the training file).
-    #[arg(long)]
-    pub dev_file: Option<PathBuf>,
+    /// The labelled training (and dev) files, their columns and labels.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: ClassifyArgs,
     /// Labelled test file the conditions are compared on.
     #[arg(long)]
     pub test_file: Option<PathBuf>,
@@ -28,18 +27,6 @@ pub struct AugmentEvalArgs {
     pub dev_split: f64,
     #[arg(long, default_value_t = 42)]
     pub split_seed: u64,
-    /// Columns of a known corpus: nsmc, khs-hate, khs-bias, unsmile.
-    #[arg(long)]
-    pub dataset: Option<String>,
-    /// The text column of a CSV/TSV file (default: the dataset's, else `comments`).
-    #[arg(long)]
-    pub text_column: Option<String>,
-    /// The label column, or comma-separated 0/1 columns of a multi-label task.
-    #[arg(long)]
-    pub label_column: Option<String>,
-    /// Each label column is a 0/1 flag (sigmoid + BCE), even when only one is given.
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
-    pub multi_label: bool,
     /// The masked LM that augments the training set (local directory or hub id); the classifier
     /// starts from --model_name_or_path.
     #[arg(long)]
@@ -109,21 +96,11 @@ impl AugmentEvalArgs {
         Ok(fractions)
     }
 
-    /// The label columns of --label_column.
-    pub fn label_columns(&self) -> Vec<String> {
-        self.label_column
-            .iter()
-            .flat_map(|c| c.split(','))
-            .map(|c| c.trim().to_string())
-            .filter(|c| !c.is_empty())
-            .collect()
-    }
-
     /// Checks what an experiment needs: its files, its augmentation model, at least one seed, a
     /// dev split in (0, 1) when no dev file is given, and fractions in (0, 1].
     pub fn check(&self) -> Result<(), String> {
         for (flag, missing) in [
-            ("--train_file", self.train_file.is_none()),
+            ("--train_file", self.data.train_file.is_none()),
             ("--test_file", self.test_file.is_none()),
             ("--augment_model", self.augment_model.is_none()),
         ] {
@@ -134,7 +111,7 @@ impl AugmentEvalArgs {
         if self.seeds == 0 {
             return Err("--seeds must be at least 1".into());
         }
-        if self.dev_file.is_none() && !(self.dev_split > 0.0 && self.dev_split < 1.0) {
+        if self.data.dev_file.is_none() && !(self.dev_split > 0.0 && self.dev_split < 1.0) {
             return Err(format!(
                 "--dev_split {} must be in (0, 1) when no --dev_file is given",
                 self.dev_split
@@ -154,18 +131,21 @@ mod tests {
     #[test]
     fn map_round_trip_and_checks() {
         let args = AugmentEvalArgs {
-            train_file: Some("train.tsv".into()),
+            data: ClassifyArgs {
+                train_file: Some("train.tsv".into()),
+                label_column: Some("a, b".into()),
+                multi_label: true,
+                ..Default::default()
+            },
             test_file: Some("test.tsv".into()),
             augment_model: Some("mlm".into()),
-            label_column: Some("a, b".into()),
-            multi_label: true,
             train_fractions: "1,0.25,0.1,0.25".into(),
             ..Default::default()
         };
         assert_eq!(AugmentEvalArgs::from_map(&args.to_map()).unwrap(), args);
         assert!(args.to_map().keys().all(|k| k.starts_with(KEY_PREFIX)));
         assert_eq!(args.fractions().unwrap(), [0.1, 0.25, 1.0]);
-        assert_eq!(args.label_columns(), ["a", "b"]);
+        assert_eq!(args.data.label_columns(), ["a", "b"]);
         assert_eq!(args.check(), Ok(()));
         let err = AugmentEvalArgs::default().check().unwrap_err();
         assert!(err.contains("--train_file"), "{err}");

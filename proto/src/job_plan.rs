@@ -11,6 +11,7 @@
 
 use crate::augment_args::AugmentArgs;
 use crate::augment_eval_args::AugmentEvalArgs;
+use crate::classify_args::ClassifyArgs;
 use crate::ds_config::{ConfigError, DsConfig, ResolvedConfig};
 use crate::train_args::TrainArgs;
 use crate::v1::{JobSpec, TaskKind};
@@ -45,6 +46,8 @@ pub struct JobPlan {
     pub augment: Option<AugmentArgs>,
     /// The downstream experiment's flags.
     pub augment_eval: Option<AugmentEvalArgs>,
+    /// A classifier training job's data flags.
+    pub classify: Option<ClassifyArgs>,
 }
 
 /// The name config messages give the spec's config (its path, when it came from a file).
@@ -67,6 +70,7 @@ impl JobPlan {
         let task = match TaskKind::try_from(spec.task) {
             Ok(TaskKind::Augment) => TaskKind::Augment,
             Ok(TaskKind::AugmentEval) => TaskKind::AugmentEval,
+            Ok(TaskKind::Classify) => TaskKind::Classify,
             _ => TaskKind::Train,
         };
         let ranks_per_model = if task == TaskKind::AugmentEval { 1 } else { world_size };
@@ -106,6 +110,20 @@ impl JobPlan {
             }
             _ => None,
         };
+        let classify = match task {
+            TaskKind::Classify => {
+                let args = ClassifyArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
+                args.check().map_err(PlanError::Flags)?;
+                if train.data_path != TrainArgs::default().data_path {
+                    return Err(PlanError::Flags(
+                        "--data_path is the masked LM's corpus; a classifier's data are --train_file and --dev_file"
+                            .into(),
+                    ));
+                }
+                Some(args)
+            }
+            _ => None,
+        };
         Ok(Self {
             task,
             config,
@@ -113,6 +131,7 @@ impl JobPlan {
             train,
             augment,
             augment_eval,
+            classify,
         })
     }
 }
@@ -219,6 +238,28 @@ mod tests {
     }
 
     #[test]
+    fn a_classifier_job_resolves_for_every_rank_and_checks_its_data_flags() {
+        let mut s = spec(r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#);
+        s.task = TaskKind::Classify as i32;
+        let err = JobPlan::resolve(&s, 2).unwrap_err().to_string();
+        assert!(err.contains("--train_file is required"), "{err}");
+        let data = ClassifyArgs {
+            train_file: Some("train.tsv".into()),
+            dev_file: Some("dev.tsv".into()),
+            dataset: Some("khs-hate".into()),
+            ..Default::default()
+        };
+        s.args.extend(data.to_map());
+        let plan = JobPlan::resolve(&s, 2).unwrap();
+        assert_eq!(plan.task, TaskKind::Classify);
+        assert_eq!(plan.config.batch.train_batch_size, 16);
+        assert_eq!(plan.classify, Some(data));
+        s.args.insert("data_path".into(), "corpus.txt".into());
+        let err = JobPlan::resolve(&s, 2).unwrap_err().to_string();
+        assert!(err.contains("--data_path"), "{err}");
+    }
+
+    #[test]
     fn an_experiment_resolves_its_config_for_one_rank_and_checks_its_flags() {
         let mut s = spec(r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#);
         s.task = TaskKind::AugmentEval as i32;
@@ -226,7 +267,10 @@ mod tests {
         assert!(err.contains("--train_file is required"), "{err}");
         s.args.extend(
             AugmentEvalArgs {
-                train_file: Some("train.tsv".into()),
+                data: ClassifyArgs {
+                    train_file: Some("train.tsv".into()),
+                    ..Default::default()
+                },
                 test_file: Some("test.tsv".into()),
                 augment_model: Some("mlm".into()),
                 ..Default::default()

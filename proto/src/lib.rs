@@ -5,7 +5,7 @@
 //!   `WorkerService` is what `worker` daemons talk to.
 //! * [`ds_config`]: the DeepSpeed config, validated by the coordinator and resolved for workers.
 //! * [`train_args`]: the original project's training flags; [`augment_args`]: augmentation's;
-//!   [`augment_eval_args`]: the downstream experiment's.
+//!   [`augment_eval_args`]: the downstream experiment's; [`classify_args`]: a classifier's data.
 //! * [`job_plan`]: a job spec resolved for a world size (config, batch rule, flags).
 //! * [`auth`]: the token every client call carries; [`secret`]: the token on disk and in the
 //!   environment; [`tls`]: the client side of TLS.
@@ -16,6 +16,7 @@ pub mod augment_args;
 pub mod augment_eval_args;
 pub mod augment_parts;
 pub mod auth;
+pub mod classify_args;
 pub mod ds_config;
 pub mod durable;
 pub mod failure;

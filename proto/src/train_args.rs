@@ -126,9 +126,12 @@ impl TrainArgs {
     /// experiment's (`eval.…`) are not training flags.
     pub fn from_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Self, String> {
         let argv = crate::flag_map::to_argv(map, |name| {
-            (!name.starts_with(crate::augment_args::KEY_PREFIX)
-                && !name.starts_with(crate::augment_eval_args::KEY_PREFIX))
-            .then_some(name)
+            let other = [
+                crate::augment_args::KEY_PREFIX,
+                crate::augment_eval_args::KEY_PREFIX,
+                crate::classify_args::KEY_PREFIX,
+            ];
+            (!other.iter().any(|prefix| name.starts_with(prefix))).then_some(name)
         });
         FromMap::try_parse_from(argv)
             .map(|parsed| parsed.args)

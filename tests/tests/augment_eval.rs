@@ -8,6 +8,7 @@
 use kormlm_e2e::*;
 use kormlm_proto::augment_args::AugmentArgs;
 use kormlm_proto::augment_eval_args::AugmentEvalArgs;
+use kormlm_proto::classify_args::ClassifyArgs;
 use kormlm_proto::train_args::TrainArgs;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -82,9 +83,12 @@ impl Experiment {
             ..Default::default()
         };
         let mut eval = AugmentEvalArgs {
-            train_file: Some(self.train.clone()),
+            data: ClassifyArgs {
+                train_file: Some(self.train.clone()),
+                dataset: Some("khs-hate".into()),
+                ..Default::default()
+            },
             test_file: Some(self.test.clone()),
-            dataset: Some("khs-hate".into()),
             dev_split: 0.2,
             augment_model: Some(text(&tiny_model())),
             seeds: SEEDS as u32,
@@ -438,7 +442,7 @@ fn bad_experiments_are_refused_naming_the_flag() {
         "--seeds must be at least 1",
     );
     refused(
-        experiment.flags_with(&output, |_, _, e| e.dataset = Some("imdb".into())),
+        experiment.flags_with(&output, |_, _, e| e.data.dataset = Some("imdb".into())),
         "--dataset imdb: accepted are nsmc, khs-hate, khs-bias, unsmile",
     );
     refused(

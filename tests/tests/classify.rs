@@ -7,6 +7,7 @@ use kormlm_proto::train_args::TrainArgs;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// The header and the first `rows` data lines of a shared-corpus file, as a new file.
 fn sample(corpus_file: &str, rows: usize, out: &Path) -> PathBuf {
@@ -282,4 +283,194 @@ fn multi_label_unsmile_trains_evaluates_and_predicts() {
     assert_eq!(evaluation["problem_type"], "multi_label_classification");
     assert_eq!(evaluation["labels"].as_array().unwrap().len(), 11);
     assert_eq!(evaluation["labels"][0], "여성/가족");
+}
+
+/// Every record of `kind` in a run's log by global step (each step logged once).
+fn records_by_step(out: &Path, kind: &str) -> std::collections::BTreeMap<u64, Value> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for record in logged_records(out, kind) {
+        let step = record["step"].as_u64().unwrap();
+        assert!(
+            by_step.insert(step, record).is_none(),
+            "{}: step {step} logged twice as {kind}",
+            out.display()
+        );
+    }
+    by_step
+}
+
+/// The train losses and the eval records of `run` against those of `reference`: the same steps,
+/// each value within `tolerance` (relative); returns how many values were compared.
+fn assert_same_training(reference: &Path, run: &Path, tolerance: f64) -> usize {
+    let mut compared = 0;
+    for (kind, keys) in [
+        ("train", &["loss"][..]),
+        ("eval", &["val_loss", "val_accuracy", "val_macro_f1", "train_loss"][..]),
+    ] {
+        let (want, have) = (records_by_step(reference, kind), records_by_step(run, kind));
+        assert_eq!(
+            have.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{kind} records of {}",
+            run.display()
+        );
+        for (step, record) in &have {
+            for key in keys {
+                let (a, b) = (record[key].as_f64().unwrap(), want[step][key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= tolerance * b.abs().max(1e-12),
+                    "{kind} {key} at step {step}: {a} in {} vs {b} uninterrupted on one process",
+                    run.display()
+                );
+                compared += 1;
+            }
+        }
+    }
+    compared
+}
+
+#[test]
+fn classifier_training_stopped_or_killed_and_resumed_equals_the_uninterrupted_run_alone_and_as_a_two_worker_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = sample("korean-hate-speech/labeled/train.tsv", 256, &d.join("train.tsv"));
+    let dev = sample("korean-hate-speech/labeled/dev.tsv", 48, &d.join("dev.tsv"));
+    let config = ds_config(d, 5e-4);
+    // 16 steps an epoch, 4 epochs; a checkpoint every 5 steps lands mid-epoch.
+    let flags = |out: &Path| -> Vec<String> {
+        let args = TrainArgs {
+            model_name_or_path: text(&tiny_model()),
+            output_dir: Some(text(out)),
+            max_seq_len: 32,
+            num_train_epochs: 4,
+            logging_steps: 1,
+            eval_batch_size: 16,
+            checkpoint_steps: 5,
+            keep_checkpoints: 20,
+            seed: 11,
+            ..Default::default()
+        };
+        let mut flags = vec!["--config".to_string(), text(&config)];
+        flags.extend(["--train_file".into(), text(&train), "--dev_file".into(), text(&dev)]);
+        flags.extend(strings(&["--dataset", "khs-hate"]));
+        flags.extend(args.to_argv());
+        flags
+    };
+
+    // Uninterrupted, in one process.
+    let reference = d.join("reference");
+    let mut argv = strings(&["train"]);
+    argv.extend(flags(&reference));
+    let summary: Value = serde_json::from_str(ok(&worker(&argv), "classify train").trim()).unwrap();
+    assert_eq!(summary["global_steps"], 64, "{summary}");
+    assert_eq!(summary["stopped_by_request"], false);
+    assert_eq!(
+        records_by_step(&reference, "checkpoint").len(),
+        16,
+        "every 5 steps and every epoch end"
+    );
+
+    // `worker classify train` stopped by SIGTERM mid-epoch, continued with --resume_from.
+    let stopped = d.join("stopped");
+    let stderr_path = d.join("stopped.stderr");
+    let mut proc = Proc::spawn(
+        "worker classify train",
+        Command::new(binary("worker"))
+            .arg("classify")
+            .arg("train")
+            .args(flags(&stopped))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap()),
+    );
+    wait_for("step 7 in the log", Duration::from_secs(300), || {
+        let log = std::fs::read_to_string(stopped.join("training_log.jsonl")).unwrap_or_default();
+        log.contains("\"step\":7,").then_some(())
+    });
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proc.wait_exit(Duration::from_secs(60));
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    let (_, resume) = stderr
+        .split_once("continue with --resume_from ")
+        .unwrap_or_else(|| panic!("no resume hint: {stderr}"));
+    let checkpoint = PathBuf::from(resume.lines().next().unwrap().trim());
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap()).unwrap();
+    let stopped_at = state["steps"].as_u64().unwrap();
+    assert!((7..64).contains(&stopped_at), "{state}");
+    let mut argv = strings(&["train"]);
+    argv.extend(flags(&stopped));
+    argv.extend(["--resume_from".into(), text(&checkpoint)]);
+    let resumed: Value = serde_json::from_str(ok(&worker(&argv), "classify train --resume_from").trim()).unwrap();
+    assert_eq!(resumed["global_steps"], 64, "{resumed}");
+    let compared = assert_same_training(&reference, &stopped, 0.0);
+    let alone_diff = max_weight_diff(
+        &reference.join("final/model.safetensors"),
+        &stopped.join("final/model.safetensors"),
+    );
+    assert!(alone_diff <= 1e-6, "{alone_diff}");
+
+    // As a coordinator job on two workers (ZeRO-2 over the ring), killed and resumed.
+    let job = d.join("job");
+    let state_dir = d.join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let mut args = strings(&["--task", "classify", "--num_workers", "2", "--device", "cpu"]);
+    args.extend(flags(&job));
+    let mut zero2 = config.clone();
+    zero2.set_file_name("ds-zero2.json");
+    let mut ds: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    ds["zero_optimization"] = json!({"stage": 2});
+    std::fs::write(&zero2, ds.to_string()).unwrap();
+    let at = args.iter().position(|a| a == "--config").unwrap();
+    args[at + 1] = text(&zero2);
+    let c = CoordinatorProc::start(&state_dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for("step 7 of the job", Duration::from_secs(300), || {
+        let s = c.status(Some("job-1"));
+        assert!(
+            s["state"] == "PENDING" || s["state"] == "RUNNING",
+            "the job ended before it could be killed: {s}"
+        );
+        (s["global_step"].as_u64().unwrap_or(0) >= 7).then_some(())
+    });
+    let kill = c.client(&["kill", "--job", "job-1"]);
+    assert!(kill.status.success(), "{}", String::from_utf8_lossy(&kill.stderr));
+    let killed = wait_for("KILLED", Duration::from_secs(120), || {
+        let s = c.status(Some("job-1"));
+        (s["state"] == "KILLED").then_some(s)
+    });
+    assert_eq!(killed["task"], "CLASSIFY", "{killed}");
+    let killed_at = killed["global_step"].as_u64().unwrap();
+    assert!((7..64).contains(&killed_at), "{killed}");
+    assert_eq!(killed["latest_checkpoint"]["global_step"], killed_at, "{killed}");
+    let resume = c.client(&["resume", "--job", "job-1"]);
+    assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
+    let done = wait_for("SUCCEEDED after resume", Duration::from_secs(300), || {
+        let s = c.status(Some("job-1"));
+        assert_ne!(s["state"], "FAILED", "{s}");
+        (s["state"] == "SUCCEEDED").then_some(s)
+    });
+    assert_eq!(done["global_step"], 64, "{done}");
+    let starts: Vec<Value> = logged_records(&job, "start");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(
+        (starts[0]["world_size"].as_u64(), starts[1]["step"].as_u64()),
+        (Some(2), Some(killed_at))
+    );
+    let job_summary: Value = serde_json::from_str(&std::fs::read_to_string(job.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(job_summary["labels"], summary["labels"]);
+    assert_eq!(job_summary["global_steps"], 64);
+    // Two ranks sum the same gradients in another order: equal to float rounding.
+    let job_compared = assert_same_training(&reference, &job, 1e-3);
+    let job_diff = max_weight_diff(
+        &reference.join("final/model.safetensors"),
+        &job.join("final/model.safetensors"),
+    );
+    assert!(
+        job_diff <= 1e-4,
+        "1 process vs 2 workers: max abs weight diff {job_diff}"
+    );
+    eprintln!(
+        "classify: SIGTERM at step {stopped_at} + --resume_from: {compared} values equal, weight diff {alone_diff:e}; \
+         2-worker job killed at step {killed_at} + resume: {job_compared} values within 1e-3, weight diff {job_diff:e}"
+    );
 }

@@ -248,8 +248,9 @@ pub struct ClassifyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ClassifyAction {
-    /// Fine-tune a classifier from an MLM, discriminator or classifier checkpoint (world size 1),
-    /// with early stopping on the dev macro-F1.
+    /// Fine-tune a classifier from an MLM, discriminator or classifier checkpoint (world size 1;
+    /// `coordinator --task classify` for several workers), with early stopping on the dev
+    /// macro-F1, checkpoints and --resume_from like `worker train`.
     Train(Box<ClassifyTrainCommand>),
     /// Accuracy, macro-F1 and per-label F1 of a classifier on a labelled file.
     Eval(ClassifyEvalCommand),
@@ -295,17 +296,11 @@ pub struct ClassifyTrainCommand {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Labelled training file (CSV/TSV with a header, NSMC ratings*.txt, UnSmile TSV).
-    #[arg(long = "train_file")]
-    pub train_file: PathBuf,
-    /// Labelled dev file for evaluation and early stopping, in the same columns.
-    #[arg(long = "dev_file")]
-    pub dev_file: PathBuf,
+    /// Continue from this checkpoint directory (OUTPUT_DIR/checkpoints/step-N).
+    #[arg(long = "resume_from")]
+    pub resume_from: Option<PathBuf>,
     #[command(flatten)]
-    pub columns: LabelColumns,
-    /// Single-label names in id order (default: the training file's values, sorted).
-    #[arg(long, value_delimiter = ',')]
-    pub labels: Option<Vec<String>>,
+    pub data: kormlm_proto::classify_args::ClassifyArgs,
     #[command(flatten)]
     pub train: TrainArgs,
 }

@@ -61,6 +61,8 @@ pub enum WorkerError {
     #[error(transparent)]
     AugmentEval(#[from] AugmentEvalError),
     #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    #[error(transparent)]
     FillMask(#[from] FillMaskError),
     #[error(transparent)]
     Job(#[from] JobError),
@@ -100,6 +102,7 @@ impl WorkerError {
             Self::Train(e) => train_kind(e),
             Self::Augment(e) => augment_kind(e),
             Self::AugmentEval(e) => augment_eval_kind(e),
+            Self::Classify(e) => classify_kind(e),
             Self::FillMask(e) => fill_mask_kind(e),
             Self::Job(e) => job_kind(e),
             Self::Input(e) => input_kind(e),
@@ -231,6 +234,8 @@ fn train_kind(e: &TrainError) -> FailureKind {
         TrainError::EmptyCorpus(_) => FailureKind::BadInput,
         TrainError::OutputDirInUse { .. } => FailureKind::BadInput,
         TrainError::Precision(_) => FailureKind::BadInput,
+        TrainError::Torch(e) => torch_kind(&e.to_string()),
+        TrainError::Tokenizer(e) => tokenizer_kind(e),
     }
 }
 

@@ -139,6 +139,23 @@ pub fn run_training(
     )
 }
 
+/// Trains a classifier on the current thread with `group` (see [`run_training`]).
+pub fn run_classifier_training(
+    job: &crate::classify::train::ClassifyTrainJob,
+    group: &mut dyn Collective,
+    progress: tokio::sync::watch::Sender<Option<ProgressEvent>>,
+    stop: Arc<AtomicBool>,
+) -> Result<crate::classify::train::ClassifySummary, WorkerError> {
+    Ok(crate::classify::train::train(
+        job,
+        group,
+        &mut |event| {
+            progress.send_replace(Some(event.clone()));
+        },
+        &|| stop.load(Ordering::SeqCst),
+    )?)
+}
+
 /// Rank `rank` of `world`'s chunks of an augmentation job, one part file per chunk (parts an
 /// earlier attempt wrote under the same manifest are kept).
 pub fn run_augmentation(

@@ -27,7 +27,11 @@ fn main() {
         Some(Command::InitModel(command)) => commands::init_model::run(&command).map_err(Into::into),
         Some(Command::Tokenize(command)) => commands::tokenize::run(&command).map_err(Into::into),
         Some(Command::FillMask(command)) => commands::fill_mask::run(&command).map_err(Into::into),
-        Some(Command::Classify(command)) => commands::classify::run(&command).map_err(Into::into),
+        Some(Command::Classify(command)) => match commands::classify::run(&command) {
+            Ok(0) => Ok(()),
+            Ok(stopped) => std::process::exit(stopped),
+            Err(e) => Err(e.into()),
+        },
         Some(Command::AugmentEval(command)) => commands::augment_eval::run(&command).map_err(Into::into),
         None => {
             let code = match daemon::run_blocking(cli.daemon) {

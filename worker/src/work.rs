@@ -6,12 +6,14 @@
 use crate::augment::io::{OutputFormat, Table};
 use crate::augment::{AugmentOptions, AugmentSummary};
 use crate::augment_eval::{AugmentEvalJob, AugmentEvalOutcome};
+use crate::classify::train::{ClassifySummary, ClassifyTrainJob, TrainData};
 use crate::cli::{AugmentCommand, TrainCommand};
 use crate::device::parse_device;
 use crate::error::WorkerError;
 use crate::model::LoadedModel;
 use crate::train::{TrainJob, TrainSummary};
 use kormlm_proto::augment_args::AugmentArgs;
+use kormlm_proto::classify_args::ClassifyArgs;
 use kormlm_proto::ds_config::ResolvedConfig;
 use kormlm_proto::job_plan::{JobPlan, PlanError};
 use kormlm_proto::train_args::TrainArgs;
@@ -25,6 +27,7 @@ use tch::Device;
 #[allow(clippy::large_enum_variant)] // built once per process and moved to the work thread
 pub enum Work {
     Train(TrainJob),
+    Classify(ClassifyTrainJob),
     Augment(AugmentJob),
     AugmentEval(AugmentEvalJob),
 }
@@ -47,6 +50,7 @@ pub struct AugmentJob {
 #[serde(untagged)]
 pub enum WorkOutcome {
     Train(TrainSummary),
+    Classify(ClassifySummary),
     Augment(AugmentOutcome),
     AugmentEval(AugmentEvalOutcome),
 }
@@ -69,6 +73,7 @@ impl WorkOutcome {
     pub fn stopped_early(&self) -> bool {
         match self {
             Self::Train(summary) => summary.stopped_by_request,
+            Self::Classify(summary) => summary.stopped_by_request,
             Self::Augment(outcome) => outcome.completed_chunks < outcome.chunks,
             Self::AugmentEval(outcome) => outcome.completed < outcome.items,
         }
@@ -89,30 +94,13 @@ impl Work {
         let train = TrainArgs::from_map(&assignment.args).map_err(|e| WorkerError::Assignment(PlanError::Flags(e)))?;
         let device = assigned_device(assignment);
         match TaskKind::try_from(assignment.task) {
-            Ok(TaskKind::Train) => {
-                let config = ResolvedConfig::from_json(&assignment.resolved_config_json)
-                    .map_err(|e| WorkerError::Assignment(PlanError::Config(e)))?;
-                let output_dir = if assignment.output_dir.is_empty() {
-                    train.output_dir_or(&assignment.job_id)
-                } else {
-                    PathBuf::from(&assignment.output_dir)
-                };
-                Ok(Self::Train(TrainJob {
-                    args: train,
-                    config,
-                    device,
-                    output_dir,
-                    cache_dir: cache_dir(None),
-                    resume_from: (!assignment.resume_from.is_empty()).then(|| PathBuf::from(&assignment.resume_from)),
-                    // A coordinator that sends no run id: the job id is the same on every
-                    // attempt, so the job still recognises its own output directory.
-                    run_id: Some(if assignment.run_id.is_empty() {
-                        assignment.job_id.clone()
-                    } else {
-                        assignment.run_id.clone()
-                    }),
-                    job_id: Some(assignment.job_id.clone()),
-                    attempt: assignment.attempt,
+            Ok(TaskKind::Train) => Ok(Self::Train(assigned_train_job(assignment, train, device)?)),
+            Ok(TaskKind::Classify) => {
+                let args = ClassifyArgs::from_map(&assignment.args)
+                    .map_err(|e| WorkerError::Assignment(PlanError::Flags(e)))?;
+                Ok(Self::Classify(ClassifyTrainJob {
+                    train: assigned_train_job(assignment, train, device)?,
+                    data: TrainData::of_args(&args)?,
                 }))
             }
             Ok(TaskKind::Augment) => {
@@ -140,12 +128,43 @@ impl Work {
                     augment_eval: Some(
                         kormlm_proto::augment_eval_args::AugmentEvalArgs::from_map(&assignment.args).map_err(flags)?,
                     ),
+                    classify: None,
                 };
                 Ok(Self::AugmentEval(AugmentEvalJob::new(plan, device)?))
             }
             _ => Err(WorkerError::UnsupportedTask(assignment.task)),
         }
     }
+}
+
+/// The training run of an assignment (masked LM or classifier): its resolved config, its output
+/// directory (`--output_dir`, else `MODEL_DIR/JOB_ID`, unless the coordinator chose one), the
+/// checkpoint to continue from, the run and the attempt.
+fn assigned_train_job(assignment: &Assignment, train: TrainArgs, device: Device) -> Result<TrainJob, WorkerError> {
+    let config = ResolvedConfig::from_json(&assignment.resolved_config_json)
+        .map_err(|e| WorkerError::Assignment(PlanError::Config(e)))?;
+    let output_dir = if assignment.output_dir.is_empty() {
+        train.output_dir_or(&assignment.job_id)
+    } else {
+        PathBuf::from(&assignment.output_dir)
+    };
+    Ok(TrainJob {
+        args: train,
+        config,
+        device,
+        output_dir,
+        cache_dir: cache_dir(None),
+        resume_from: (!assignment.resume_from.is_empty()).then(|| PathBuf::from(&assignment.resume_from)),
+        // A coordinator that sends no run id: the job id is the same on every attempt, so the
+        // job still recognises its own output directory.
+        run_id: Some(if assignment.run_id.is_empty() {
+            assignment.job_id.clone()
+        } else {
+            assignment.run_id.clone()
+        }),
+        job_id: Some(assignment.job_id.clone()),
+        attempt: assignment.attempt,
+    })
 }
 
 /// `worker train`: the config file resolved for one rank by the same function as a job's, the
@@ -244,6 +263,7 @@ mod tests {
     fn train_job(work: Work) -> TrainJob {
         match work {
             Work::Train(job) => job,
+            Work::Classify(job) => panic!("classifier training {job:?}"),
             Work::Augment(job) => panic!("augmentation {job:?}"),
             Work::AugmentEval(job) => panic!("augment-eval {job:?}"),
         }
@@ -301,6 +321,36 @@ mod tests {
         assert_eq!((job.model.as_str(), job.seed, job.max_seq_len), ("tiny", 1, 100));
         assert_eq!(job.args.input, Some(PathBuf::from("in.txt")));
         assert_eq!(job.device, Device::Cpu);
+    }
+
+    #[test]
+    fn a_classifier_assignment_is_a_training_run_with_its_data() {
+        let args = [
+            ("model_name_or_path", "tiny"),
+            ("output_dir", "run"),
+            ("classify.train_file", "train.tsv"),
+            ("classify.dev_file", "dev.tsv"),
+            ("classify.dataset", "khs-hate"),
+            ("classify.labels", "none,hate"),
+        ];
+        let mut a = assignment(TaskKind::Classify, &args);
+        a.resume_from = "run/checkpoints/step-3".into();
+        let Work::Classify(job) = Work::from_assignment(&a).unwrap() else {
+            panic!("not a classifier");
+        };
+        assert_eq!(job.train.output_dir, Path::new("run"));
+        assert_eq!(job.train.resume_from, Some(PathBuf::from("run/checkpoints/step-3")));
+        assert_eq!(job.train.run_id.as_deref(), Some(a.job_id.as_str()));
+        assert_eq!(job.data.train_file, Path::new("train.tsv"));
+        assert_eq!(job.data.dev_file, Path::new("dev.tsv"));
+        assert_eq!(job.data.labels, Some(vec!["none".to_string(), "hate".to_string()]));
+        assert_eq!(job.data.columns.labels, ["hate"]);
+        let mut bad = assignment(TaskKind::Classify, &args);
+        bad.args.insert("classify.dataset".into(), "imdb".into());
+        let Err(err) = Work::from_assignment(&bad) else {
+            panic!("accepted an unknown dataset");
+        };
+        assert!(err.to_string().contains("--dataset imdb"), "{err}");
     }
 
     #[test]

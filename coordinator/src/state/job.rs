@@ -398,6 +398,7 @@ impl Job {
         match TaskKind::try_from(self.spec.task) {
             Ok(TaskKind::Augment) => TaskKind::Augment,
             Ok(TaskKind::AugmentEval) => TaskKind::AugmentEval,
+            Ok(TaskKind::Classify) => TaskKind::Classify,
             _ => TaskKind::Train,
         }
     }

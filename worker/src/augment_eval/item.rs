@@ -9,10 +9,15 @@ use super::plan::{Condition, Item};
 use super::splits::{subset, Splits};
 use super::{AugmentEvalError, AugmentEvalJob};
 use crate::augment::Augmenter;
+use crate::classify::data::Columns;
 use crate::classify::data::{LabelledSet, Targets};
 use crate::classify::infer;
 use crate::classify::train::{train_sets, ClassifyTrainJob, TrainData};
+use crate::comm::SingleRank;
 use crate::model::{LoadedClassifier, LoadedModel};
+use crate::train::checkpoint::latest_complete;
+use crate::train::run_files::RunFiles;
+use crate::train::TrainJob;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -147,8 +152,10 @@ fn gold(targets: &Targets, names: &[String], row: usize) -> serde_json::Value {
     }
 }
 
-/// Runs `item` from the start (whatever an interrupted earlier try left is removed). `None`:
-/// `should_stop` ended it first; nothing is recorded and the item runs again on resume.
+/// Runs `item`: its classifier training continues from the latest checkpoint an interrupted
+/// earlier try left (the augmentation, seeded, is drawn again the same); everything else is
+/// written anew. `None`: `should_stop` ended it first (after a checkpoint); nothing is recorded
+/// and the item continues on resume.
 pub fn run_item(
     job: &AugmentEvalJob,
     splits: &Splits,
@@ -156,7 +163,6 @@ pub fn run_item(
     should_stop: &dyn Fn() -> bool,
 ) -> Result<Option<ItemResult>, AugmentEvalError> {
     let dir = item_dir(&job.output_dir(), item);
-    remove_if_present(&dir)?;
     std::fs::create_dir_all(&dir).map_err(|e| AugmentEvalError::output(&dir, e))?;
     tracing::info!(item = %item.id(), "work item started");
 
@@ -177,26 +183,46 @@ pub fn run_item(
     train_args.output_dir = Some(dir.join("run").display().to_string());
     train_args.overwrite_output_dir = true;
     let eval = job.eval();
+    let run_dir = dir.join("run");
+    let run_id = format!("augment-eval/{}", item.id());
+    let resume_from = latest_complete(&RunFiles::checkpoint_root_of(&run_dir), &run_id);
+    if let Some(checkpoint) = &resume_from {
+        tracing::info!(item = %item.id(), checkpoint = %checkpoint.display(), "continuing the run's classifier training");
+    }
     let classify = ClassifyTrainJob {
-        plan: kormlm_proto::job_plan::JobPlan {
-            train: train_args,
-            ..job.plan.clone()
+        train: TrainJob {
+            args: train_args,
+            config: job.plan.config.clone(),
+            device: job.device,
+            output_dir: run_dir.clone(),
+            cache_dir: None,
+            resume_from,
+            run_id: Some(run_id),
+            job_id: None,
+            attempt: 0,
         },
-        device: job.device,
         data: TrainData {
-            train_file: eval.train_file.clone().unwrap_or_default(),
+            train_file: eval.data.train_file.clone().unwrap_or_default(),
             dev_file: eval
+                .data
                 .dev_file
                 .clone()
-                .or_else(|| eval.train_file.clone())
+                .or_else(|| eval.data.train_file.clone())
                 .unwrap_or_default(),
-            columns: super::splits::columns(eval)?,
+            columns: Columns::of_args(&eval.data)?,
             labels: Some(splits.labels.names.clone()),
         },
-        output_dir: dir.join("run"),
     };
     let trained_at = Instant::now();
-    let summary = train_sets(&classify, &splits.labels, &train_set, &splits.dev, should_stop)?;
+    let summary = train_sets(
+        &classify,
+        splits.labels.clone(),
+        train_set,
+        splits.dev.clone(),
+        &mut SingleRank,
+        &mut |_| {},
+        should_stop,
+    )?;
     if summary.stopped_by_request {
         return Ok(None);
     }
@@ -231,6 +257,7 @@ pub fn run_item(
         for model in [&summary.best_model, &summary.final_model] {
             remove_if_present(Path::new(model))?;
         }
+        remove_if_present(&RunFiles::checkpoint_root_of(&run_dir))?;
     }
     let m = &evaluation.metrics;
     let result = ItemResult {

@@ -79,7 +79,11 @@ impl AugmentEvalJob {
                 "--output_dir is required by augment-eval".into(),
             ));
         }
-        crate::classify::train::check_flags(&job.plan.train)?;
+        if job.plan.train.data_path != kormlm_proto::train_args::TrainArgs::default().data_path {
+            return Err(AugmentEvalError::Usage(
+                "--data_path is a masked-LM training flag; augment-eval's classifiers train on --train_file".into(),
+            ));
+        }
         Ok(job)
     }
 

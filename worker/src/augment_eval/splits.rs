@@ -2,7 +2,7 @@
 //! share of the training file held out before anything is sampled or augmented) and the test
 //! set, all in the training file's label space; and the seeded training subset of a fraction.
 
-use crate::classify::data::{self, Columns, Dataset, LabelledSet};
+use crate::classify::data::{self, Columns, LabelledSet};
 use crate::classify::ClassifyError;
 use crate::model::sequence_classification::Labels;
 use crate::train::plan::epoch_order;
@@ -25,34 +25,16 @@ pub struct Splits {
     pub dev_split_off: bool,
 }
 
-/// The columns of `--dataset`/`--text_column`/`--label_column`/`--multi_label`.
-pub fn columns(args: &AugmentEvalArgs) -> Result<Columns, ClassifyError> {
-    let dataset = match &args.dataset {
-        None => None,
-        Some(name) => Some(<Dataset as clap::ValueEnum>::from_str(name, true).map_err(|_| {
-            ClassifyError::Usage(format!(
-                "--dataset {name}: accepted are nsmc, khs-hate, khs-bias, unsmile"
-            ))
-        })?),
-    };
-    Ok(Columns::resolve(
-        dataset,
-        args.text_column.clone(),
-        args.label_columns(),
-        args.multi_label,
-    ))
-}
-
 /// Reads the sets (`AugmentEvalArgs::check` has made sure the files are named).
 pub fn read(args: &AugmentEvalArgs) -> Result<Splits, ClassifyError> {
-    let columns = columns(args)?;
+    let columns = Columns::of_args(&args.data)?;
     let missing = |flag: &str| ClassifyError::Usage(format!("{flag} is required by augment-eval"));
-    let train_file = args.train_file.as_ref().ok_or_else(|| missing("--train_file"))?;
+    let train_file = args.data.train_file.as_ref().ok_or_else(|| missing("--train_file"))?;
     let test_file = args.test_file.as_ref().ok_or_else(|| missing("--test_file"))?;
-    let labels = data::label_space(train_file, &columns, None)?;
+    let labels = data::label_space(train_file, &columns, args.data.label_names().as_deref())?;
     let whole = data::read_labelled(train_file, &columns, &labels)?;
     let test = data::read_labelled(test_file, &columns, &labels)?;
-    let (train, dev, dev_split_off) = match &args.dev_file {
+    let (train, dev, dev_split_off) = match &args.data.dev_file {
         Some(dev_file) => (whole, data::read_labelled(dev_file, &columns, &labels)?, false),
         None => {
             let order = epoch_order(whole.len(), args.split_seed, DEV_SPLIT_STREAM);
@@ -99,6 +81,7 @@ pub fn subset(rows: usize, fraction: f64, seed: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kormlm_proto::classify_args::ClassifyArgs;
 
     #[test]
     fn subsets_are_seeded_nested_and_whole_at_one() {
@@ -123,9 +106,12 @@ mod tests {
         std::fs::write(&train, &text).unwrap();
         std::fs::write(&test, "comments\thate\n시험\tnone\n").unwrap();
         let args = AugmentEvalArgs {
-            train_file: Some(train),
+            data: ClassifyArgs {
+                train_file: Some(train),
+                dataset: Some("khs-hate".into()),
+                ..Default::default()
+            },
             test_file: Some(test),
-            dataset: Some("khs-hate".into()),
             dev_split: 0.25,
             ..Default::default()
         };
@@ -136,10 +122,8 @@ mod tests {
         assert_eq!(splits.labels.names, ["hate", "none"]);
         let again = read(&args).unwrap();
         assert_eq!(again.dev.texts, splits.dev.texts);
-        let bad = AugmentEvalArgs {
-            dataset: Some("imdb".into()),
-            ..args
-        };
+        let mut bad = args;
+        bad.data.dataset = Some("imdb".into());
         assert!(read(&bad).unwrap_err().to_string().contains("--dataset imdb"));
     }
 }

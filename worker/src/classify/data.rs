@@ -66,6 +66,25 @@ impl Columns {
         }
     }
 
+    /// The columns of a classifier's data flags (`--dataset`, `--text_column`,
+    /// `--label_column`, `--multi_label`).
+    pub fn of_args(args: &kormlm_proto::classify_args::ClassifyArgs) -> Result<Self, ClassifyError> {
+        let dataset = match &args.dataset {
+            None => None,
+            Some(name) => Some(<Dataset as clap::ValueEnum>::from_str(name, true).map_err(|_| {
+                ClassifyError::Usage(format!(
+                    "--dataset {name}: accepted are nsmc, khs-hate, khs-bias, unsmile"
+                ))
+            })?),
+        };
+        Ok(Self::resolve(
+            dataset,
+            args.text_column.clone(),
+            args.label_columns(),
+            args.multi_label,
+        ))
+    }
+
     pub fn problem_type(&self) -> ProblemType {
         if self.multi_label {
             ProblemType::MultiLabel

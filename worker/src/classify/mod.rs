@@ -6,6 +6,7 @@
 pub mod data;
 pub mod infer;
 pub mod metrics;
+pub mod objective;
 pub mod train;
 
 use crate::corpus::CorpusError;

@@ -1,52 +1,63 @@
-//! `worker classify train|eval|predict`: fine-tunes a sequence classifier in this process,
-//! evaluates one on a labelled file (metrics on stdout, `--json` for JSON) or writes its
-//! predictions, one JSON line per input row (`label` or `labels`, and `probabilities`).
+//! `worker classify train|eval|predict`: fine-tunes a sequence classifier in this process (the
+//! first SIGTERM or SIGINT stops it after the current step with a checkpoint, exit 143/130,
+//! continue with `--resume_from`), evaluates one on a labelled file (metrics on stdout, `--json`
+//! for JSON) or writes its predictions, one JSON line per input row (`label` or `labels`, and
+//! `probabilities`).
 
+use super::train::StopSignals;
 use crate::classify::data::{self, Targets};
 use crate::classify::infer;
-use crate::classify::train::{self, ClassifyTrainJob, TrainData};
+use crate::classify::train::{self, ClassifyTrainJob};
 use crate::classify::ClassifyError;
 use crate::cli::{ClassifyAction, ClassifyCommand, ClassifyEvalCommand, ClassifyPredictCommand, ClassifyTrainCommand};
+use crate::comm::SingleRank;
 use crate::device::parse_device;
+use crate::error::WorkerError;
 use crate::model::LoadedClassifier;
+use crate::train::ProgressEvent;
 use serde_json::{json, Value};
 
-pub fn run(command: &ClassifyCommand) -> Result<(), ClassifyError> {
+/// Runs the command; returns the exit status (0, or 143/130 after a stop signal).
+pub fn run(command: &ClassifyCommand) -> Result<i32, WorkerError> {
     match &command.action {
         ClassifyAction::Train(c) => run_train(c),
-        ClassifyAction::Eval(c) => run_eval(c),
-        ClassifyAction::Predict(c) => run_predict(c),
+        ClassifyAction::Eval(c) => Ok(run_eval(c).map(|()| 0)?),
+        ClassifyAction::Predict(c) => Ok(run_predict(c).map(|()| 0)?),
     }
 }
 
-fn run_train(command: &ClassifyTrainCommand) -> Result<(), ClassifyError> {
+fn run_train(command: &ClassifyTrainCommand) -> Result<i32, WorkerError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let device = parse_device(&command.device)?;
     crate::device::check(device)?;
-    let data = TrainData {
-        train_file: command.train_file.clone(),
-        dev_file: command.dev_file.clone(),
-        columns: command.columns.columns(),
-        labels: command.labels.clone(),
-    };
-    let job = ClassifyTrainJob::new(&command.config, device, &command.train, data, now)?;
-    let summary = train::train(&job, &|| false)?;
-    println!(
-        "{}",
-        serde_json::to_string(&summary).map_err(|e| ClassifyError::output(&job.output_dir, e))?
-    );
+    let job = ClassifyTrainJob::new(
+        &command.config,
+        device,
+        &command.train,
+        &command.data,
+        command.resume_from.clone(),
+        now,
+    )?;
+    let signals = StopSignals::install()?;
+    let mut checkpoint = None;
+    let mut on_progress = |event: &ProgressEvent| checkpoint.clone_from(&event.checkpoint);
+    let summary = train::train(&job, &mut SingleRank, &mut on_progress, &|| signals.stop_requested())?;
+    println!("{}", serde_json::to_string(&summary)?);
+    if let Some(code) = signals.stopped(summary.stopped_by_request, summary.global_steps, checkpoint) {
+        return Ok(code);
+    }
     eprintln!(
         "classifier training finished: {} epoch(s), {} step(s), best dev macro-F1 {}{}; output in {}",
         summary.epochs_run,
         summary.global_steps,
         summary.best_val_macro_f1.map_or("-".into(), |v| format!("{v:.4}")),
         if summary.early_stopped { " (EARLY STOPPED)" } else { "" },
-        job.output_dir.display()
+        job.train.output_dir.display()
     );
-    Ok(())
+    Ok(0)
 }
 
 /// A classifier loaded with its label space from `config.json`.

@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The first stop signal, once one came.
-struct StopSignals {
+pub(crate) struct StopSignals {
     stopping: Arc<AtomicBool>,
     received: Arc<AtomicUsize>,
 }
 
 impl StopSignals {
-    fn install() -> Result<Self, WorkerError> {
+    pub(crate) fn install() -> Result<Self, WorkerError> {
         let stopping = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicUsize::new(0));
         for (signal, code) in [(SIGTERM, 143), (SIGINT, 130)] {
@@ -33,8 +33,26 @@ impl StopSignals {
         Ok(Self { stopping, received })
     }
 
-    fn stop_requested(&self) -> bool {
+    pub(crate) fn stop_requested(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// After a run that `stopped_by_request` at `global_steps`: when a stop signal stopped it,
+    /// says so on stderr with the `--resume_from` to continue with (`checkpoint`, the last one
+    /// the run reported), and returns the exit status a shell reports for that signal.
+    pub(crate) fn stopped(
+        &self,
+        stopped_by_request: bool,
+        global_steps: u64,
+        checkpoint: Option<(String, u64)>,
+    ) -> Option<i32> {
+        let (signal, code) = self.received().filter(|_| stopped_by_request)?;
+        let resume = checkpoint.map_or_else(
+            || "no checkpoint was written".to_string(),
+            |(path, _)| format!("continue with --resume_from {path}"),
+        );
+        eprintln!("worker: stopped by {signal} after step {global_steps}; {resume}");
+        Some(code)
     }
 
     /// The signal's name and the exit status a shell reports for it.
@@ -60,15 +78,7 @@ pub fn run(command: &TrainCommand) -> Result<i32, WorkerError> {
     let mut on_progress = |event: &ProgressEvent| checkpoint.clone_from(&event.checkpoint);
     let summary = crate::train::train(&job, &mut SingleRank, &mut on_progress, &|| signals.stop_requested())?;
     println!("{}", serde_json::to_string(&summary)?);
-    if let (true, Some((signal, code))) = (summary.stopped_by_request, signals.received()) {
-        let resume = checkpoint.map_or_else(
-            || "no checkpoint was written".to_string(),
-            |(path, _)| format!("continue with --resume_from {path}"),
-        );
-        eprintln!(
-            "worker: stopped by {signal} after step {}; {resume}",
-            summary.global_steps
-        );
+    if let Some(code) = signals.stopped(summary.stopped_by_request, summary.global_steps, checkpoint) {
         return Ok(code);
     }
     eprintln!(

@@ -226,6 +226,15 @@ async fn start_work(
             };
             spawn_work_thread("train", run, done_tx)?;
         }
+        Work::Classify(job) => {
+            let group = job::form_group(client, assignment, job.train.device, ring_bind, abort).await?;
+            let run = move || {
+                let mut group = group;
+                let trained = job::run_classifier_training(&job, group.as_mut(), progress, stop);
+                (trained.map(WorkOutcome::Classify), Some(group))
+            };
+            spawn_work_thread("classify", run, done_tx)?;
+        }
         Work::Augment(job) => {
             let ranks = (assignment.rank as usize, assignment.world_size as usize);
             let run = move || {

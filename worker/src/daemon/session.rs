@@ -81,9 +81,12 @@ fn report(
 /// Where work a stop signal stopped early can continue from.
 fn stop_detail(outcome: &WorkOutcome, event: Option<&ProgressEvent>, rank: u32) -> String {
     match outcome {
-        WorkOutcome::Train(summary) => match event.and_then(|e| e.checkpoint.as_ref()) {
+        WorkOutcome::Train(_) | WorkOutcome::Classify(_) => match event.and_then(|e| e.checkpoint.as_ref()) {
             Some((path, step)) => format!("checkpoint at step {step} ({path})"),
-            None => format!("stopped at step {} without a checkpoint", summary.global_steps),
+            None => format!(
+                "stopped at step {} without a checkpoint",
+                event.map_or(0, |e| e.global_step)
+            ),
         },
         WorkOutcome::Augment(outcome) => format!(
             "{} of {} chunk(s) of rank {rank} written; the others are augmented on resume",

@@ -14,7 +14,7 @@
 
 use super::early_stopping::EarlyStopping;
 use super::rng_state::{RngError, RngStates};
-use super::trainer::Trainer;
+use super::trainer::{TrainableModel, Trainer};
 use crate::comm::{all_reduce_scalars_within, Collective};
 use crate::optim::loss_scale::DynamicLossScaler;
 pub use crate::optim::partition::PartitionRange;
@@ -186,7 +186,7 @@ fn write_state(path: &Path, state: &TrainerState) -> Result<(), CheckpointError>
 }
 
 /// This rank's part: its optimizer partition and generator states, flushed to disk.
-fn write_part(trainer: &Trainer, tmp: &Path, rank: usize) -> Result<(), CheckpointError> {
+fn write_part<M: TrainableModel>(trainer: &Trainer<M>, tmp: &Path, rank: usize) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(tmp).map_err(|e| io(tmp, e))?;
     let path = tmp.join(optim_file(rank));
     let tensors = [
@@ -210,7 +210,12 @@ fn write_part(trainer: &Trainer, tmp: &Path, rank: usize) -> Result<(), Checkpoi
 }
 
 /// Rank 0 completes the checkpoint: the weights and the state, flushed, renamed into place.
-fn commit(trainer: &Trainer, state: &TrainerState, tmp: &Path, final_dir: &Path) -> Result<(), CheckpointError> {
+fn commit<M: TrainableModel>(
+    trainer: &Trainer<M>,
+    state: &TrainerState,
+    tmp: &Path,
+    final_dir: &Path,
+) -> Result<(), CheckpointError> {
     trainer.loaded.save(&tmp.join("model")).map_err(|e| io(tmp, e))?;
     write_state(&tmp.join(STATE_FILE), state)?;
     durable::sync_dir(tmp).map_err(|e| io(tmp, e))?;
@@ -235,8 +240,8 @@ fn flagged(sums: &[f64]) -> Vec<usize> {
 /// fails, every rank returns [`CheckpointError::NotWritten`] naming the failed ranks, and no
 /// `step-N` directory appears. Its barriers wait up to `saving` for the ranks that write (see
 /// [`crate::comm::deadlines::saving_timeout`]).
-pub fn save(
-    trainer: &Trainer,
+pub fn save<M: TrainableModel>(
+    trainer: &Trainer<M>,
     state: &TrainerState,
     comm: &mut dyn Collective,
     root: &Path,
@@ -395,6 +400,16 @@ pub fn clean_for_start(root: &Path, run_id: &str, start_step: u64) -> Result<Cle
     Ok(cleaned)
 }
 
+/// The newest complete checkpoint of run `run_id` under `root`, if any (a standalone run that
+/// continues by itself, as an experiment's classifier runs do).
+pub fn latest_complete(root: &Path, run_id: &str) -> Option<PathBuf> {
+    own_step_dirs(root, Some(run_id))
+        .into_iter()
+        .rev()
+        .map(|(_, dir)| dir)
+        .find(|dir| read_state(dir).is_ok())
+}
+
 /// The newest complete checkpoint of the same run as `dir` before it (for the message when
 /// `dir` cannot be read).
 pub fn previous_complete(dir: &Path) -> Option<PathBuf> {
@@ -482,7 +497,11 @@ pub fn restore_rng(
 }
 
 /// Loads the optimizer moments for this rank's range from all saved partitions (any world size).
-pub fn restore_optimizer(trainer: &mut Trainer, dir: &Path, state: &TrainerState) -> Result<(), CheckpointError> {
+pub fn restore_optimizer<M: TrainableModel>(
+    trainer: &mut Trainer<M>,
+    dir: &Path,
+    state: &TrainerState,
+) -> Result<(), CheckpointError> {
     if state.numel != trainer.flat.numel {
         return Err(invalid(
             dir,
@@ -750,6 +769,18 @@ mod tests {
             names(root),
             vec!["best", "step-20", "step-40", "step-5", "step-50", "step-7"]
         );
+    }
+
+    #[test]
+    fn only_a_complete_checkpoint_of_the_run_is_continued_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(latest_complete(root, "mine"), None);
+        // State files alone: their optimizer, generator and model files are missing.
+        fake_checkpoint(root, Some("mine"), 10);
+        fake_checkpoint(root, Some("theirs"), 20);
+        assert_eq!(latest_complete(root, "mine"), None);
+        assert_eq!(latest_complete(root, "nobody"), None);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub enum TrainError {
     Output { path: String, message: String },
     #[error("training: {0}")]
     Step(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("the training set is empty after reading {0}")]
     EmptyCorpus(String),
     /// The checkpoint to resume from cannot be read: damaged, incomplete, of another run or of

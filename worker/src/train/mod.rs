@@ -1,11 +1,15 @@
-//! Masked-LM training: the global sample plan, the optimisation step, evaluation,
-//! early stopping, checkpoints, the run's output files and the loop that ties them together.
+//! Training: the global sample plan, the optimisation step, evaluation, early stopping,
+//! checkpoints, the run's output files and the loop that ties them together, over an objective
+//! (the masked LM here; `classify` brings the sequence classifier's).
 
 pub mod checkpoint;
 pub mod early_stopping;
 pub mod error;
+pub mod job;
+pub mod masked_lm;
 pub mod mfu;
 pub mod monitors;
+pub mod objective;
 pub mod ownership;
 pub mod plan;
 pub mod plot;
@@ -16,8 +20,10 @@ pub mod run_files;
 pub mod trainer;
 
 pub use error::TrainError;
+pub use job::TrainJob;
+pub use objective::{Evaluation, Objective, StepWork};
 pub use report::{ProgressEvent, TrainSummary};
-pub use run::{train, TrainJob};
+pub use run::{run, train};
 
 /// `YYMMDD_HHMMSS` in UTC, the original project's run-directory name.
 pub fn run_dir_name(unix_s: u64) -> String {

@@ -1,5 +1,6 @@
-//! The training loop, as setup → epochs → finish. Setup resolves the checkpoint to resume from,
-//! loads the model and corpora, masks the dev set and builds the trainer and the run's files.
+//! The training loop, as setup → epochs → finish, over an [`Objective`] (the masked LM, or a
+//! sequence classifier). Setup resolves the checkpoint to resume from, loads the model and the
+//! objective's data and builds the trainer and the run's files.
 //! Each epoch runs its optimizer steps over the global sample order (training-log records,
 //! periodic checkpoints, a stop request agreed on by all ranks), then evaluates on the dev set,
 //! applies early stopping, saves the best model and checkpoints. Finish saves the final model
@@ -13,48 +14,22 @@
 use super::checkpoint::{self, LogWindow, RngResume, RngStateFile, TrainerState};
 use super::early_stopping::EarlyStopping;
 use super::error::TrainError;
+use super::job::TrainJob;
+use super::masked_lm::MaskedLm;
 use super::mfu;
 use super::monitors::{Monitors, StepScalars};
+use super::objective::Objective;
 use super::ownership::{self, Claim, RunIdentity};
 use super::plan::{epoch_order, group_by_length, StepShape};
 use super::report::{ProgressEvent, TrainSummary};
 use super::run_files::RunFiles;
 use super::trainer::{StepReport, Trainer};
-use crate::batch::MaskedBatch;
 use crate::comm::{all_reduce_scalars_within, deadlines, Collective};
-use crate::corpus::{CorpusReport, CorpusSpec};
-use crate::dataset::{tokenize_cached, TokenizedSet};
-use crate::masking::{MaskedSample, Masker, DEV_EPOCH};
-use crate::model::masked_lm::{evaluate, EvalSums};
-use crate::model::LoadedModel;
-use kormlm_proto::ds_config::ResolvedConfig;
-use kormlm_proto::train_args::TrainArgs;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tch::Device;
 
-/// What a run is told to do.
-pub struct TrainJob {
-    pub args: TrainArgs,
-    pub config: ResolvedConfig,
-    pub device: Device,
-    /// Where the log, the best model and the summary go (written by rank 0).
-    pub output_dir: PathBuf,
-    /// Tokenised corpora are cached here.
-    pub cache_dir: Option<PathBuf>,
-    /// A checkpoint directory to continue from.
-    pub resume_from: Option<PathBuf>,
-    /// The run this is (`kormlm_run.json`, stored in every checkpoint); `None` for `worker
-    /// train`: the checkpoint's run when resuming, else a new random id.
-    pub run_id: Option<String>,
-    /// The coordinator's job, for the run file (`None` for `worker train`).
-    pub job_id: Option<String>,
-    /// The job's attempt (1 for the first); 0 for `worker train`: the checkpoint's attempt + 1.
-    pub attempt: u32,
-}
-
-/// Runs the whole training. `on_progress` hears of every logged step and evaluation;
+/// Runs the whole masked-LM training. `on_progress` hears of every logged step and evaluation;
 /// `should_stop` is polled after every optimizer step (a kill request).
 pub fn train(
     job: &TrainJob,
@@ -62,12 +37,23 @@ pub fn train(
     on_progress: &mut dyn FnMut(&ProgressEvent),
     should_stop: &dyn Fn() -> bool,
 ) -> Result<TrainSummary, TrainError> {
-    let mut run = Run::setup(job, comm, on_progress, should_stop)?;
+    run(job, &mut MaskedLm::default(), comm, on_progress, should_stop)
+}
+
+/// Runs the whole training of `objective` (see [`train`]).
+pub fn run<O: Objective>(
+    job: &TrainJob,
+    objective: &mut O,
+    comm: &mut dyn Collective,
+    on_progress: &mut dyn FnMut(&ProgressEvent),
+    should_stop: &dyn Fn() -> bool,
+) -> Result<TrainSummary, TrainError> {
+    let mut run = Run::setup(job, objective, comm, on_progress, should_stop)?;
     run.epochs()?;
     run.finish()
 }
 
-/// A masked-token loss sum and the number of masked tokens it is over.
+/// A loss sum and the count it is the sum over (masked tokens, or examples).
 #[derive(Debug, Clone, Copy, Default)]
 struct LossSum {
     sum: f64,
@@ -139,61 +125,6 @@ impl Window {
     }
 }
 
-/// One optimizer step's samples, masked.
-struct StepSamples {
-    /// This rank's share of each micro-step.
-    micro: Vec<Vec<MaskedSample>>,
-    /// Masked tokens of the whole global step (all ranks).
-    masked: usize,
-    /// Samples of the whole global step.
-    samples: u64,
-}
-
-/// The corpus tokenised, the masking rule, and the dev set with its fixed masking.
-struct Sets {
-    train_set: TokenizedSet,
-    dev: Vec<MaskedSample>,
-    masker: Masker,
-    report: CorpusReport,
-}
-
-impl Sets {
-    fn prepare(job: &TrainJob, loaded: &LoadedModel, leader: bool) -> Result<Self, TrainError> {
-        let args = &job.args;
-        let corpus = CorpusSpec::from_data_path(&args.data_path)?.load()?;
-        if corpus.train.is_empty() {
-            return Err(TrainError::EmptyCorpus(args.data_path.clone()));
-        }
-        if leader {
-            tracing::info!(
-                train = corpus.report.train_sentences,
-                dev = corpus.report.dev_sentences,
-                duplicates = corpus.report.duplicates_removed,
-                "corpus loaded"
-            );
-        }
-        let max_len = args.max_seq_len as usize;
-        let cache = job.cache_dir.as_deref();
-        let train_set = tokenize_cached(&corpus.train, &loaded.tokenizer, max_len, cache)?;
-        let dev_set = tokenize_cached(&corpus.dev, &loaded.tokenizer, max_len, cache)?;
-        let masker = Masker {
-            special: loaded.tokenizer.special(),
-            vocab_size: loaded.tokenizer.vocab_size() as u32,
-            probability: 0.15,
-            seed: args.seed,
-        };
-        let dev = (0..dev_set.len())
-            .map(|i| masker.mask(dev_set.get(i), DEV_EPOCH, i as u64))
-            .collect();
-        Ok(Self {
-            train_set,
-            dev,
-            masker,
-            report: corpus.report,
-        })
-    }
-}
-
 /// How an optimizer step ended.
 enum StepEnd {
     Next,
@@ -204,8 +135,9 @@ enum StepEnd {
 }
 
 /// A training run between setup and finish.
-struct Run<'a> {
+struct Run<'a, O: Objective> {
     job: &'a TrainJob,
+    objective: &'a mut O,
     comm: &'a mut dyn Collective,
     on_progress: &'a mut dyn FnMut(&ProgressEvent),
     should_stop: &'a dyn Fn() -> bool,
@@ -218,11 +150,7 @@ struct Run<'a> {
     files: RunFiles,
     /// TensorBoard / CSV monitors of the DeepSpeed config (rank 0).
     monitors: Monitors,
-    trainer: Trainer,
-    masker: Masker,
-    train_set: TokenizedSet,
-    /// The dev set with its fixed masking.
-    dev: Vec<MaskedSample>,
+    trainer: Trainer<O::Model>,
     shape: StepShape,
     steps_per_epoch: usize,
     total_steps: u64,
@@ -243,9 +171,10 @@ struct Run<'a> {
     saving_timeout: Duration,
 }
 
-impl<'a> Run<'a> {
+impl<'a, O: Objective> Run<'a, O> {
     fn setup(
         job: &'a TrainJob,
+        objective: &'a mut O,
         comm: &'a mut dyn Collective,
         on_progress: &'a mut dyn FnMut(&ProgressEvent),
         should_stop: &'a dyn Fn() -> bool,
@@ -274,17 +203,18 @@ impl<'a> Run<'a> {
         let loaded = match &resume {
             Some((dir, _)) => {
                 let model = dir.join("model");
-                LoadedModel::load(model.to_str().unwrap_or_default(), None, job.device)
+                objective
+                    .load(model.to_str().unwrap_or_default(), None, job.device, args.seed)
                     .map_err(|e| TrainError::unreadable(dir, e))?
             }
-            None => LoadedModel::load(&args.model_name_or_path, args.revision.as_deref(), job.device)?,
+            None => objective.load(
+                &args.model_name_or_path,
+                args.revision.as_deref(),
+                job.device,
+                args.seed,
+            )?,
         };
-        let Sets {
-            train_set,
-            dev,
-            masker,
-            report,
-        } = Sets::prepare(job, &loaded, leader)?;
+        let data_params = objective.prepare(job, &loaded, leader)?;
 
         let batch = job.config.batch;
         let shape = StepShape {
@@ -293,7 +223,7 @@ impl<'a> Run<'a> {
             accumulation: batch.gradient_accumulation_steps as usize,
             world_size: world,
         };
-        let steps_per_epoch = shape.steps_per_epoch(train_set.len());
+        let steps_per_epoch = shape.steps_per_epoch(objective.train_len());
         let mut total_steps = steps_per_epoch as u64 * u64::from(args.num_train_epochs);
         if args.max_steps > 0 {
             total_steps = total_steps.min(args.max_steps as u64);
@@ -307,7 +237,8 @@ impl<'a> Run<'a> {
             }
         }
         let peak_flops = mfu::measure_peak(trainer.precision, job.device, Duration::from_millis(300));
-        let params = json!({"args": args, "config": job.config, "corpus": report});
+        let mut params = json!({"args": args, "config": job.config});
+        params.as_object_mut().expect("params is an object").extend(data_params);
         let mut files = RunFiles::open(&job.output_dir, rank, start_step, &params)?;
         files.record(&json!({
             "type": "start",
@@ -364,6 +295,7 @@ impl<'a> Run<'a> {
         let show_bar = leader && std::io::IsTerminal::is_terminal(&std::io::stderr());
         Ok(Self {
             job,
+            objective,
             comm,
             on_progress,
             should_stop,
@@ -374,9 +306,6 @@ impl<'a> Run<'a> {
             files,
             monitors,
             trainer,
-            masker,
-            train_set,
-            dev,
             shape,
             steps_per_epoch,
             total_steps,
@@ -409,10 +338,10 @@ impl<'a> Run<'a> {
     fn epoch(&mut self, epoch: u32) -> Result<bool, TrainError> {
         self.epochs_run = epoch + 1;
         self.progress.epoch = epoch;
-        let mut order = epoch_order(self.train_set.len(), self.job.args.seed, u64::from(epoch));
+        let mut order = epoch_order(self.objective.train_len(), self.job.args.seed, u64::from(epoch));
         if self.job.args.group_by_length {
-            let set = &self.train_set;
-            order = group_by_length(order, self.shape.train_batch_size, |i| set.get(i as usize).len());
+            let objective = &*self.objective;
+            order = group_by_length(order, self.shape.train_batch_size, |i| objective.sample_len(i as usize));
         }
         let first_step = std::mem::take(&mut self.resume_step);
         if first_step == 0 {
@@ -451,35 +380,31 @@ impl<'a> Run<'a> {
     fn step(&mut self, epoch: u32, order: &[u32], step: usize) -> Result<StepEnd, TrainError> {
         let job = self.job;
         let args = &job.args;
-        let samples = self.step_samples(epoch, order, step);
-        if samples.masked == 0 {
-            tracing::warn!(epoch, step, "no token of this step was masked; step skipped");
+        let micro: Vec<Vec<u32>> = (0..self.shape.accumulation)
+            .map(|m| self.shape.micro_samples(order, step, m))
+            .collect();
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let work = self.objective.backward(&mut self.trainer, epoch, &micro, rank, world)?;
+        if work.divisor == 0.0 {
+            tracing::warn!(
+                epoch,
+                step,
+                "nothing of this step counts towards the loss (no token masked); step skipped"
+            );
             return Ok(StepEnd::Next);
         }
-        let pad = self.trainer.loaded.tokenizer.special().pad;
-        let (mut loss_sum, mut tokens, mut flops) = (0.0, 0u64, 0.0);
-        let config = self.trainer.loaded.model.config().clone();
-        for micro in &samples.micro {
-            if micro.is_empty() {
-                continue;
-            }
-            let batch = MaskedBatch::from_samples(micro, pad, job.device);
-            tokens += batch.tokens as u64;
-            flops += mfu::train_flops(&config, micro.iter().map(|s| s.input_ids.len()), batch.masked);
-            loss_sum += self.trainer.backward(&batch, samples.masked as f64);
-        }
         let report = self.trainer.step(&mut *self.comm)?;
-        let mut sums = [loss_sum, tokens as f64, flops];
+        let mut sums = [work.loss_sum, work.tokens as f64, work.flops];
         self.comm.all_reduce_scalars(&mut sums)?;
-        self.window.loss.add(sums[0], samples.masked as f64);
-        self.window.samples += samples.samples;
+        self.window.loss.add(sums[0], work.divisor);
+        self.window.samples += micro.iter().map(Vec::len).sum::<usize>() as u64;
         self.window.tokens += sums[1] as u64;
         self.window.flops += sums[2];
-        self.epoch_loss.add(sums[0], samples.masked as f64);
+        self.epoch_loss.add(sums[0], work.divisor);
 
         let progress = &mut self.progress;
         progress.global_step = self.trainer.steps + self.trainer.skipped_steps;
-        progress.samples_in_epoch = ((step + 1) * self.shape.train_batch_size).min(self.train_set.len()) as u64;
+        progress.samples_in_epoch = ((step + 1) * self.shape.train_batch_size).min(self.objective.train_len()) as u64;
         progress.learning_rate = report.lr;
         progress.skipped_steps = self.trainer.skipped_steps;
         progress.loss_scale = self.trainer.scaler.as_ref().map_or(0.0, |s| s.cur_scale);
@@ -489,7 +414,7 @@ impl<'a> Run<'a> {
             StepScalars {
                 lr: self.trainer.schedule.lr(self.trainer.steps),
                 loss_scale: self.trainer.scaler.as_ref().map(|s| s.cur_scale),
-                train_loss: sums[0] / samples.masked as f64,
+                train_loss: sums[0] / work.divisor,
             },
         )?;
         let last_step = global_step >= self.total_steps;
@@ -515,33 +440,6 @@ impl<'a> Run<'a> {
             (self.on_progress)(&self.progress);
         }
         Ok(if stop { StepEnd::StopRequested } else { StepEnd::Next })
-    }
-
-    /// Masks every sample of every micro-step of `step`, keeping this rank's share. All ranks'
-    /// samples are masked to count the masked tokens of the whole global step: every
-    /// micro-batch's loss is divided by that count, so the gradients summed over micro-batches
-    /// and ranks are those of the global mean (masking is deterministic: no communication).
-    fn step_samples(&self, epoch: u32, order: &[u32], step: usize) -> StepSamples {
-        let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        let mut micro = Vec::with_capacity(self.shape.accumulation);
-        let (mut masked, mut samples) = (0, 0);
-        for m in 0..self.shape.accumulation {
-            let all = self.shape.micro_samples(order, step, m);
-            let ours = rank * all.len() / world..(rank + 1) * all.len() / world;
-            let mut mine = Vec::with_capacity(ours.len());
-            for (k, &i) in all.iter().enumerate() {
-                let sample = self
-                    .masker
-                    .mask(self.train_set.get(i as usize), u64::from(epoch), u64::from(i));
-                masked += sample.masked_count();
-                if ours.contains(&k) {
-                    mine.push(sample);
-                }
-            }
-            samples += all.len() as u64;
-            micro.push(mine);
-        }
-        StepSamples { micro, masked, samples }
     }
 
     /// The `train` log record and progress report of the window since the last one.
@@ -610,34 +508,46 @@ impl<'a> Run<'a> {
     fn end_epoch(&mut self, epoch: u32) -> Result<(), TrainError> {
         let job = self.job;
         let args = &job.args;
-        let sums = distributed_eval(&self.trainer, &self.dev, args.eval_batch_size as usize, &mut *self.comm)?;
-        let val_loss = sums.loss();
-        let observation = self.early.observe(epoch, val_loss, args.max_stop_number);
+        let evaluation = self
+            .objective
+            .evaluate(&self.trainer, args.eval_batch_size as usize, &mut *self.comm)?;
+        let (val_loss, val_accuracy) = (evaluation.loss, evaluation.accuracy);
+        let observation = if O::HIGHER_IS_BETTER {
+            self.early
+                .observe_higher(epoch, evaluation.metric, args.max_stop_number)
+        } else {
+            self.early.observe(epoch, evaluation.metric, args.max_stop_number)
+        };
         if observation.improved {
             let saved = self.files.save_best(&self.trainer.loaded);
             self.agree_saved(&self.files.best_dir(), saved)?;
         }
         self.monitors
-            .eval(self.samples_at(self.progress.global_step), val_loss, sums.accuracy())?;
+            .eval(self.samples_at(self.progress.global_step), val_loss, val_accuracy)?;
         self.monitors.flush()?;
         self.progress.val_loss = Some(val_loss);
-        self.progress.val_accuracy = Some(sums.accuracy());
+        self.progress.val_accuracy = Some(val_accuracy);
         self.progress.set_early_stopping(&self.early);
-        self.files.record(&json!({
+        let mut record = json!({
             "type": "eval",
             "epoch": epoch,
             "step": self.progress.global_step,
             "val_loss": val_loss,
-            "val_accuracy": sums.accuracy(),
-            "train_loss": self.epoch_loss.mean(),
-            "best_val_loss": self.early.best,
-            "improved": observation.improved,
-            "stop_count": self.early.stop_count,
-            "max_stop_number": args.max_stop_number,
-            "elapsed_s": self.started.elapsed().as_secs_f64(),
-        }))?;
+            "val_accuracy": val_accuracy,
+        });
+        let fields = record.as_object_mut().expect("the record is an object");
+        fields.extend(evaluation.record);
+        fields.extend([
+            ("train_loss".to_string(), json!(self.epoch_loss.mean())),
+            (format!("best_{}", O::METRIC), json!(self.early.best)),
+            ("improved".to_string(), json!(observation.improved)),
+            ("stop_count".to_string(), json!(self.early.stop_count)),
+            ("max_stop_number".to_string(), json!(args.max_stop_number)),
+            ("elapsed_s".to_string(), json!(self.started.elapsed().as_secs_f64())),
+        ]);
+        self.files.record(&record)?;
         if self.leader {
-            tracing::info!(epoch, val_loss, val_accuracy = sums.accuracy(), best = ?self.early.best, stop_count = self.early.stop_count, "evaluation");
+            tracing::info!(epoch, val_loss, val_accuracy, metric = O::METRIC, value = evaluation.metric, best = ?self.early.best, stop_count = self.early.stop_count, "evaluation");
         }
         self.files.redraw_loss_curve();
         let dir = self.save_checkpoint(epoch + 1, 0, LossSum::default())?;
@@ -724,7 +634,7 @@ impl<'a> Run<'a> {
             stopped_by_request: self.stopped_by_request,
             elapsed_s: self.started.elapsed().as_secs_f64(),
         };
-        self.files.write_summary(&summary)?;
+        self.objective.write_summary(&mut self.files, &summary)?;
         Ok(summary)
     }
 }
@@ -788,29 +698,6 @@ fn claim_output_dir(
         tracing::info!(path = %path.display(), start_step, "removed a checkpoint of this run past the resume point");
     }
     Ok(())
-}
-
-/// Sums the dev-set evaluation over the ranks: rank r evaluates `[r·n/W, (r+1)·n/W)`.
-fn distributed_eval(
-    trainer: &Trainer,
-    dev: &[MaskedSample],
-    batch_size: usize,
-    comm: &mut dyn Collective,
-) -> Result<EvalSums, TrainError> {
-    let (rank, world) = (comm.rank(), comm.world_size());
-    let part = &dev[rank * dev.len() / world..(rank + 1) * dev.len() / world];
-    let pad = trainer.loaded.tokenizer.special().pad;
-    // Evaluated in the training precision, as the Hugging Face Trainer does under autocast.
-    let local = crate::autocast::with(trainer.precision, trainer.device, || {
-        evaluate(&trainer.loaded.model, part, batch_size, pad, trainer.device)
-    });
-    let mut sums = [local.loss_sum, local.correct, local.masked];
-    comm.all_reduce_scalars(&mut sums)?;
-    Ok(EvalSums {
-        loss_sum: sums[0],
-        correct: sums[1],
-        masked: sums[2],
-    })
 }
 
 fn progress_bar(total_steps: u64) -> indicatif::ProgressBar {

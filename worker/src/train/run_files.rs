@@ -14,7 +14,7 @@ use super::checkpoint;
 use super::error::TrainError;
 use super::plot;
 use super::report::TrainSummary;
-use crate::model::LoadedModel;
+use super::trainer::TrainableModel;
 use kormlm_proto::durable;
 use serde_json::{json, Value};
 use std::fs::File;
@@ -102,14 +102,14 @@ impl RunFiles {
         }
     }
 
-    pub fn save_best(&self, model: &LoadedModel) -> Result<(), TrainError> {
+    pub fn save_best(&self, model: &impl TrainableModel) -> Result<(), TrainError> {
         if self.writes() {
             model.save(&self.best_dir())?;
         }
         Ok(())
     }
 
-    pub fn save_final(&self, model: &LoadedModel) -> Result<(), TrainError> {
+    pub fn save_final(&self, model: &impl TrainableModel) -> Result<(), TrainError> {
         if self.writes() {
             model.save(&self.final_dir())?;
         }
@@ -126,12 +126,22 @@ impl RunFiles {
 
     /// The summary as the log's last record and as `summary.json`.
     pub fn write_summary(&mut self, summary: &TrainSummary) -> Result<(), TrainError> {
+        self.write_summary_as(&json!({"type": "summary", "summary": summary}), &json!(summary))
+    }
+
+    /// A summary as the log's last `record` and as `summary.json` (`file`).
+    pub fn write_summary_as(&mut self, record: &Value, file: &Value) -> Result<(), TrainError> {
         if !self.writes() {
             return Ok(());
         }
-        self.record(&json!({"type": "summary", "summary": summary}))?;
+        self.record(record)?;
         let path = self.dir.join("summary.json");
-        durable::write(&path, format!("{:#}\n", json!(summary))).map_err(|e| TrainError::output(&path, e.error))
+        durable::write(&path, format!("{file:#}\n")).map_err(|e| TrainError::output(&path, e.error))
+    }
+
+    /// The run's output directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 

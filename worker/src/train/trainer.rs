@@ -62,20 +62,29 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// A model the trainer can optimise: its variables.
+/// A model the trainer can optimise: its variables, and how it is saved (Hugging Face layout).
 pub trait TrainableModel {
     fn var_store(&self) -> &VarStore;
+    fn save(&self, dir: &std::path::Path) -> Result<(), crate::model::ModelError>;
 }
 
 impl TrainableModel for LoadedModel {
     fn var_store(&self) -> &VarStore {
         &self.vs
     }
+
+    fn save(&self, dir: &std::path::Path) -> Result<(), crate::model::ModelError> {
+        LoadedModel::save(self, dir)
+    }
 }
 
 impl TrainableModel for LoadedClassifier {
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<(), crate::model::ModelError> {
+        LoadedClassifier::save(self, dir)
     }
 }
 
