@@ -20,6 +20,11 @@ use crate::v1::{JobSpec, TaskKind};
 /// one-sample micro batch satisfies the batch rule for any world size.
 pub const AUGMENT_ONLY_CONFIG: &str = r#"{"train_micro_batch_size_per_gpu": 1}"#;
 
+/// Where a classifier job's and an experiment's classifiers take their data from (what
+/// `TrainArgs::refuse_corpus` says instead of `--data_path`).
+pub const CLASSIFY_DATA: &str = "a classifier's data are --train_file and --dev_file";
+pub const AUGMENT_EVAL_DATA: &str = "augment-eval's classifiers train on --train_file";
+
 /// What a spec does not allow, naming the key or flag.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
@@ -92,6 +97,7 @@ impl JobPlan {
             TaskKind::AugmentEval => {
                 let args = AugmentEvalArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
                 args.check().map_err(PlanError::Flags)?;
+                train.refuse_corpus(AUGMENT_EVAL_DATA).map_err(PlanError::Flags)?;
                 if train.output_dir.is_none() {
                     return Err(PlanError::Flags(
                         "--output_dir is required by augment-eval (its runs, predictions and report go there)".into(),
@@ -114,12 +120,7 @@ impl JobPlan {
             TaskKind::Classify => {
                 let args = ClassifyArgs::from_map(&spec.args).map_err(PlanError::Flags)?;
                 args.check().map_err(PlanError::Flags)?;
-                if train.data_path != TrainArgs::default().data_path {
-                    return Err(PlanError::Flags(
-                        "--data_path is the masked LM's corpus; a classifier's data are --train_file and --dev_file"
-                            .into(),
-                    ));
-                }
+                train.refuse_corpus(CLASSIFY_DATA).map_err(PlanError::Flags)?;
                 Some(args)
             }
             _ => None,

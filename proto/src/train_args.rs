@@ -101,6 +101,15 @@ impl Default for TrainArgs {
 }
 
 impl TrainArgs {
+    /// Refuses `--data_path` (the masked LM's corpus) for a task that trains on labelled files;
+    /// `instead` says which.
+    pub fn refuse_corpus(&self, instead: &str) -> Result<(), String> {
+        if self.data_path != Self::default().data_path {
+            return Err(format!("--data_path is a masked-LM training flag; {instead}"));
+        }
+        Ok(())
+    }
+
     /// The run's output directory: `--output_dir`, else `MODEL_DIR/RUN_NAME` (the job id for a
     /// job, `YYMMDD_HHMMSS` for `worker train`).
     pub fn output_dir_or(&self, run_name: &str) -> std::path::PathBuf {

@@ -230,10 +230,7 @@ pub fn run_item(
 
     let tested_at = Instant::now();
     let best = LoadedClassifier::load(&summary.best_model, None, None, job.device, 0)?;
-    let texts: Vec<&str> = splits.test.texts.iter().map(String::as_str).collect();
-    let ids = best
-        .tokenizer
-        .encode_batch(&texts, Some(job.plan.train.max_seq_len as usize))?;
+    let ids = infer::tokenize(&best.tokenizer, &splits.test.texts, job.plan.train.max_seq_len as usize)?;
     let evaluation = infer::evaluate(
         &best.model,
         &ids,
@@ -278,11 +275,7 @@ pub fn run_item(
             examples: m.examples,
             accuracy: m.accuracy,
             macro_f1: m.macro_f1,
-            per_label_f1: names
-                .iter()
-                .zip(&m.per_label_f1)
-                .map(|(n, f)| (n.clone(), json!(f)))
-                .collect(),
+            per_label_f1: m.per_label_by_name(names),
         },
         augment_s,
         train_s,

@@ -79,11 +79,10 @@ impl AugmentEvalJob {
                 "--output_dir is required by augment-eval".into(),
             ));
         }
-        if job.plan.train.data_path != kormlm_proto::train_args::TrainArgs::default().data_path {
-            return Err(AugmentEvalError::Usage(
-                "--data_path is a masked-LM training flag; augment-eval's classifiers train on --train_file".into(),
-            ));
-        }
+        job.plan
+            .train
+            .refuse_corpus(kormlm_proto::job_plan::AUGMENT_EVAL_DATA)
+            .map_err(AugmentEvalError::Usage)?;
         Ok(job)
     }
 

@@ -6,7 +6,14 @@ use super::data::Targets;
 use super::metrics::{self, Metrics};
 use crate::batch::{MaskedBatch, MaskedRow};
 use crate::model::sequence_classification::{ElectraForSequenceClassification, ProblemType};
+use crate::tokenizer::{MlmTokenizer, TokenizerError};
 use tch::{Device, Kind, Tensor};
+
+/// Token ids of every text, truncated to `max_len` ([CLS] and [SEP] included).
+pub fn tokenize(tokenizer: &MlmTokenizer, texts: &[String], max_len: usize) -> Result<Vec<Vec<u32>>, TokenizerError> {
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    tokenizer.encode_batch(&texts, Some(max_len))
+}
 
 /// `input_ids` and `attention_mask` of the rows `ids`, padded to the longest.
 pub fn inputs(ids: &[&[u32]], pad_id: u32, device: Device) -> (Tensor, Tensor) {

@@ -15,6 +15,17 @@ pub struct Metrics {
     pub per_label_f1: Vec<f64>,
 }
 
+impl Metrics {
+    /// The per-label F1 scores by label name (`names` in label-id order).
+    pub fn per_label_by_name(&self, names: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        names
+            .iter()
+            .zip(&self.per_label_f1)
+            .map(|(name, f1)| (name.clone(), serde_json::json!(f1)))
+            .collect()
+    }
+}
+
 /// Per-label counts of true positives, false positives and false negatives.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {

@@ -70,23 +70,6 @@ impl Classification {
             summary: None,
         }
     }
-
-    pub fn labels(&self) -> &Labels {
-        &self.labels
-    }
-
-    pub fn train_set(&self) -> &LabelledSet {
-        &self.train_set
-    }
-
-    pub fn dev_set(&self) -> &LabelledSet {
-        &self.dev_set
-    }
-}
-
-fn tokenize(loaded: &LoadedClassifier, set: &LabelledSet, max_len: usize) -> Result<Vec<Vec<u32>>, TrainError> {
-    let texts: Vec<&str> = set.texts.iter().map(String::as_str).collect();
-    Ok(loaded.tokenizer.encode_batch(&texts, Some(max_len))?)
 }
 
 impl Objective for Classification {
@@ -113,8 +96,8 @@ impl Objective for Classification {
         _leader: bool,
     ) -> Result<Map<String, Value>, TrainError> {
         let max_len = job.args.max_seq_len as usize;
-        self.train_ids = tokenize(loaded, &self.train_set, max_len)?;
-        self.dev_ids = tokenize(loaded, &self.dev_set, max_len)?;
+        self.train_ids = infer::tokenize(&loaded.tokenizer, &self.train_set.texts, max_len)?;
+        self.dev_ids = infer::tokenize(&loaded.tokenizer, &self.dev_set.texts, max_len)?;
         let mut params = Map::new();
         params.insert("task".into(), json!("classify"));
         params.insert("train_file".into(), json!(self.files.0));
@@ -218,16 +201,12 @@ impl Objective for Classification {
             .collect();
         let metrics = infer::metrics_of(&self.dev_set.targets, &predictions, width);
         let loss = all[n * width] / model.loss_count(n).max(1) as f64;
-        let per_label: Map<String, Value> = self
-            .labels
-            .names
-            .iter()
-            .zip(&metrics.per_label_f1)
-            .map(|(name, f1)| (name.clone(), json!(f1)))
-            .collect();
         let mut record = Map::new();
         record.insert("val_macro_f1".into(), json!(metrics.macro_f1));
-        record.insert("val_per_label_f1".into(), Value::Object(per_label));
+        record.insert(
+            "val_per_label_f1".into(),
+            Value::Object(metrics.per_label_by_name(&self.labels.names)),
+        );
         record.insert("val_examples".into(), json!(metrics.examples));
         Ok(Evaluation {
             loss,

@@ -15,7 +15,7 @@ use crate::device::parse_device;
 use crate::error::WorkerError;
 use crate::model::LoadedClassifier;
 use crate::train::ProgressEvent;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Runs the command; returns the exit status (0, or 143/130 after a stop signal).
 pub fn run(command: &ClassifyCommand) -> Result<i32, WorkerError> {
@@ -67,25 +67,15 @@ fn load(model: &str, device: &str) -> Result<(LoadedClassifier, tch::Device), Cl
     Ok((LoadedClassifier::load(model, None, None, device, 0)?, device))
 }
 
-fn tokenize(loaded: &LoadedClassifier, texts: &[String], max_len: usize) -> Result<Vec<Vec<u32>>, ClassifyError> {
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    Ok(loaded.tokenizer.encode_batch(&refs, Some(max_len))?)
-}
-
 fn run_eval(command: &ClassifyEvalCommand) -> Result<(), ClassifyError> {
     let (loaded, device) = load(&command.model, &command.device)?;
     let labels = loaded.model.labels().clone();
     let set = data::read_labelled(&command.input, &command.columns.columns(), &labels)?;
-    let ids = tokenize(&loaded, &set.texts, command.max_seq_len)?;
+    let ids = infer::tokenize(&loaded.tokenizer, &set.texts, command.max_seq_len)?;
     let pad = loaded.tokenizer.special().pad;
     let evaluation = infer::evaluate(&loaded.model, &ids, &set.targets, command.batch_size, pad, device)?;
     let m = &evaluation.metrics;
-    let per_label: serde_json::Map<String, Value> = labels
-        .names
-        .iter()
-        .zip(&m.per_label_f1)
-        .map(|(n, f)| (n.clone(), json!(f)))
-        .collect();
+    let per_label = m.per_label_by_name(&labels.names);
     if command.json {
         println!(
             "{}",
@@ -121,7 +111,7 @@ fn run_predict(command: &ClassifyPredictCommand) -> Result<(), ClassifyError> {
     let (loaded, device) = load(&command.model, &command.device)?;
     let labels = loaded.model.labels().clone();
     let texts = data::read_texts(&command.input, &command.columns.columns())?;
-    let ids = tokenize(&loaded, &texts, command.max_seq_len)?;
+    let ids = infer::tokenize(&loaded.tokenizer, &texts, command.max_seq_len)?;
     let pad = loaded.tokenizer.special().pad;
     let scored = infer::score(&loaded.model, &ids, None::<&Targets>, command.batch_size, pad, device)?;
     let mut out = String::new();
