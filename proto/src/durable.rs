@@ -61,13 +61,19 @@ pub fn write_with(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<(), WriteError> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut out = BufWriter::new(File::create(&tmp)?);
+    write_by_path(path, |tmp| {
+        let mut out = BufWriter::new(File::create(tmp)?);
         write(&mut out)?;
-        out.flush()?;
-        out.get_ref().sync_all()
-    })();
+        out.flush()
+    })
+}
+
+/// Like [`write_with`] for writers that create the file themselves from a path (a library's
+/// `serialize_to_file`): `write` creates the temporary path it is given, which is then flushed
+/// to disk and renamed into place.
+pub fn write_by_path(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), WriteError> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| File::open(&tmp)?.sync_all());
     if let Err(error) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(WriteError {

@@ -203,45 +203,64 @@ pub fn load_into_with(
     Ok(report)
 }
 
-/// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (transformers checks
-/// it), durably (a temporary name, flushed, renamed; see [`kormlm_proto::durable`]).
+/// Writes `tensors` (as f32) as a safetensors file with `{"format": "pt"}` metadata (transformers
+/// checks it), durably (a temporary name, flushed, renamed; see [`kormlm_proto::durable`]). Each
+/// tensor's bytes stream to the file from its own memory, so saving holds no second copy of the
+/// weights or optimizer states.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
-    let bytes = safetensors_bytes(tensors, path)?;
-    kormlm_proto::durable::write(path, bytes).map_err(|e| ModelError::Io {
-        path: path.display().to_string(),
-        message: e.error.to_string(),
+    let views: Vec<(String, F32Bytes)> = tensors
+        .iter()
+        .map(|(name, tensor)| (name.clone(), F32Bytes::of(tensor)))
+        .collect();
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    kormlm_proto::durable::write_by_path(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            other => std::io::Error::other(other),
+        })
     })
+    .map_err(|e| ModelError::io(path, e.error))
 }
 
-/// `tensors` (as f32) serialised as a safetensors file; `path` names the file in errors.
-pub fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8>, ModelError> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let t = tensor.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0f32; numel];
-        t.f_copy_data(&mut data, numel).map_err(|e| ModelError::Format {
-            path: path.display().to_string(),
-            message: format!("cannot read {name}: {e}"),
-        })?;
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let shape: Vec<usize> = t.size().iter().map(|d| *d as usize).collect();
-        views.push((name.clone(), shape, bytes));
+/// A tensor as safetensors writes it: contiguous f32 in host memory, read in place.
+struct F32Bytes {
+    tensor: Tensor,
+    shape: Vec<usize>,
+}
+
+impl F32Bytes {
+    fn of(tensor: &Tensor) -> Self {
+        // Each step returns the tensor itself when it already is a contiguous f32 CPU tensor.
+        let tensor = tensor.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let shape = tensor.size().iter().map(|d| *d as usize).collect();
+        Self { tensor, shape }
     }
-    let tensor_views: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ModelError::Format {
-                    path: path.display().to_string(),
-                    message: format!("{name}: {e}"),
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize(tensor_views, Some(metadata)).map_err(|e| ModelError::Format {
-        path: path.display().to_string(),
-        message: format!("cannot serialise: {e}"),
-    })
+}
+
+// safetensors stores little-endian values, which host memory holds as is only on such a host.
+const _: () = assert!(cfg!(target_endian = "little"));
+
+impl safetensors::View for F32Bytes {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.tensor.numel() == 0 {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        // SAFETY: `self.tensor` is a contiguous f32 tensor in host memory (made so in `of`) of
+        // `data_len()` bytes, owned by `self` and so alive as long as the returned borrow; the
+        // training thread that owns it is the one writing the file, so nothing writes it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.data_len()) };
+        std::borrow::Cow::Borrowed(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * std::mem::size_of::<f32>()
+    }
 }

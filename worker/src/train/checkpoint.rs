@@ -16,6 +16,7 @@ use super::early_stopping::EarlyStopping;
 use super::rng_state::{RngError, RngStates};
 use super::trainer::{TrainableModel, Trainer};
 use crate::comm::{all_reduce_scalars_within, Collective};
+use crate::model::ModelError;
 use crate::optim::loss_scale::DynamicLossScaler;
 pub use crate::optim::partition::PartitionRange;
 use kormlm_proto::durable;
@@ -199,8 +200,10 @@ fn write_part<M: TrainableModel>(trainer: &Trainer<M>, tmp: &Path, rank: usize) 
             trainer.optimizer.exp_avg_sq.to_device(tch::Device::Cpu),
         ),
     ];
-    let bytes = crate::model::weights::safetensors_bytes(&tensors, &path).map_err(|e| io(&path, e))?;
-    durable::write(&path, bytes).map_err(|e| io(&path, e.error))?;
+    crate::model::weights::write_safetensors(&tensors, &path).map_err(|e| match e {
+        ModelError::Io { message, .. } => io(&path, message),
+        other => io(&path, other),
+    })?;
     let path = tmp.join(rng_file(rank));
     let rng = RngStates::capture(trainer.device).map_err(|e| io(&path, e))?;
     rng.write(&path).map_err(|e| match e {
