@@ -1,9 +1,11 @@
 """Benchmark: `worker augment` against (a) the original project's one-sentence-at-a-time
 transformers loop (augment.py's augment_one_sent: tokenize, mask, one forward pass, top-k
 filtering) and (b) a batched transformers implementation of the same algorithm. Same
-base-sized random model, the same 1,000 NSMC sentences, same CPU threads, side by side.
+base-sized random model, the same 1,000 NSMC sentences, same CPU threads, side by side. In bf16,
+`worker augment --dtype bf16` runs against batched transformers under
+`torch.autocast("cpu", dtype=torch.bfloat16)` and against the original loop in fp32 (as it ran).
 
-usage: python scripts/bench/augment.py [--threads N] [--n 1000]"""
+usage: python scripts/bench/augment.py [--threads N] [--n 1000] [--precision fp32|bf16|both]"""
 import argparse
 import os
 import random
@@ -34,7 +36,7 @@ def choose(tok, ids, pos, probs_row, original):
     return original
 
 
-def one_at_a_time(model, tok, texts, torch):
+def one_at_a_time(model, tok, texts, torch, bf16=False):
     rng = random.Random(0)
     out = []
     for text in texts:
@@ -47,15 +49,16 @@ def one_at_a_time(model, tok, texts, torch):
         masked = [i for i in maskable if rng.random() < MLM_PROB] or [rng.choice(maskable)]
         for i in masked:
             ids[i] = tok.mask_token_id
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+        logits = logits.float()
         for i in masked:
             ids[i] = choose(tok, ids, i, logits[i].softmax(-1), original[i])
         out.append(tok.decode(ids, skip_special_tokens=True))
     return out
 
 
-def batched(model, tok, texts, torch, batch_size=32):
+def batched(model, tok, texts, torch, bf16=False, batch_size=32):
     rng = random.Random(0)
     out = []
     for start in range(0, len(texts), batch_size):
@@ -70,9 +73,9 @@ def batched(model, tok, texts, torch, batch_size=32):
             for i in m:
                 ids[r, i] = tok.mask_token_id
             masks.append(m)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits
-        probs = logits.softmax(-1)
+        probs = logits.float().softmax(-1)
         for r, m in enumerate(masks):
             row = ids[r].tolist()
             for i in m:
@@ -81,13 +84,30 @@ def batched(model, tok, texts, torch, batch_size=32):
     return out
 
 
+def worker_augment(args, model_dir, texts, precision):
+    """Seconds `worker augment` takes over `texts` (model load included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "in.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(texts) + "\n")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        start = time.perf_counter()
+        subprocess.run([WORKER, "augment", "--model", model_dir, "--input", path, "--output",
+                        os.path.join(tmp, "out.csv"), "--k", str(K), "--threshold", str(THRESHOLD),
+                        "--mlm_prob", str(MLM_PROB), "--dtype", precision], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     args = parser.parse_args()
     model_dir = base_model()
     texts = sentences(args.n)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
 
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -98,27 +118,17 @@ def main():
     start = time.perf_counter()
     one_at_a_time(model, tok, texts, torch)
     loop_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batched(model, tok, texts, torch)
-    batched_s = time.perf_counter() - start
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "in.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(texts) + "\n")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        start = time.perf_counter()
-        subprocess.run([WORKER, "augment", "--model", model_dir, "--input", path, "--output",
-                        os.path.join(tmp, "out.csv"), "--k", str(K), "--threshold", str(THRESHOLD),
-                        "--mlm_prob", str(MLM_PROB)], env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        rust_s = time.perf_counter() - start
-
     print(f"sentences: {len(texts)}, threads: {args.threads}")
-    print(f"original one-sentence loop (transformers): {loop_s:.2f} s (model load excluded)")
-    print(f"batched transformers:                      {batched_s:.2f} s (model load excluded)")
-    print(f"kormlm worker augment:                     {rust_s:.2f} s (model load included)")
-    print(f"speed-up vs one-sentence loop: {loop_s / rust_s:.2f}x; vs batched transformers: {batched_s / rust_s:.2f}x")
+    print(f"original one-sentence loop (transformers, fp32): {loop_s:.2f} s (model load excluded)")
+    for precision in precisions:
+        start = time.perf_counter()
+        batched(model, tok, texts, torch, bf16=precision == "bf16")
+        batched_s = time.perf_counter() - start
+        rust_s = worker_augment(args, model_dir, texts, precision)
+        print(f"{precision} batched transformers: {batched_s:.2f} s (model load excluded)")
+        print(f"{precision} kormlm worker augment: {rust_s:.2f} s (model load included)")
+        print(f"{precision} speed-up vs one-sentence loop: {loop_s / rust_s:.2f}x; "
+              f"vs batched transformers: {batched_s / rust_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ max_seq_len, fp32) as an extra column. Same base-sized random model (hidden 768,
 32k), batch 8, same NSMC sentences, same CPU threads, side by side in one run. Every side runs in
 its own process: samples/s of the timed steps (loading and tokenisation excluded) and the peak
 RSS of the whole process (wait4's ru_maxrss). For kormlm also tokens/s and the model-FLOPs
-utilisation its training log reports (against the matmul peak of the precision in use).
+utilisation its training log reports (against the matmul peak of the precision in use), and the
+dev loss `worker train` reaches after the run's steps in each precision (bf16 against fp32).
 
 usage: python scripts/bench/train.py [--threads N] [--steps 30] [--precision fp32|bf16|both]"""
 import argparse
@@ -94,6 +95,7 @@ def worker_side(args, model_dir, precision, tmp):
     start = next(r for r in records if r["type"] == "start")
     # Records every `warmup` steps: skip the first window (warm-up), combine the rest by time.
     windows = [r for r in records if r["type"] == "train"][1:]
+    evaluation = [r for r in records if r["type"] == "eval"][-1]
     seconds = [args.warmup * BATCH / r["samples_per_s"] for r in windows]
     total = sum(seconds)
     return {
@@ -102,6 +104,7 @@ def worker_side(args, model_dir, precision, tmp):
         "mfu": sum(r["mfu"] * s for r, s in zip(windows, seconds)) / total,
         "peak_gflops": start["peak_gflops"],
         "rss_gb": rss,
+        "val_loss": evaluation["val_loss"],
     }
 
 
@@ -130,6 +133,7 @@ def main():
     model_dir = base_model()
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     print(f"batch {BATCH}, max_seq_len {MAX_LEN}, threads {args.threads}, {args.steps} timed steps")
+    dev_loss = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions:
             anchor = transformers_run(args, model_dir, "dynamic", precision)
@@ -141,12 +145,16 @@ def main():
                   f"peak RSS {ours['rss_gb']:.2f} GB")
             print(f"{precision} speed-up: {ours['samples_per_s'] / anchor['samples_per_s']:.2f}x, "
                   f"peak RSS ratio {ours['rss_gb'] / anchor['rss_gb']:.2f}")
+            dev_loss[precision] = ours["val_loss"]
+            print(f"{precision} kormlm dev loss after {args.warmup + args.steps} steps: {ours['val_loss']:.4f}")
             if precision == "fp32":
                 original = transformers_run(args, model_dir, "original", precision)
                 print(f"fp32 original setup (padding to {MAX_LEN}): {original['samples_per_s']:.2f} samples/s, "
                       f"peak RSS {original['rss_gb']:.2f} GB")
                 print(f"fp32 speed-up vs original setup: "
                       f"{ours['samples_per_s'] / original['samples_per_s']:.2f}x")
+    if len(dev_loss) == 2:
+        print(f"bf16 dev loss vs fp32: {(dev_loss['bf16'] / dev_loss['fp32'] - 1) * 100:.2f} %")
 
 
 if __name__ == "__main__":

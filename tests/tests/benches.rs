@@ -58,18 +58,37 @@ fn bench(script: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// Whether `worker info` finds bfloat16 instructions on this CPU (AVX-512 BF16 or AMX): the bf16
+/// columns of the benchmarks run only there (elsewhere `--dtype bf16` is refused, as tested in
+/// the worker's unit tests).
+fn cpu_has_bf16() -> bool {
+    let out = run(Command::new(binary("worker")).args(["info", "--json"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("worker info --json prints JSON");
+    let cpu = &info["cpu_bf16"];
+    cpu["avx512_bf16"].as_bool().expect("cpu_bf16.avx512_bf16") || cpu["amx_bf16"].as_bool().expect("cpu_bf16.amx_bf16")
+}
+
 // One test: the scripts share the cached benchmark model, which they create on first use.
 #[test]
 fn the_benchmark_commands_run_and_print_their_ratios() {
-    let out = bench("fill_mask.py", &["--n", "16"]);
+    let bf16 = cpu_has_bf16();
+    let precision = if bf16 { "both" } else { "fp32" };
+    let out = bench("fill_mask.py", &["--n", "16", "--precision", precision]);
     assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");
     let ratio = number_after(&out, "speed-up:");
     assert!(ratio > 0.0);
     let python_s = number_after(&out, "transformers pipeline:");
     let rust_s = number_after(&out, "kormlm worker fill-mask:");
     assert_ratio(ratio, python_s, rust_s, &out);
+    if bf16 {
+        let bf16_s = number_after(&out, "bf16 kormlm worker fill-mask:");
+        assert_ratio(number_after(&out, "bf16 speed-up:"), python_s, bf16_s, &out);
+        let agreement = number_after(&out, "bf16 top-1 agreement with fp32:");
+        assert!((0.0..=100.0).contains(&agreement), "{out}");
+    }
 
-    let out = bench("train.py", &["--steps", "2", "--warmup", "1", "--precision", "fp32"]);
+    let out = bench("train.py", &["--steps", "2", "--warmup", "1", "--precision", precision]);
     assert!(out.contains(", 2 timed steps"), "{out}");
     let ratio = number_after(&out, "fp32 speed-up:");
     assert!(ratio > 0.0);
@@ -93,16 +112,34 @@ fn the_benchmark_commands_run_and_print_their_ratios() {
         our_rss > 0.1 && their_rss > 0.1,
         "both peak RSS figures are measured: {out}"
     );
+    assert!(number_after(&out, "fp32 kormlm dev loss after 3 steps:") > 0.0, "{out}");
+    if bf16 {
+        let python_rate = number_after(&out, "bf16 transformers + torch AdamW (dynamic padding):");
+        let rust_rate = number_after(&out, "bf16 kormlm worker train:");
+        assert_ratio(number_after(&out, "bf16 speed-up:"), rust_rate, python_rate, &out);
+        let fp32_loss = number_after(&out, "fp32 kormlm dev loss after 3 steps:");
+        let bf16_loss = number_after(&out, "bf16 kormlm dev loss after 3 steps:");
+        let relative = number_after(&out, "bf16 dev loss vs fp32:");
+        assert!(
+            (relative - (bf16_loss / fp32_loss - 1.0) * 100.0).abs() < 0.1,
+            "the relative dev loss is the one of the printed losses: {out}"
+        );
+    }
 
-    let out = bench("augment.py", &["--n", "16"]);
+    let out = bench("augment.py", &["--n", "16", "--precision", precision]);
     assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");
-    let ratio = number_after(&out, "speed-up vs one-sentence loop:");
-    assert!(ratio > 0.0);
-    let loop_s = number_after(&out, "original one-sentence loop (transformers):");
-    let batched_s = number_after(&out, "batched transformers:");
-    let rust_s = number_after(&out, "kormlm worker augment:");
-    assert_ratio(ratio, loop_s, rust_s, &out);
-    assert_ratio(number_after(&out, "vs batched transformers:"), batched_s, rust_s, &out);
+    let loop_s = number_after(&out, "original one-sentence loop (transformers, fp32):");
+    for precision in if bf16 { &["fp32", "bf16"][..] } else { &["fp32"][..] } {
+        let ratio = number_after(&out, &format!("{precision} speed-up vs one-sentence loop:"));
+        assert!(ratio > 0.0);
+        let batched_s = number_after(&out, &format!("{precision} batched transformers:"));
+        let rust_s = number_after(&out, &format!("{precision} kormlm worker augment:"));
+        assert_ratio(ratio, loop_s, rust_s, &out);
+        let ours = &out[out
+            .find(&format!("{precision} speed-up vs one-sentence loop:"))
+            .unwrap()..];
+        assert_ratio(number_after(ours, "vs batched transformers:"), batched_s, rust_s, &out);
+    }
 
     let ring = workspace_root().join("target/release/examples/ring_bench");
     let out = run(Command::new(&ring).args(["1000000", "2"]));
