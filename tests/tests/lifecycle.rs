@@ -295,13 +295,13 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
         &other.join("final/model.safetensors"),
     );
     eprintln!("kill at step {stopped_at}, damaged checkpoint, resume on 1 worker: max abs weight diff {diff:e}");
-    // One rank sums the gradients in another order than two; over the remaining ~180 steps
-    // Adam amplifies those 1e-7 differences, so the end state is compared loosely and the
-    // first steps after the resume tightly (a lost or misplaced optimizer partition would
-    // show at once).
-    assert!(diff <= 1e-3, "{diff}");
+    // One rank sums the gradients in another order than two, so the runs agree to rounding at
+    // first and drift apart after (Adam amplifies the 1e-7 differences chaotically: the final
+    // weights have differed by 6e-4 to 9e-3 from run to run). The first steps after the resume
+    // are compared tightly (a lost or misplaced optimizer partition shows at once), the end by
+    // its dev loss.
     let got = losses(&other);
-    let after: Vec<(&u64, &f64)> = got.range(stopped_at + 1..).take(10).collect();
+    let after: Vec<(&u64, &f64)> = got.range(previous_step + 1..).take(10).collect();
     assert_eq!(after.len(), 10);
     for (step, loss) in after {
         let d = (loss - expected[step]).abs();
@@ -311,6 +311,10 @@ fn kill_and_resume_continue_exactly_also_on_one_worker_and_past_a_damaged_checkp
             expected[step]
         );
     }
+    let dev_loss = |out: &Path| *log_values(out, "eval", "epoch", "val_loss").values().last().unwrap();
+    let (want, have) = (dev_loss(&reference), dev_loss(&other));
+    eprintln!("final dev loss: {have} resumed on 1 worker, {want} uninterrupted");
+    assert!((have - want).abs() <= 1e-3 * want, "dev loss {have} vs {want}");
 }
 
 #[test]
