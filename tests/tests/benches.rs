@@ -141,6 +141,33 @@ fn the_benchmark_commands_run_and_print_their_ratios() {
         assert_ratio(number_after(ours, "vs batched transformers:"), batched_s, rust_s, &out);
     }
 
+    // The memory timeline: `worker train` on the small model, its logs merged with its RSS.
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, nsmc_documents(200).join("\n") + "\n").unwrap();
+    let out = run(Command::new(oracle_python())
+        .current_dir(workspace_root())
+        .args(["scripts/bench/rss_timeline.py", "--step", "0.05", "--"])
+        .arg(binary("worker"))
+        .args(["train", "--config"])
+        .arg(config("cpu-demo.json"))
+        .arg("--model_name_or_path")
+        .arg(tiny_model())
+        .arg("--data_path")
+        .arg(&corpus)
+        .arg("--output_dir")
+        .arg(dir.path().join("out"))
+        .args(["--max_steps", "2", "--max_seq_len", "32"]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(" s  log ") && text.contains("training finished"),
+        "{text}"
+    );
+    assert!(text.contains(" s  rss "), "{text}");
+    let peak = number_after(&text, "peak RSS");
+    assert!(peak > 0.05 && text.trim_end().ends_with("exit status 0"), "{text}");
+
     let ring = workspace_root().join("target/release/examples/ring_bench");
     let out = run(Command::new(&ring).args(["1000000", "2"]));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
