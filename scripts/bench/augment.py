@@ -36,7 +36,7 @@ def choose(tok, ids, pos, probs_row, original):
     return original
 
 
-def one_at_a_time(model, tok, texts, torch, bf16=False):
+def one_at_a_time(model, tok, texts, torch):
     rng = random.Random(0)
     out = []
     for text in texts:
@@ -49,9 +49,8 @@ def one_at_a_time(model, tok, texts, torch, bf16=False):
         masked = [i for i in maskable if rng.random() < MLM_PROB] or [rng.choice(maskable)]
         for i in masked:
             ids[i] = tok.mask_token_id
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
-        logits = logits.float()
         for i in masked:
             ids[i] = choose(tok, ids, i, logits[i].softmax(-1), original[i])
         out.append(tok.decode(ids, skip_special_tokens=True))

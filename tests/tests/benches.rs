@@ -84,6 +84,13 @@ fn the_benchmark_commands_run_and_print_their_ratios() {
     if bf16 {
         let bf16_s = number_after(&out, "bf16 kormlm worker fill-mask:");
         assert_ratio(number_after(&out, "bf16 speed-up:"), python_s, bf16_s, &out);
+        let python_bf16_s = number_after(&out, "bf16 transformers pipeline (autocast):");
+        assert_ratio(
+            number_after(&out, "bf16 speed-up vs the bf16 pipeline:"),
+            python_bf16_s,
+            bf16_s,
+            &out,
+        );
         let agreement = number_after(&out, "bf16 top-1 agreement with fp32:");
         assert!((0.0..=100.0).contains(&agreement), "{out}");
     }
@@ -129,7 +136,8 @@ fn the_benchmark_commands_run_and_print_their_ratios() {
     let out = bench("augment.py", &["--n", "16", "--precision", precision]);
     assert_eq!(number_after(&out, "sentences:"), 16.0, "{out}");
     let loop_s = number_after(&out, "original one-sentence loop (transformers, fp32):");
-    for precision in if bf16 { &["fp32", "bf16"][..] } else { &["fp32"][..] } {
+    let precisions: &[&str] = if bf16 { &["fp32", "bf16"] } else { &["fp32"] };
+    for precision in precisions {
         let ratio = number_after(&out, &format!("{precision} speed-up vs one-sentence loop:"));
         assert!(ratio > 0.0);
         let batched_s = number_after(&out, &format!("{precision} batched transformers:"));

@@ -191,14 +191,8 @@ fn write_part<M: TrainableModel>(trainer: &Trainer<M>, tmp: &Path, rank: usize) 
     std::fs::create_dir_all(tmp).map_err(|e| io(tmp, e))?;
     let path = tmp.join(optim_file(rank));
     let tensors = [
-        (
-            "exp_avg".to_string(),
-            trainer.optimizer.exp_avg.to_device(tch::Device::Cpu),
-        ),
-        (
-            "exp_avg_sq".to_string(),
-            trainer.optimizer.exp_avg_sq.to_device(tch::Device::Cpu),
-        ),
+        ("exp_avg".to_string(), trainer.optimizer.exp_avg.shallow_clone()),
+        ("exp_avg_sq".to_string(), trainer.optimizer.exp_avg_sq.shallow_clone()),
     ];
     crate::model::weights::write_safetensors(&tensors, &path).map_err(|e| match e {
         ModelError::Io { message, .. } => io(&path, message),
